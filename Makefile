@@ -1,0 +1,40 @@
+# Two entry points for a fresh machine: `make demo` and `make test`. Each sets up
+# its own virtualenv first; nothing is installed outside .venv.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test bench lint proto proto-check setup clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "streamps needs Python 3.11+, found " + sys.version.split()[0]'
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) examples/online_mf.py --demo
+
+test: $(STAMP) proto-check lint
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) benchmarks/run.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check psclient psserver psworker tests examples benchmarks
+	$(VENV)/bin/mypy
+
+# Generated code is committed; `proto` rewrites it, `proto-check` fails on drift.
+proto: $(STAMP)
+	$(PY) protos/generate.py
+
+proto-check: $(STAMP)
+	$(PY) protos/generate.py --check
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,288 @@
+"""`connect()`: drive a running cluster of shards and workers from Python.
+
+A `Cluster` feeds records to remote workers, streams their outputs, pulls and
+pushes batches directly, takes snapshots, and merges outputs and the final
+model into the same `Left`/`Right` stream as `transform`.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from typing import Any
+
+import grpc
+
+from psclient._proto import shard_pb2, shard_pb2_grpc, worker_pb2, worker_pb2_grpc
+from psclient.codec import decode_rows
+from psclient.either import Left, Right
+from psclient.errors import JobFailed, ShardError, StreampsError
+from psclient.partition import Id, key_bucket
+from psclient.records import pack, unpack
+from psclient.serving import insecure_channel
+from psclient.shard_client import DEFAULT_CONNECT_TIMEOUT_S, ShardGroup, describe_rpc_error, wait_ready
+
+FEED_BATCH = 512
+# A partly filled feed batch is sent after this long without new records, so
+# slow streams are not held back waiting for a full batch.
+FEED_LINGER_S = 0.05
+FEED_QUEUE_MESSAGES = 8
+_END = object()
+
+
+class _Failure:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+class Cluster:
+    """A handle on running shards (`servers`) and workers (`workers`)."""
+
+    def __init__(self, servers: Sequence[str], workers: Sequence[str] = (), *, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S):
+        self.servers = list(servers)
+        self.workers = list(workers)
+        self.connect_timeout = connect_timeout
+        self._shard_channels = [insecure_channel(a) for a in self.servers]
+        self._worker_channels = [insecure_channel(a) for a in self.workers]
+        self._shard_stubs = [shard_pb2_grpc.ParameterShardStub(c) for c in self._shard_channels]
+        self._worker_stubs = [worker_pb2_grpc.WorkerStub(c) for c in self._worker_channels]
+        self._group: ShardGroup | None = None
+
+    # -- parameters ---------------------------------------------------------
+
+    @property
+    def shards(self) -> ShardGroup:
+        if self._group is None:
+            self._group = ShardGroup(self.servers, connect_timeout=self.connect_timeout)
+        return self._group
+
+    def pull(self, ids: Sequence[Id], timeout: float | None = None) -> list[Any]:
+        """Current values of `ids` (created from the init function if absent)."""
+        return self.shards.pull(ids, timeout)
+
+    def push(self, ids: Sequence[Id], deltas: Sequence[Any], timeout: float | None = None) -> None:
+        """Apply one delta per id; returns once every shard acknowledged."""
+        self.shards.push(ids, deltas, timeout)
+
+    def snapshot(self) -> Iterator[tuple[Id, Any]]:
+        """Every (id, value) of every shard, shard by shard."""
+        for shard, stub in enumerate(self._shard_stubs):
+            self._ready(self._shard_channels[shard], f"shard {shard} at {self.servers[shard]}")
+            try:
+                for chunk in stub.Snapshot(shard_pb2.SnapshotRequest()):
+                    ids, values = decode_rows(chunk.batches)
+                    yield from zip(ids, values, strict=True)
+            except grpc.RpcError as exc:
+                raise ShardError(f"snapshot of shard {shard} at {self.servers[shard]} failed: {describe_rpc_error(exc)}") from None
+
+    def info(self, timeout: float = 5.0) -> list[shard_pb2.InfoResponse | ShardError]:
+        """Each shard's Info, or the error that stands in for it."""
+        answers: list[shard_pb2.InfoResponse | ShardError] = []
+        for shard, stub in enumerate(self._shard_stubs):
+            try:
+                answers.append(stub.Info(shard_pb2.InfoRequest(), timeout=timeout))
+            except grpc.RpcError as exc:
+                answers.append(ShardError(f"shard {shard} at {self.servers[shard]}: {describe_rpc_error(exc)}"))
+        return answers
+
+    def status(self, timeout: float = 5.0) -> list[worker_pb2.StatusResponse | StreampsError]:
+        """Each worker's Status, or the error that stands in for it."""
+        answers: list[worker_pb2.StatusResponse | StreampsError] = []
+        for index, stub in enumerate(self._worker_stubs):
+            try:
+                answers.append(stub.Status(worker_pb2.StatusRequest(), timeout=timeout))
+            except grpc.RpcError as exc:
+                answers.append(StreampsError(f"worker {index} at {self.workers[index]}: {describe_rpc_error(exc)}"))
+        return answers
+
+    # -- records and outputs -----------------------------------------------
+
+    def _ready(self, channel: grpc.Channel, what: str) -> None:
+        try:
+            wait_ready(channel, what, self.connect_timeout)
+        except ShardError as exc:
+            raise StreampsError(str(exc)) from None
+
+    def feed(
+        self,
+        records: Iterable[Any],
+        *,
+        partition_by: Callable[[Any], Hashable] | None = None,
+        end_of_input: bool = True,
+        iteration_wait_time: float | None = None,
+    ) -> int:
+        """Send records to the workers (round robin, or by `partition_by` key); blocks
+        until all are accepted. With `end_of_input`, the workers' input ends after them.
+        With `iteration_wait_time`, input also ends after that many seconds without a record.
+        Returns how many records were sent."""
+        if not self.workers:
+            raise StreampsError("this cluster has no workers to feed")
+        for index, channel in enumerate(self._worker_channels):
+            self._ready(channel, f"worker {index} at {self.workers[index]}")
+        sender_queues: list[queue.Queue[Any]] = [queue.Queue(FEED_QUEUE_MESSAGES) for _ in self.workers]
+        failures: list[BaseException] = []
+
+        def send(index: int) -> None:
+            def requests() -> Iterator[worker_pb2.FeedRequest]:
+                while (message := sender_queues[index].get()) is not _END:
+                    yield message
+
+            try:
+                self._worker_stubs[index].Feed(requests())
+            except grpc.RpcError as exc:
+                failures.append(JobFailed(exc.details() or f"feeding worker {index} failed: {describe_rpc_error(exc)}"))
+                while sender_queues[index].get() is not _END:  # unblock the router
+                    pass
+
+        senders = [threading.Thread(target=send, args=(i,), name=f"feed-{i}", daemon=True) for i in range(len(self.workers))]
+        for sender in senders:
+            sender.start()
+        count = 0
+        try:
+            count = self._route(records, sender_queues, partition_by, iteration_wait_time, failures)
+        finally:
+            for index, sender_queue in enumerate(sender_queues):
+                sender_queue.put(worker_pb2.FeedRequest(end_of_input=end_of_input))
+                sender_queue.put(_END)
+                senders[index].join()
+        if failures:
+            raise failures[0]
+        return count
+
+    def _route(
+        self,
+        records: Iterable[Any],
+        sender_queues: list[queue.Queue[Any]],
+        partition_by: Callable[[Any], Hashable] | None,
+        iteration_wait_time: float | None,
+        failures: list[BaseException],
+    ) -> int:
+        num_workers = len(sender_queues)
+        batches: list[list[bytes]] = [[] for _ in range(num_workers)]
+        source: queue.Queue[Any] = queue.Queue(maxsize=4 * FEED_BATCH)
+
+        def read() -> None:  # a thread, so that silence can be timed and batches lingered
+            try:
+                for record in records:
+                    source.put(record)
+                source.put(_END)
+            except BaseException as exc:
+                source.put(_Failure(exc))
+
+        threading.Thread(target=read, name="record-reader", daemon=True).start()
+
+        def flush(index: int) -> None:
+            if batches[index]:
+                sender_queues[index].put(worker_pb2.FeedRequest(records=batches[index]))
+                batches[index] = []
+
+        count = 0
+        silence = 0.0
+        while not failures:
+            try:
+                record = source.get(timeout=FEED_LINGER_S)
+            except queue.Empty:
+                silence += FEED_LINGER_S
+                for index in range(num_workers):
+                    flush(index)
+                if iteration_wait_time is not None and silence >= iteration_wait_time:
+                    break
+                continue
+            silence = 0.0
+            if record is _END:
+                break
+            if isinstance(record, _Failure):
+                raise record.error
+            index = count % num_workers if partition_by is None else key_bucket(partition_by(record), num_workers)
+            batches[index].append(pack(record))
+            count += 1
+            if len(batches[index]) >= FEED_BATCH:
+                flush(index)
+        for index in range(num_workers):
+            flush(index)
+        return count
+
+    def outputs(self) -> Iterator[Any]:
+        """Every worker's outputs, merged as they arrive, until all workers finished.
+
+        Raises JobFailed with the worker's one-line error if a worker failed.
+        """
+        merged: queue.Queue[Any] = queue.Queue()
+        for index, channel in enumerate(self._worker_channels):
+            self._ready(channel, f"worker {index} at {self.workers[index]}")
+
+        def read(index: int) -> None:
+            try:
+                for chunk in self._worker_stubs[index].Outputs(worker_pb2.OutputsRequest()):
+                    merged.put([unpack(data) for data in chunk.outputs])
+                merged.put(_END)
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.ABORTED:
+                    merged.put(_Failure(JobFailed(exc.details())))
+                else:
+                    merged.put(_Failure(JobFailed(f"worker {index} at {self.workers[index]}: {describe_rpc_error(exc)}")))
+            except StreampsError as exc:
+                merged.put(_Failure(JobFailed(f"worker {index}: {exc}")))
+
+        for index in range(len(self.workers)):
+            threading.Thread(target=read, args=(index,), name=f"outputs-{index}", daemon=True).start()
+        running = len(self.workers)
+        while running:
+            item = merged.get()
+            if item is _END:
+                running -= 1
+            elif isinstance(item, _Failure):
+                raise item.error
+            else:
+                yield from item
+
+    def stream(
+        self,
+        records: Iterable[Any] | None = None,
+        *,
+        partition_by: Callable[[Any], Hashable] | None = None,
+        iteration_wait_time: float | None = None,
+    ) -> Iterator[Left[Any] | Right[tuple[Id, Any]]]:
+        """Feed `records` (if given), yield every output as `Left` while they arrive,
+        then every final parameter as `Right((id, value))` once all workers finished."""
+        feed_error: list[BaseException] = []
+        if records is not None:
+
+            def feed() -> None:
+                try:
+                    self.feed(records, partition_by=partition_by, iteration_wait_time=iteration_wait_time)
+                except BaseException as exc:
+                    feed_error.append(exc)
+
+            threading.Thread(target=feed, name="feeder", daemon=True).start()
+        try:
+            for out in self.outputs():
+                yield Left(out)
+        except JobFailed:
+            # A failure of the records iterator itself is the root cause: report it.
+            if feed_error and not isinstance(feed_error[0], JobFailed):
+                raise feed_error[0] from None
+            raise
+        if feed_error:
+            raise feed_error[0]
+        for pair in self.snapshot():
+            yield Right(pair)
+
+    def close(self) -> None:
+        if self._group is not None:
+            self._group.close()
+            self._group = None
+        for channel in [*self._shard_channels, *self._worker_channels]:
+            channel.close()
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def connect(servers: Sequence[str], workers: Sequence[str] = ()) -> Cluster:
+    """A `Cluster` for shards at `servers` (in shard order) and workers at `workers`."""
+    return Cluster(servers, workers)

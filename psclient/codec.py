@@ -1,0 +1,176 @@
+"""The one place where numpy arrays and parameter ids become wire bytes and back.
+
+Values travel as raw C-contiguous bytes plus dtype and shape (`Tensor`), ids as
+packed little-endian int64 bytes or repeated strings (`ParamBatch`). Nothing is
+pickled. Decoding validates everything a peer controls (dtype, shape, byte
+count, batch length) and raises `WireError` with a message fit for a gRPC status.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from psclient._proto import tensor_pb2
+from psclient.errors import WireError
+from psclient.partition import Id
+
+# Numeric kinds only: bool, signed/unsigned ints, floats, complex. Object,
+# string, void and datetime dtypes never cross the wire.
+ALLOWED_KINDS = frozenset("biufc")
+INT_IDS_DTYPE = np.dtype("<i8")
+# Guard against a declared shape that would allocate absurd memory.
+MAX_ELEMENTS = 1 << 31
+
+
+def wire_dtype(dtype: np.dtype) -> np.dtype:
+    """The little-endian form of a numeric dtype, or WireError."""
+    if dtype.kind not in ALLOWED_KINDS:
+        raise WireError(f"dtype {dtype} is not numeric (allowed: bool, int, uint, float, complex)")
+    return dtype.newbyteorder("<") if dtype.byteorder == ">" else dtype
+
+
+def encode_tensor(array: np.ndarray) -> tensor_pb2.Tensor:
+    array = np.asarray(array)
+    dtype = wire_dtype(array.dtype)
+    array = np.ascontiguousarray(array, dtype=dtype)
+    return tensor_pb2.Tensor(dtype=dtype.str, shape=array.shape, data=array.tobytes())
+
+
+def decode_tensor(tensor: tensor_pb2.Tensor) -> np.ndarray:
+    """A read-only array viewing the message bytes (no copy)."""
+    try:
+        dtype = np.dtype(tensor.dtype)
+    except TypeError as exc:
+        raise WireError(f"unknown dtype {tensor.dtype!r}") from exc
+    dtype = wire_dtype(dtype)
+    shape = tuple(tensor.shape)
+    if any(dim < 0 for dim in shape):
+        raise WireError(f"negative dimension in shape {shape}")
+    count = 1
+    for dim in shape:
+        count *= dim
+        if count > MAX_ELEMENTS:
+            raise WireError(f"shape {shape} is too large")
+    if len(tensor.data) != count * dtype.itemsize:
+        raise WireError(
+            f"tensor of dtype {dtype} and shape {shape} needs {count * dtype.itemsize} bytes, "
+            f"got {len(tensor.data)}"
+        )
+    return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
+
+
+def encode_int_ids(ids: Sequence[int] | np.ndarray) -> bytes:
+    return np.asarray(ids, dtype=INT_IDS_DTYPE).tobytes()
+
+
+def decode_int_ids(data: bytes) -> np.ndarray:
+    if len(data) % 8:
+        raise WireError(f"int_ids holds {len(data)} bytes, not a multiple of 8")
+    return np.frombuffer(data, dtype=INT_IDS_DTYPE)
+
+
+@dataclass(slots=True)
+class DecodedBatch:
+    """A `ParamBatch` as numpy: int ids, str ids, and values (rows: ints, then strs)."""
+
+    int_ids: np.ndarray
+    str_ids: list[str]
+    values: np.ndarray | None
+
+    def __len__(self) -> int:
+        return len(self.int_ids) + len(self.str_ids)
+
+    def ids(self) -> list[Id]:
+        return [*self.int_ids.tolist(), *self.str_ids]
+
+
+def decode_batch(batch: tensor_pb2.ParamBatch, *, with_values: bool) -> DecodedBatch:
+    int_ids = decode_int_ids(batch.int_ids)
+    str_ids = list(batch.str_ids)
+    values = None
+    if with_values:
+        if not batch.HasField("values"):
+            raise WireError("batch carries ids but no values")
+        values = decode_tensor(batch.values)
+        rows = len(int_ids) + len(str_ids)
+        if values.ndim == 0 or values.shape[0] != rows:
+            raise WireError(f"batch has {rows} ids but values of shape {values.shape}")
+    return DecodedBatch(int_ids, str_ids, values)
+
+
+def encode_keys(ids: Sequence[Id]) -> tensor_pb2.ParamBatch:
+    """Ids only (a pull request). Ints are packed; strs are repeated."""
+    int_ids = [i for i in ids if not isinstance(i, str)]
+    if len(int_ids) == len(ids):
+        return tensor_pb2.ParamBatch(int_ids=encode_int_ids(int_ids))
+    str_ids = [i for i in ids if isinstance(i, str)]
+    return tensor_pb2.ParamBatch(int_ids=encode_int_ids(int_ids), str_ids=str_ids)
+
+
+def encode_rows(ids: Sequence[Id], values: np.ndarray) -> tensor_pb2.ParamBatch:
+    """Ids with one row of `values` each; reorders rows to ints-then-strs."""
+    is_str = [isinstance(i, str) for i in ids]
+    if not any(is_str):
+        return tensor_pb2.ParamBatch(int_ids=encode_int_ids(ids), values=encode_tensor(values))  # type: ignore[arg-type]
+    int_pos = [p for p, s in enumerate(is_str) if not s]
+    str_pos = [p for p, s in enumerate(is_str) if s]
+    order = np.asarray(int_pos + str_pos, dtype=np.intp)
+    return tensor_pb2.ParamBatch(
+        int_ids=encode_int_ids([ids[p] for p in int_pos]),  # type: ignore[misc]
+        str_ids=[ids[p] for p in str_pos],  # type: ignore[misc]
+        values=encode_tensor(np.asarray(values)[order]),
+    )
+
+
+def as_value_array(value: Any) -> np.ndarray:
+    """A parameter value (ndarray, numpy scalar, Python number) as a numeric array."""
+    array = np.asarray(value)
+    wire_dtype(array.dtype)
+    return array
+
+
+def group_values(ids: Sequence[Id], values: Sequence[Any]) -> list[tuple[list[Id], np.ndarray]]:
+    """Group (id, value) pairs by dtype and shape, each group stacked into one array.
+
+    The common case, every value of one shape, is one `np.asarray` call.
+    """
+    try:
+        stacked = np.asarray(values)
+        if stacked.dtype.kind in ALLOWED_KINDS and stacked.shape[:1] == (len(ids),):
+            return [(list(ids), stacked)]
+    except ValueError:  # ragged: values of different shapes
+        pass
+    groups: dict[tuple[str, tuple[int, ...]], tuple[list[Id], list[np.ndarray]]] = {}
+    for param_id, value in zip(ids, values, strict=True):
+        array = as_value_array(value)
+        group = groups.setdefault((array.dtype.str, array.shape), ([], []))
+        group[0].append(param_id)
+        group[1].append(array)
+    return [(group_ids, np.stack(arrays)) for group_ids, arrays in groups.values()]
+
+
+def encode_values(ids: Sequence[Id], values: Sequence[Any]) -> list[tensor_pb2.ParamBatch]:
+    return [encode_rows(group_ids, array) for group_ids, array in group_values(ids, values)]
+
+
+def row_values(values: np.ndarray) -> list[Any]:
+    """Rows of a decoded batch as the user sees them: writable arrays, or Python scalars."""
+    if values.ndim == 1:
+        return values.tolist()  # type: ignore[no-any-return]
+    return list(np.array(values))  # one copy for the batch makes every row writable
+
+
+def decode_rows(batches: Sequence[tensor_pb2.ParamBatch]) -> tuple[list[Id], list[Any]]:
+    """Ids and user-facing values of every batch, in batch order."""
+    ids: list[Id] = []
+    values: list[Any] = []
+    for batch in batches:
+        decoded = decode_batch(batch, with_values=True)
+        ids.extend(decoded.ids())
+        assert decoded.values is not None
+        values.extend(row_values(decoded.values))
+    return ids, values

@@ -1,0 +1,220 @@
+"""The embedded local cluster behind `transform` and `psclient run`.
+
+It starts the shards and workers as child processes on loopback, with the very
+command lines a deployment uses (`python -m psserver ...`, `python -m psworker
+...`), reads the address each one prints, and always takes them all down again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from psclient.cluster import Cluster
+from psclient.either import Left, Right
+from psclient.errors import StreampsError
+from psclient.partition import Id
+from psclient.plugins import ship
+
+# Each child imports grpc and numpy before it listens; on a busy 2-core machine
+# that can take several seconds.
+START_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 10.0
+LISTENING = "listening on "
+
+
+class ChildProcess:
+    """A service process whose first stdout line announces its address."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str]):
+        self.name = name
+        self.process = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True, start_new_session=True
+        )
+        self.stderr_tail: list[str] = []
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._pump_stdout, daemon=True).start()
+        threading.Thread(target=self._pump_stderr, daemon=True).start()
+
+    def _pump_stdout(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def _pump_stderr(self) -> None:
+        # Pass the child's log through, and keep its end for error messages.
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            sys.stderr.write(line)
+            self.stderr_tail = [*self.stderr_tail[-19:], line.rstrip("\n")]
+
+    def address(self, timeout: float) -> str:
+        try:
+            while (line := self._lines.get(timeout=timeout)) is not None:
+                if line.startswith(LISTENING):
+                    return line[len(LISTENING) :].strip()
+        except queue.Empty:
+            raise StreampsError(f"{self.name} did not start within {timeout:g} s") from None
+        self.process.wait(timeout=STOP_TIMEOUT_S)
+        errors = [line for line in self.stderr_tail if "error" in line.lower()] or self.stderr_tail[-1:]
+        reason = errors[-1] if errors else f"exit code {self.process.returncode}"
+        raise StreampsError(f"{self.name} failed to start: {reason}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+class LocalCluster:
+    """`num_shards` shards and `num_workers` workers as child processes on 127.0.0.1."""
+
+    def __init__(
+        self,
+        logic_spec: str,
+        init_spec: str,
+        update_spec: str,
+        num_workers: int = 1,
+        num_shards: int = 1,
+        *,
+        pull_limit: int | None = None,
+        on_error: str = "fail",
+        log_level: str = "WARNING",
+    ):
+        if num_workers < 1 or num_shards < 1:
+            raise ValueError("a cluster needs at least one worker and one shard")
+        self.logic_spec, self.init_spec, self.update_spec = logic_spec, init_spec, update_spec
+        self.num_workers, self.num_shards = num_workers, num_shards
+        self.pull_limit, self.on_error, self.log_level = pull_limit, on_error, log_level
+        self.children: list[ChildProcess] = []
+        self.servers: list[str] = []
+        self.workers: list[str] = []
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        # Children resolve `module:attr` plugins the way this process does.
+        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        return env
+
+    def start(self) -> None:
+        env = self._env()
+        try:
+            shards = [
+                ChildProcess(
+                    f"shard {i}",
+                    [sys.executable, "-m", "psserver", "--shard", str(i), "--num-shards", str(self.num_shards),
+                     "--port", "0", "--init", self.init_spec, "--update", self.update_spec, "--log-level", self.log_level],
+                    env,
+                )
+                for i in range(self.num_shards)
+            ]
+            self.children.extend(shards)
+            self.servers = [shard.address(START_TIMEOUT_S) for shard in shards]
+            extra = ["--pull-limit", str(self.pull_limit)] if self.pull_limit else []
+            workers = [
+                ChildProcess(
+                    f"worker {i}",
+                    [sys.executable, "-m", "psworker", "--logic", self.logic_spec, "--servers", ",".join(self.servers),
+                     "--worker-index", str(i), "--num-workers", str(self.num_workers), "--port", "0",
+                     "--on-error", self.on_error, "--log-level", self.log_level, *extra],
+                    env,
+                )
+                for i in range(self.num_workers)
+            ]
+            self.children.extend(workers)
+            self.workers = [worker.address(START_TIMEOUT_S) for worker in workers]
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        """Stop every child (SIGTERM, then SIGKILL after a grace period)."""
+        for child in self.children:
+            if child.process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    child.process.send_signal(signal.SIGTERM)
+        for child in self.children:
+            child.stop()
+        self.children = []
+
+    def __enter__(self) -> LocalCluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def run_local_job(
+    records: Iterable[Any],
+    logic_spec: str,
+    init_spec: str,
+    update_spec: str,
+    num_workers: int,
+    num_shards: int,
+    *,
+    iteration_wait_time: float | None = None,
+    partition_by: Callable[[Any], Hashable] | None = None,
+    pull_limit: int | None = None,
+    on_error: str = "fail",
+) -> Iterator[Left[Any] | Right[tuple[Id, Any]]]:
+    """Start a local cluster, run the job, yield its stream, tear everything down."""
+    cluster = LocalCluster(logic_spec, init_spec, update_spec, num_workers, num_shards, pull_limit=pull_limit, on_error=on_error)
+    with cluster, Cluster(cluster.servers, cluster.workers) as client:
+        yield from client.stream(records, partition_by=partition_by, iteration_wait_time=iteration_wait_time)
+
+
+def _spec(obj: Any, directory: Path, name: str) -> str:
+    return obj if isinstance(obj, str) else ship(obj, directory, name)
+
+
+def transform(
+    training_data: Iterable[Any],
+    worker_logic: Any,
+    param_init: Callable[[Id], Any] | str,
+    param_update: Callable[[Any, Any], Any] | str,
+    worker_parallelism: int = 1,
+    ps_parallelism: int = 1,
+    iteration_wait_time: float | None = None,
+    *,
+    partition_by: Callable[[Any], Hashable] | None = None,
+) -> Iterator[Left[Any] | Right[tuple[Id, Any]]]:
+    """Run `worker_logic` over `training_data` on an embedded local cluster.
+
+    Yields `Left(output)` for every worker output as it arrives, then, once every
+    worker has finished, `Right((id, value))` for every parameter. When the
+    iterator is exhausted or closed, every child process is gone.
+
+    `worker_logic` is a WorkerLogic instance (each worker gets a copy) or a
+    zero-argument factory; `param_init` and `param_update` are built-in spec
+    strings or callables. Callables are shipped to the children with cloudpickle
+    through private local files; nothing is pickled over the network.
+    """
+    with tempfile.TemporaryDirectory(prefix="streamps-") as tmp:
+        directory = Path(tmp)
+        yield from run_local_job(
+            training_data,
+            _spec(worker_logic, directory, "logic"),
+            _spec(param_init, directory, "init"),
+            _spec(param_update, directory, "update"),
+            worker_parallelism,
+            ps_parallelism,
+            iteration_wait_time=iteration_wait_time,
+            partition_by=partition_by,
+        )

@@ -1,0 +1,119 @@
+"""What every streamps gRPC server and channel shares: options, health, reflection, shutdown.
+
+A server factory binds and returns; it never starts or exits. The caller's
+`main()` owns `start()`, the SIGTERM/SIGINT handler and the graceful stop.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+# One push or pull batch of 16,384 ids x 1,024 float32 is 64 MiB; allow a bit
+# more so the largest batch the runtime builds always fits in one message.
+MAX_MESSAGE_BYTES = 128 * 1024 * 1024
+
+CHANNEL_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    # Long-lived streams between workers and shards: ping every 30 s so a dead
+    # peer is noticed, but not so often that servers answer GOAWAY (too_many_pings).
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+SERVER_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.so_reuseport", 0),  # port 0 must really be a free port, never a shared one
+]
+
+# Every stream (each worker's Pull and Push per shard, Feed, Outputs) holds a
+# thread of the pool for its whole life, so size it for many concurrent streams.
+DEFAULT_MAX_WORKERS = 64
+
+
+@dataclass
+class BoundServer:
+    server: grpc.Server
+    health: health.HealthServicer
+    host: str
+    port: int
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        self.health.set("", status)
+
+
+def build_server(
+    register: Callable[[grpc.Server], None],
+    service_names: Sequence[str],
+    host: str,
+    port: int,
+    max_workers: int = DEFAULT_MAX_WORKERS,
+) -> BoundServer:
+    """Create and bind a server with health and reflection; raise if the port is taken."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
+        options=SERVER_OPTIONS,
+        maximum_concurrent_rpcs=max_workers - 4,  # leave room for health checks
+    )
+    register(server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
+    reflection.enable_server_reflection(names, server)
+    try:
+        bound_port = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError as exc:
+        raise OSError(f"cannot listen on {host}:{port}: {exc}") from exc
+    if bound_port == 0:
+        raise OSError(f"cannot listen on {host}:{port}")
+    bound = BoundServer(server, health_servicer, host, bound_port)
+    bound.set_serving(False)
+    return bound
+
+
+def install_stop_handlers(stop: threading.Event) -> None:
+    """SIGTERM and SIGINT set `stop` (the main thread then drains and exits)."""
+
+    def handle(signum: int, _frame: object) -> None:
+        logging.getLogger("streamps").info("received %s, stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+
+
+def announce(bound: BoundServer) -> None:
+    """Print the line that launchers (and people) wait for."""
+    print(f"listening on {bound.address}", flush=True)
+
+
+def configure_logging(name: str, level: str = "INFO") -> logging.Logger:
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=level.upper(),
+        format=f"%(asctime)s %(levelname)s {name}: %(message)s",
+    )
+    return logging.getLogger("streamps")
+
+
+def insecure_channel(address: str) -> grpc.Channel:
+    return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)

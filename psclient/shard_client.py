@@ -1,0 +1,233 @@
+"""Client side of the ParameterShard service.
+
+`ShardConnection` keeps one Pull and one Push stream open to one shard and
+hands every answer to a callback on its own reader thread: the asynchronous
+core the worker runtime builds on. `ShardGroup` wraps one connection per shard
+into a blocking batch API (pull a list of ids, push a list of deltas), slicing
+each batch by owning shard and sending the slices concurrently.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
+from typing import Any
+
+import grpc
+
+from psclient._proto import shard_pb2, shard_pb2_grpc
+from psclient.codec import decode_rows, encode_keys, encode_values
+from psclient.errors import ShardError
+from psclient.partition import Id, check_id, split_by_shard
+from psclient.serving import insecure_channel
+
+# How long to wait for a shard to accept a connection before giving up.
+DEFAULT_CONNECT_TIMEOUT_S = 15.0
+
+_END = object()
+
+
+class _RequestStream:
+    """The request side of a streaming call: gRPC's sender thread iterates it."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+
+    def put(self, request: Any) -> None:
+        self._queue.put(request)
+
+    def close(self) -> None:
+        self._queue.put(_END)
+
+    def __iter__(self) -> Iterator[Any]:
+        while True:
+            request = self._queue.get()
+            if request is _END:
+                return
+            yield request
+
+
+def describe_rpc_error(exc: grpc.RpcError) -> str:
+    code = exc.code() if hasattr(exc, "code") else None
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    return f"{code.name if code else 'UNKNOWN'}: {details}"
+
+
+def wait_ready(channel: grpc.Channel, what: str, timeout: float) -> None:
+    try:
+        grpc.channel_ready_future(channel).result(timeout=timeout)
+    except grpc.FutureTimeoutError:
+        raise ShardError(f"{what} is unreachable (no connection after {timeout:g} s)") from None
+
+
+class ShardConnection:
+    """Streams to one shard. Callbacks run on this connection's reader threads."""
+
+    def __init__(
+        self,
+        shard: int,
+        address: str,
+        *,
+        on_pull: Callable[[shard_pb2.PullResponse], None],
+        on_ack: Callable[[shard_pb2.PushAck], None],
+        on_error: Callable[[ShardError], None],
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
+    ):
+        self.shard = shard
+        self.address = address
+        self._on_pull, self._on_ack, self._on_error = on_pull, on_ack, on_error
+        self._channel = insecure_channel(address)
+        self._closing = threading.Event()
+        wait_ready(self._channel, self.describe(), connect_timeout)
+        stub = shard_pb2_grpc.ParameterShardStub(self._channel)
+        self._pulls, self._pushes = _RequestStream(), _RequestStream()
+        self._pull_call = stub.Pull(iter(self._pulls))
+        self._push_call = stub.Push(iter(self._pushes))
+        self._readers = [
+            threading.Thread(target=self._read, args=(self._pull_call, on_pull), name=f"pull-reader-{shard}", daemon=True),
+            threading.Thread(target=self._read, args=(self._push_call, on_ack), name=f"ack-reader-{shard}", daemon=True),
+        ]
+        for reader in self._readers:
+            reader.start()
+
+    def describe(self) -> str:
+        return f"shard {self.shard} at {self.address}"
+
+    def _read(self, call: Iterator[Any], deliver: Callable[[Any], None]) -> None:
+        try:
+            for response in call:
+                deliver(response)
+        except grpc.RpcError as exc:
+            if not self._closing.is_set():
+                self._on_error(ShardError(f"{self.describe()} failed: {describe_rpc_error(exc)}"))
+        except Exception as exc:  # a bug in a callback must still surface
+            self._on_error(ShardError(f"{self.describe()}: {type(exc).__name__}: {exc}"))
+        else:
+            if not self._closing.is_set():
+                self._on_error(ShardError(f"{self.describe()} closed its stream"))
+
+    def pull(self, request_id: int, ids: Sequence[Id], *, worker_id: str = "", after_seq: int = 0) -> None:
+        self._pulls.put(
+            shard_pb2.PullRequest(request_id=request_id, keys=encode_keys(ids), worker_id=worker_id, after_seq=after_seq)
+        )
+
+    def push(self, worker_id: str, seq: int, ids: Sequence[Id], deltas: Sequence[Any]) -> None:
+        self._pushes.put(shard_pb2.PushRequest(worker_id=worker_id, seq=seq, batches=encode_values(ids, deltas)))
+
+    def close(self) -> None:
+        """End both streams after what was sent, then drop the channel."""
+        self._closing.set()
+        self._pulls.close()
+        self._pushes.close()
+        for reader in self._readers:
+            reader.join(timeout=5.0)
+        self._pull_call.cancel()  # type: ignore[attr-defined]
+        self._push_call.cancel()  # type: ignore[attr-defined]
+        self._channel.close()
+
+
+class ShardGroup:
+    """Blocking batch pulls and pushes against every shard of a cluster."""
+
+    def __init__(self, servers: Sequence[str], *, worker_id: str | None = None, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S):
+        self.servers = list(servers)
+        self.worker_id = worker_id or f"client-{uuid.uuid4().hex[:12]}"
+        self._lock = threading.Lock()
+        # Seqs must reach a shard in increasing order: taking a seq and queueing
+        # its batch happen under one lock.
+        self._send_lock = threading.Lock()
+        self._pending: dict[tuple[int, int], Future[Any]] = {}
+        self._request_ids = itertools.count(1)
+        self._seqs = [0] * len(servers)
+        self._failure: ShardError | None = None
+        self.connections: list[ShardConnection] = []
+        try:
+            for shard, address in enumerate(servers):
+                self.connections.append(
+                    ShardConnection(
+                        shard,
+                        address,
+                        on_pull=lambda r, s=shard: self._resolve((s, r.request_id), r),  # type: ignore[misc]
+                        on_ack=lambda a, s=shard: self._resolve((s, -a.seq), a),  # type: ignore[misc]
+                        on_error=self._fail,
+                        connect_timeout=connect_timeout,
+                    )
+                )
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.servers)
+
+    def _resolve(self, key: tuple[int, int], response: Any) -> None:
+        with self._lock:
+            future = self._pending.pop(key, None)
+        if future is not None:
+            future.set_result(response)
+
+    def _fail(self, error: ShardError) -> None:
+        with self._lock:
+            self._failure = error
+            pending, self._pending = self._pending, {}
+        for future in pending.values():
+            future.set_exception(error)
+
+    def _register(self, key: tuple[int, int]) -> Future[Any]:
+        future: Future[Any] = Future()
+        with self._lock:
+            if self._failure is not None:
+                raise self._failure
+            self._pending[key] = future
+        return future
+
+    def pull(self, ids: Sequence[Id], timeout: float | None = None) -> list[Any]:
+        """Values of `ids` in the order given (arrays, or Python scalars)."""
+        ids = [check_id(i) for i in ids]
+        waits = []
+        for shard, positions in enumerate(split_by_shard(ids, self.num_shards)):
+            if positions:
+                request_id = next(self._request_ids)
+                waits.append(self._register((shard, request_id)))
+                self.connections[shard].pull(
+                    request_id, [ids[p] for p in positions], worker_id=self.worker_id, after_seq=self._seqs[shard]
+                )
+        by_id: dict[Id, Any] = {}
+        for future in waits:
+            got_ids, values = decode_rows(future.result(timeout).batches)
+            by_id.update(zip(got_ids, values, strict=True))
+        return [by_id[i] for i in ids]
+
+    def push(self, ids: Sequence[Id], deltas: Sequence[Any], timeout: float | None = None) -> None:
+        """Apply deltas and wait until every shard acknowledged them."""
+        ids = [check_id(i) for i in ids]
+        if len(ids) != len(deltas):
+            raise ValueError(f"{len(ids)} ids but {len(deltas)} deltas")
+        waits = []
+        for shard, positions in enumerate(split_by_shard(ids, self.num_shards)):
+            if positions:
+                with self._send_lock:
+                    self._seqs[shard] += 1
+                    seq = self._seqs[shard]
+                    waits.append(self._register((shard, -seq)))
+                    self.connections[shard].push(
+                        self.worker_id, seq, [ids[p] for p in positions], [deltas[p] for p in positions]
+                    )
+        for future in waits:
+            future.result(timeout)
+
+    def close(self) -> None:
+        for connection in self.connections:
+            connection.close()
+        self.connections = []
+
+    def __enter__(self) -> ShardGroup:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,193 @@
+"""`psworker`: run one worker of a job, fed from a file or through the Feed RPC."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+from collections.abc import Callable
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any, TextIO
+
+import click
+
+from psclient.errors import JobFailed, ShardError, SpecError
+from psclient.plugins import load_object
+from psclient.records import to_json_compatible
+from psclient.serving import announce, configure_logging, install_stop_handlers
+from psclient.inputs import FORMATS, InputSpec, MalformedRecord, read_share
+from psworker.logic import WorkerLogic, with_pull_limit
+from psworker.runtime import WorkerRuntime
+from psworker.service import OutputBuffer, build_worker_server
+
+STOP_GRACE_S = 5.0
+FILE_CHUNK = 256
+
+
+def load_logic(spec: str) -> WorkerLogic:
+    """A WorkerLogic from `module:Class` (or a factory, or an instance), or SpecError."""
+    obj = load_object(spec, what="logic")
+    if isinstance(obj, type):
+        if not issubclass(obj, WorkerLogic):
+            raise SpecError(f"logic {spec!r} is not a WorkerLogic subclass")
+        return obj()
+    if isinstance(obj, WorkerLogic):
+        return obj
+    if callable(obj):
+        made = obj()
+        if isinstance(made, WorkerLogic):
+            return made
+    raise SpecError(f"logic {spec!r} is not a WorkerLogic, a subclass of it, or a factory of one")
+
+
+def _json_writer(handle: TextIO) -> Callable[[Any], None]:
+    def write(out: Any) -> None:
+        handle.write(json.dumps(to_json_compatible(out)) + "\n")
+
+    return write
+
+
+def _feed_file(runtime: WorkerRuntime, spec: InputSpec) -> None:
+    chunk: list[tuple[int, Any]] = []
+    try:
+        for number, record in read_share(spec, runtime.worker_index, runtime.num_workers):
+            if isinstance(record, MalformedRecord):
+                runtime.feed_positioned(chunk)
+                chunk = []
+                runtime.input_error(str(record))
+                continue
+            chunk.append((number, record))
+            if len(chunk) >= FILE_CHUNK:
+                runtime.feed_positioned(chunk)
+                chunk = []
+        runtime.feed_positioned(chunk)
+        runtime.end_input()
+    except JobFailed:
+        pass  # the job already stopped; its error is reported by the runtime
+    except (OSError, UnicodeDecodeError) as exc:
+        runtime.fail(f"worker {runtime.worker_index}: cannot read {spec.path}: {exc}")
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"psworker: error: {message}", err=True)
+    sys.exit(code)
+
+
+def env(name: str) -> dict[str, Any]:
+    return {"envvar": f"STREAMPS_{name}", "show_envvar": True}
+
+
+@click.command(context_settings={"show_default": True})
+@click.option("--logic", "logic_spec", required=True, **env("LOGIC"), help="The WorkerLogic, as module:Class.")
+@click.option("--servers", required=True, **env("SERVERS"), help="Shard addresses H:P,H:P,... in shard order.")
+@click.option("--worker-index", type=click.IntRange(min=0), required=True, **env("WORKER_INDEX"))
+@click.option("--num-workers", type=click.IntRange(min=1), required=True, **env("NUM_WORKERS"))
+@click.option("--input", "input_path", default=None, **env("INPUT"), help="Records file, or - for stdin. Without it, serve the Feed RPC.")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="jsonl", **env("FORMAT"), help="Input format.")
+@click.option("--partition-key", default=None, **env("PARTITION_KEY"), help="Take records by this key (a jsonl field or a csv/tsv column index) instead of round robin.")
+@click.option("--skip-header", is_flag=True, **env("SKIP_HEADER"), help="Ignore the first line of the input.")
+@click.option("--output", "output_path", default=None, **env("OUTPUT"), help="Write outputs as JSON lines here (- for stdout). Default: stdout with --input, else the Outputs RPC.")
+@click.option("--host", default="127.0.0.1", **env("HOST"))
+@click.option("--port", type=click.IntRange(min=0, max=65535), default=0, **env("PORT"), help="Port of the Worker service; 0 picks a free one.")
+@click.option("--pull-limit", type=click.IntRange(min=1), default=None, **env("PULL_LIMIT"), help="Most unanswered pulls; input pauses at the limit.")
+@click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail", **env("ON_ERROR"), help="On a malformed record or an exception in on_recv/on_pull_recv: stop the job, or log, count and go on.")
+@click.option("--connect-timeout", type=float, default=15.0, **env("CONNECT_TIMEOUT"), help="Seconds to wait for each shard.")
+@click.option("--log-level", default="INFO", **env("LOG_LEVEL"))
+def main(
+    logic_spec: str,
+    servers: str,
+    worker_index: int,
+    num_workers: int,
+    input_path: str | None,
+    fmt: str,
+    partition_key: str | None,
+    skip_header: bool,
+    output_path: str | None,
+    host: str,
+    port: int,
+    pull_limit: int | None,
+    on_error: str,
+    connect_timeout: float,
+    log_level: str,
+) -> None:
+    """Run one worker: read records, call the logic, pull and push parameters."""
+    if worker_index >= num_workers:
+        _fail(f"--worker-index {worker_index} must be below --num-workers {num_workers}", 2)
+    log = configure_logging(f"worker {worker_index}", log_level)
+    try:
+        logic = load_logic(logic_spec)
+        if pull_limit is not None:
+            logic = with_pull_limit(logic, pull_limit)
+    except SpecError as exc:
+        _fail(str(exc), 2)
+    if input_path is not None and input_path != "-" and not Path(input_path).is_file():
+        _fail(f"--input {input_path}: no such file", 2)
+
+    with ExitStack() as stack:
+        outputs = OutputBuffer()
+        if output_path is None and input_path is not None:
+            output_path = "-"
+        if output_path is not None:
+            handle = sys.stdout if output_path == "-" else stack.enter_context(Path(output_path).open("w", encoding="utf-8"))
+            emit = _json_writer(handle)
+        else:
+            emit = outputs.put
+        runtime = WorkerRuntime(
+            logic,
+            [s.strip() for s in servers.split(",") if s.strip()],
+            worker_index,
+            num_workers,
+            emit=emit,
+            on_error=on_error,
+            position_name="line" if input_path is not None else "record",
+            connect_timeout=connect_timeout,
+        )
+        try:
+            runtime.connect()
+        except ShardError as exc:
+            _fail(f"worker {worker_index}: {exc}", 1)
+
+        if input_path is not None:
+            spec = InputSpec(input_path, fmt, partition_key, skip_header)
+            threading.Thread(target=_feed_file, args=(runtime, spec), name="file-reader", daemon=True).start()
+            try:
+                runtime.run()
+            except JobFailed as exc:
+                _fail(str(exc), 1)
+            log.info("finished: %d records, %d outputs", runtime.records, runtime.outputs)
+            return
+
+        try:
+            bound = build_worker_server(runtime, outputs, host, port)
+        except OSError as exc:
+            _fail(str(exc), 2)
+        stop = threading.Event()
+        install_stop_handlers(stop)
+        bound.server.start()
+        bound.set_serving(True)
+        announce(bound)
+        done = threading.Event()
+
+        def run_logic() -> None:
+            try:
+                runtime.run()
+            except JobFailed:
+                pass
+            finally:
+                outputs.close()
+                done.set()
+
+        threading.Thread(target=run_logic, name="logic", daemon=True).start()
+        # Stay up until the outputs reached a subscriber (or a signal came).
+        while not stop.is_set() and not (done.is_set() and (output_path is not None or outputs.delivered.is_set())):
+            stop.wait(0.1)
+        bound.set_serving(False)
+        bound.server.stop(STOP_GRACE_S).wait()
+        if runtime.error:
+            _fail(runtime.error, 1)
+        log.info("finished: %d records, %d outputs", runtime.records, runtime.outputs)
+
+
+if __name__ == "__main__":
+    main()

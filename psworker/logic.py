@@ -1,0 +1,107 @@
+"""The plugin API: what a user writes (`WorkerLogic`) and what it is handed (`ParameterServerClient`)."""
+
+from __future__ import annotations
+
+from typing import Generic, Protocol, TypeVar
+
+from psclient.partition import Id
+
+T = TypeVar("T")  # a training record
+P = TypeVar("P")  # a parameter value: numpy array or Python number
+WOut = TypeVar("WOut")  # what the logic outputs
+P_contra = TypeVar("P_contra", contravariant=True)
+WOut_contra = TypeVar("WOut_contra", contravariant=True)
+
+
+class ParameterServerClient(Protocol[P_contra, WOut_contra]):
+    """The runtime's handle, passed to every callback. Calls return at once.
+
+    Pulls and pushes are per key; the runtime coalesces them into one batch
+    per shard and sends them in the background.
+    """
+
+    worker_index: int
+    num_workers: int
+    num_shards: int
+
+    def pull(self, param_id: Id) -> None:
+        """Ask for a parameter; its value arrives later in `on_pull_recv`.
+
+        A pull issued after a push of the same id sees that push.
+        """
+        ...
+
+    def push(self, param_id: Id, delta: P_contra) -> None:
+        """Fold `delta` into a parameter with the shard's update function."""
+        ...
+
+    def output(self, out: WOut_contra) -> None:
+        """Emit a result: it reaches the client as `Left(out)`."""
+        ...
+
+
+class WorkerLogic(Generic[T, P, WOut]):
+    """Subclass this. All callbacks of one worker run on one thread: no locks needed.
+
+    `on_recv` and `on_pull_recv` are required. `open`, `on_input_end` and
+    `close` are optional hooks with do-nothing defaults: most online learners
+    have nothing to set up, nothing left to do when the input ends, and nothing
+    to release.
+    """
+
+    def open(self) -> None:
+        """Called once, before the first record."""
+
+    def on_recv(self, data: T, ps: ParameterServerClient[P, WOut]) -> None:
+        """Called once per input record."""
+        raise NotImplementedError(f"{type(self).__name__} must implement on_recv")
+
+    def on_pull_recv(self, param_id: Id, param_value: P, ps: ParameterServerClient[P, WOut]) -> None:
+        """Called once per answered pull, with the parameter's current value."""
+        raise NotImplementedError(f"{type(self).__name__} must implement on_pull_recv")
+
+    def on_input_end(self, ps: ParameterServerClient[P, WOut]) -> None:
+        """Called once, when this worker's input is exhausted. May pull and push
+        (further epochs, a final flush); the worker finishes after what it starts."""
+
+    def close(self) -> None:
+        """Called once, after the worker is quiescent."""
+
+
+class _PullLimited(WorkerLogic[T, P, WOut]):
+    """A logic with a bound on unanswered pulls; every callback goes to the wrapped one."""
+
+    def __init__(self, inner: WorkerLogic[T, P, WOut], limit: int):
+        self.inner = inner
+        self.pull_limit = limit
+
+    def open(self) -> None:
+        self.inner.open()
+
+    def on_recv(self, data: T, ps: ParameterServerClient[P, WOut]) -> None:
+        self.inner.on_recv(data, ps)
+
+    def on_pull_recv(self, param_id: Id, param_value: P, ps: ParameterServerClient[P, WOut]) -> None:
+        self.inner.on_pull_recv(param_id, param_value, ps)
+
+    def on_input_end(self, ps: ParameterServerClient[P, WOut]) -> None:
+        self.inner.on_input_end(ps)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def with_pull_limit(logic: WorkerLogic[T, P, WOut], limit: int) -> WorkerLogic[T, P, WOut]:
+    """Bound `logic`'s unanswered pulls by `limit` (>= 1).
+
+    Pulls beyond the limit wait in a queue, and the worker takes no new input
+    record while the limit is reached. Answers are always drained, so no bound
+    can deadlock, down to 1.
+    """
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"pull limit must be an int >= 1, got {limit!r}")
+    return _PullLimited(logic, limit)
+
+
+def pull_limit_of(logic: WorkerLogic) -> int | None:
+    return getattr(logic, "pull_limit", None)

@@ -1,0 +1,414 @@
+"""The worker runtime: one thread runs every user callback, the network runs beside it.
+
+Threads of a worker process:
+
+- the logic thread (`WorkerRuntime.run`): takes pull answers and input records,
+  calls the user's callbacks, buffers the pulls and pushes they issue, one
+  buffer per shard, and flushes each buffer as one batch;
+- two reader threads per shard (pull answers, push acks), which decode and
+  hand over, never block on the logic thread;
+- feeders (a file reader, or Feed RPCs), which block while the input queue is
+  full: that is the backpressure that reaches the data source.
+
+Flow control. At most `pull_limit` pulls are unanswered; further pulls wait in a
+queue and no input record is taken while the limit is reached. Answers are
+always taken first, and their readers never wait for anything, so there is no
+cycle of waits: no deadlock, at any limit down to 1.
+
+Batching. A shard's buffer is flushed when it holds `max_batch` keys, when it
+has waited `linger_s`, or when the logic thread runs out of work, so the batch
+size follows the load. Pushes to a shard are flushed before pulls to it, and
+every pull names the last push seq sent to its shard (`after_seq`): the shard
+answers it only after applying that push, which gives read-your-writes.
+
+Termination. A worker is finished when its input ended, `on_input_end`
+returned, no pull is unanswered or queued, no callback is pending, and every
+push is acknowledged.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from psclient._proto import shard_pb2
+from psclient.codec import decode_rows
+from psclient.errors import JobFailed, ShardError, StreampsError
+from psclient.partition import Id, check_id, shard_of
+from psclient.shard_client import DEFAULT_CONNECT_TIMEOUT_S, ShardConnection
+from psworker.logic import WorkerLogic, pull_limit_of
+
+log = logging.getLogger("streamps.worker")
+
+# Without a user limit, a worker still bounds its unanswered pulls (memory).
+DEFAULT_PULL_LIMIT = 65_536
+DEFAULT_MAX_BATCH = 4_096
+# How long a buffered pull or push may wait for company before it is sent.
+DEFAULT_LINGER_S = 0.002
+# Input queue bound, in chunks of records (a Feed message or a file read).
+INPUT_CAPACITY_CHUNKS = 64
+RECORD_REPR_LIMIT = 160
+
+
+class State(enum.Enum):
+    RUNNING = 1
+    FINISHED = 2
+    FAILED = 3
+
+
+def short_repr(obj: Any) -> str:
+    text = repr(obj)
+    return text if len(text) <= RECORD_REPR_LIMIT else text[: RECORD_REPR_LIMIT - 3] + "..."
+
+
+class _Client:
+    """The `ParameterServerClient` handed to callbacks; every call is logic-thread only."""
+
+    __slots__ = ("_runtime", "num_shards", "num_workers", "worker_index")
+
+    def __init__(self, runtime: WorkerRuntime):
+        self._runtime = runtime
+        self.worker_index = runtime.worker_index
+        self.num_workers = runtime.num_workers
+        self.num_shards = len(runtime.servers)
+
+    def pull(self, param_id: Id) -> None:
+        self._runtime.pull(check_id(param_id))
+
+    def push(self, param_id: Id, delta: Any) -> None:
+        self._runtime.push(check_id(param_id), delta)
+
+    def output(self, out: Any) -> None:
+        self._runtime.output(out)
+
+
+class WorkerRuntime:
+    def __init__(
+        self,
+        logic: WorkerLogic,
+        servers: Sequence[str],
+        worker_index: int,
+        num_workers: int,
+        *,
+        emit: Callable[[Any], None],
+        pull_limit: int | None = None,
+        on_error: str = "fail",
+        position_name: str = "record",
+        max_batch: int = DEFAULT_MAX_BATCH,
+        linger_s: float = DEFAULT_LINGER_S,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
+    ):
+        if on_error not in ("fail", "skip"):
+            raise ValueError(f"on_error must be 'fail' or 'skip', not {on_error!r}")
+        self.logic = logic
+        self.servers = list(servers)
+        self.worker_index = worker_index
+        self.num_workers = num_workers
+        self.worker_id = f"w{worker_index}-{uuid.uuid4().hex[:12]}"
+        self.pull_limit = pull_limit or pull_limit_of(logic) or DEFAULT_PULL_LIMIT
+        self.on_error = on_error
+        self.position_name = position_name
+        self.max_batch = max_batch
+        self.linger_s = linger_s
+        self.connect_timeout = connect_timeout
+        self._emit = emit
+        self.client = _Client(self)
+        num_shards = len(self.servers)
+
+        # Shared with feeders and readers: guarded by _cond.
+        self._cond = threading.Condition()
+        self._chunks: deque[list[tuple[int, Any]]] = deque()
+        self._answers: deque[tuple[list[Id], list[Any]]] = deque()
+        self._unacked = 0
+        self._input_closed = False
+        self._failure: str | None = None
+        self.state = State.RUNNING
+
+        # Logic thread only.
+        self._chunk: list[tuple[int, Any]] = []
+        self._chunk_pos = 0
+        self._input_end_called = False
+        self._in_flight = 0
+        self._queued_pulls: deque[Id] = deque()
+        self._pull_buffers: list[list[Id]] = [[] for _ in range(num_shards)]
+        self._push_ids: list[list[Id]] = [[] for _ in range(num_shards)]
+        self._push_deltas: list[list[Any]] = [[] for _ in range(num_shards)]
+        self._buffered_since: float | None = None
+        self._seqs = [0] * num_shards
+        self._request_id = 0
+        self._connections: list[ShardConnection] = []
+
+        # Counters (read by Status from other threads; ints are updated atomically).
+        self.started = time.monotonic()
+        self.records_fed = 0
+        self.records = 0
+        self.records_failed = 0
+        self.outputs = 0
+        self.pulls = 0
+        self.pushes = 0
+
+    # -- feeding (any thread) ------------------------------------------------
+
+    def feed(self, records: list[Any]) -> None:
+        """Queue records (in order); blocks while the input queue is full."""
+        with self._cond:
+            first = self.records_fed + 1
+            self.records_fed += len(records)
+        self.feed_positioned(list(enumerate(records, start=first)))
+
+    def feed_positioned(self, chunk: list[tuple[int, Any]]) -> None:
+        """Queue (position, record) pairs; the position names the record in errors."""
+        if not chunk:
+            return
+        with self._cond:
+            while len(self._chunks) >= INPUT_CAPACITY_CHUNKS and self.state is State.RUNNING and not self._failure:
+                self._cond.wait()
+            if self._failure or self.state is not State.RUNNING:
+                raise JobFailed(self._failure or f"worker {self.worker_index} is no longer taking input")
+            if self._input_closed:
+                raise JobFailed(f"worker {self.worker_index}: input already ended")
+            self._chunks.append(chunk)
+            self._cond.notify_all()
+
+    def end_input(self) -> None:
+        with self._cond:
+            self._input_closed = True
+            self._cond.notify_all()
+
+    def input_error(self, message: str) -> None:
+        """A record could not be read: skip it (on_error=skip) or stop the job."""
+        if self.on_error == "skip":
+            self.records_failed += 1
+            log.warning("worker %d: %s; skipped", self.worker_index, message)
+        else:
+            self.fail(f"worker {self.worker_index}: {message}")
+
+    def fail(self, message: str) -> None:
+        with self._cond:
+            if self._failure is None:
+                self._failure = message
+            self._cond.notify_all()
+
+    # -- network callbacks (reader threads) ------------------------------------
+
+    def _on_pull(self, response: shard_pb2.PullResponse) -> None:
+        try:
+            answer = decode_rows(response.batches)
+        except StreampsError as exc:
+            self.fail(f"worker {self.worker_index}: malformed pull answer: {exc}")
+            return
+        with self._cond:
+            self._answers.append(answer)
+            self._cond.notify_all()
+
+    def _on_ack(self, _ack: shard_pb2.PushAck) -> None:
+        with self._cond:
+            self._unacked -= 1
+            self._cond.notify_all()
+
+    def _on_shard_error(self, error: ShardError) -> None:
+        self.fail(f"worker {self.worker_index}: {error}")
+
+    # -- the ParameterServerClient calls (logic thread) ------------------------
+
+    def pull(self, param_id: Id) -> None:
+        self.pulls += 1
+        if self._in_flight < self.pull_limit:
+            self._in_flight += 1
+            self._buffer_pull(param_id)
+        else:
+            self._queued_pulls.append(param_id)
+
+    def _buffer_pull(self, param_id: Id) -> None:
+        shard = shard_of(param_id, len(self._pull_buffers))
+        buffer = self._pull_buffers[shard]
+        buffer.append(param_id)
+        if self._buffered_since is None:
+            self._buffered_since = time.monotonic()
+        if len(buffer) >= self.max_batch:
+            self._flush_shard(shard)
+
+    def push(self, param_id: Id, delta: Any) -> None:
+        self.pushes += 1
+        shard = shard_of(param_id, len(self._push_ids))
+        ids = self._push_ids[shard]
+        ids.append(param_id)
+        self._push_deltas[shard].append(delta)
+        if self._buffered_since is None:
+            self._buffered_since = time.monotonic()
+        if len(ids) >= self.max_batch:
+            self._flush_shard(shard)
+
+    def output(self, out: Any) -> None:
+        self._emit(out)
+        self.outputs += 1
+
+    # -- batching ---------------------------------------------------------------
+
+    def _flush_shard(self, shard: int) -> None:
+        connection = self._connections[shard]
+        ids = self._push_ids[shard]
+        if ids:
+            deltas = self._push_deltas[shard]
+            self._push_ids[shard], self._push_deltas[shard] = [], []
+            self._seqs[shard] += 1
+            with self._cond:
+                self._unacked += 1
+            connection.push(self.worker_id, self._seqs[shard], ids, deltas)
+        pulls = self._pull_buffers[shard]
+        if pulls:
+            self._pull_buffers[shard] = []
+            self._request_id += 1
+            connection.pull(self._request_id, pulls, worker_id=self.worker_id, after_seq=self._seqs[shard])
+
+    def _flush_all(self) -> None:
+        if self._buffered_since is not None:
+            self._buffered_since = None
+            for shard in range(len(self._connections)):
+                self._flush_shard(shard)
+
+    def _flush_if_lingering(self) -> None:
+        since = self._buffered_since
+        if since is not None and time.monotonic() - since >= self.linger_s:
+            self._flush_all()
+
+    # -- the logic thread -------------------------------------------------------
+
+    def _call_user(self, name: str, fn: Callable[..., None], *args: Any, position: int | None = None, record: Any = None) -> None:
+        try:
+            fn(*args)
+        except Exception as exc:
+            where = "" if position is None else f" ({self.position_name} {position}: {short_repr(record)})"
+            message = f"worker {self.worker_index} failed in {name}: {type(exc).__name__}: {exc}{where}"
+            if self.on_error == "skip" and name in ("on_recv", "on_pull_recv"):
+                self.records_failed += 1
+                log.warning("%s; skipped", message, exc_info=True)
+                return
+            log.error("%s", message, exc_info=True)
+            raise JobFailed(message) from exc
+
+    def _next_record(self) -> tuple[int, Any] | None:
+        if self._chunk_pos >= len(self._chunk):
+            with self._cond:
+                if not self._chunks:
+                    return None
+                self._chunk = self._chunks.popleft()
+                self._chunk_pos = 0
+                self._cond.notify_all()  # a feeder may wait for room
+        item = self._chunk[self._chunk_pos]
+        self._chunk_pos += 1
+        return item
+
+    def _deliver(self, answers: deque[tuple[list[Id], list[Any]]]) -> None:
+        on_pull_recv, client = self.logic.on_pull_recv, self.client
+        for ids, values in answers:
+            for param_id, value in zip(ids, values, strict=True):
+                self._in_flight -= 1
+                if self._queued_pulls:
+                    self._in_flight += 1
+                    self._buffer_pull(self._queued_pulls.popleft())
+                self._call_user("on_pull_recv", on_pull_recv, param_id, value, client)
+            self._flush_if_lingering()
+
+    def _input_may_flow(self) -> bool:
+        return self._in_flight < self.pull_limit and not self._queued_pulls
+
+    def _finished_locked(self) -> bool:
+        return (
+            self._input_end_called
+            and not self._answers
+            and self._in_flight == 0
+            and not self._queued_pulls
+            and self._buffered_since is None
+            and self._unacked == 0
+        )
+
+    def _step(self) -> bool:
+        """Do one unit of work; return True when the worker is finished."""
+        if self._failure:
+            raise JobFailed(self._failure)
+        if self._answers:
+            with self._cond:
+                answers, self._answers = self._answers, deque()
+            self._deliver(answers)
+            return False
+        if self._input_may_flow():
+            item = self._next_record()
+            if item is not None:
+                position, record = item
+                self.records += 1
+                self._call_user("on_recv", self.logic.on_recv, record, self.client, position=position, record=record)
+                self._flush_if_lingering()
+                return False
+            if not self._input_end_called and self._input_closed and not self._chunks:
+                self._input_end_called = True
+                self._call_user("on_input_end", self.logic.on_input_end, self.client)
+                return False
+        self._flush_all()
+        with self._cond:
+            if self._finished_locked():
+                return True
+            if not (self._answers or self._failure or (self._input_may_flow() and (self._chunks or self._input_closed and not self._input_end_called))):
+                self._cond.wait(timeout=1.0)
+        return False
+
+    def connect(self) -> None:
+        """Open streams to every shard; ShardError names the one that is unreachable."""
+        for shard, address in enumerate(self.servers):
+            self._connections.append(
+                ShardConnection(
+                    shard,
+                    address,
+                    on_pull=self._on_pull,
+                    on_ack=self._on_ack,
+                    on_error=self._on_shard_error,
+                    connect_timeout=self.connect_timeout,
+                )
+            )
+
+    def run(self) -> None:
+        """Run the logic to the end; raise JobFailed with a one-line message on failure."""
+        try:
+            if not self._connections:
+                self.connect()
+            self._call_user("open", self.logic.open)
+            while not self._step():
+                pass
+            self._call_user("close", self.logic.close)
+        except ShardError as exc:
+            self._finish(State.FAILED, f"worker {self.worker_index}: {exc}")
+            raise JobFailed(self._failure) from exc
+        except JobFailed as exc:
+            self._finish(State.FAILED, str(exc))
+            raise
+        except BaseException:
+            self._finish(State.FAILED, f"worker {self.worker_index}: runtime stopped")
+            raise
+        self._finish(State.FINISHED, None)
+
+    def _finish(self, state: State, failure: str | None) -> None:
+        with self._cond:
+            if failure and not self._failure:
+                self._failure = failure
+            self.state = state
+            self._cond.notify_all()
+        for connection in self._connections:
+            connection.close()
+
+    @property
+    def error(self) -> str | None:
+        return self._failure
+
+    def snapshot_counters(self) -> dict[str, int]:
+        with self._cond:
+            return {
+                "pulls_in_flight": self._in_flight,
+                "pulls_queued": len(self._queued_pulls),
+                "pushes_unacked": self._unacked,
+            }

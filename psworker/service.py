@@ -1,0 +1,115 @@
+"""The Worker gRPC service: Feed records in, stream Outputs out, report Status."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+
+import grpc
+
+from psclient._proto import worker_pb2, worker_pb2_grpc
+from psclient.errors import JobFailed, WireError
+from psclient.records import pack, unpack
+from psclient.serving import BoundServer, build_server
+from psworker.runtime import State, WorkerRuntime
+
+OUTPUT_CHUNK = 1_024
+
+
+class OutputBuffer:
+    """Encoded outputs waiting for the Outputs stream. Unbounded: the logic thread
+    never blocks on a slow (or absent) subscriber."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._items: deque[bytes] = deque()
+        self._closed = False
+        self.delivered = threading.Event()  # set once a subscriber has read everything
+
+    def put(self, out: object) -> None:
+        data = pack(out)  # raises WireError inside the user's callback: a clear message
+        with self._cond:
+            self._items.append(data)
+            if len(self._items) == 1:
+                self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def take(self, timeout: float) -> list[bytes] | None:
+        """Up to OUTPUT_CHUNK outputs; [] on timeout; None when closed and drained."""
+        with self._cond:
+            if not self._items and not self._closed:
+                self._cond.wait(timeout)
+            if not self._items:
+                return None if self._closed else []
+            count = min(len(self._items), OUTPUT_CHUNK)
+            return [self._items.popleft() for _ in range(count)]
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServicer):
+    def __init__(self, runtime: WorkerRuntime, outputs: OutputBuffer):
+        self.runtime = runtime
+        self.outputs = outputs
+        self._subscribed = threading.Lock()
+
+    def Feed(self, request_iterator: Iterator[worker_pb2.FeedRequest], context: grpc.ServicerContext) -> worker_pb2.FeedResponse:
+        accepted = 0
+        end = False
+        try:
+            for request in request_iterator:
+                records = [unpack(data) for data in request.records]
+                self.runtime.feed(records)
+                accepted += len(records)
+                end = end or request.end_of_input
+        except WireError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"record {accepted + 1} of this call: {exc}")
+        except JobFailed as exc:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        if end:
+            self.runtime.end_input()
+        return worker_pb2.FeedResponse(accepted=accepted)
+
+    def Outputs(self, request: worker_pb2.OutputsRequest, context: grpc.ServicerContext) -> Iterator[worker_pb2.OutputChunk]:
+        if not self._subscribed.acquire(blocking=False):
+            context.abort(grpc.StatusCode.ALREADY_EXISTS, "another client is reading this worker's outputs")
+        try:
+            while context.is_active():
+                chunk = self.outputs.take(timeout=0.5)
+                if chunk is None:
+                    break
+                if chunk:
+                    yield worker_pb2.OutputChunk(outputs=chunk)
+            else:
+                return
+            self.outputs.delivered.set()
+            if self.runtime.state is State.FAILED:
+                context.abort(grpc.StatusCode.ABORTED, self.runtime.error or "worker failed")
+        finally:
+            self._subscribed.release()
+
+    def Status(self, request: worker_pb2.StatusRequest, context: grpc.ServicerContext) -> worker_pb2.StatusResponse:
+        runtime = self.runtime
+        return worker_pb2.StatusResponse(
+            state=runtime.state.value,
+            worker_index=runtime.worker_index,
+            num_workers=runtime.num_workers,
+            records=runtime.records,
+            records_failed=runtime.records_failed,
+            outputs=runtime.outputs,
+            pulls=runtime.pulls,
+            pushes=runtime.pushes,
+            error=runtime.error or "",
+            uptime_seconds=time.monotonic() - runtime.started,
+            **runtime.snapshot_counters(),
+        )
+
+
+def build_worker_server(runtime: WorkerRuntime, outputs: OutputBuffer, host: str, port: int) -> BoundServer:
+    servicer = WorkerServicer(runtime, outputs)
+    name = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
+    return build_server(lambda server: worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server), [name], host, port)

@@ -1,6 +1,6 @@
 """streamps SDK: the wire layer, `transform` and `connect`.
 
-    from psclient import transform, connect, Left, Right
+from psclient import transform, connect, Left, Right
 """
 
 from psclient.cluster import Cluster, connect

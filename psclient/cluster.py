@@ -39,7 +39,9 @@ class _Failure:
 class Cluster:
     """A handle on running shards (`servers`) and workers (`workers`)."""
 
-    def __init__(self, servers: Sequence[str], workers: Sequence[str] = (), *, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S):
+    def __init__(
+        self, servers: Sequence[str], workers: Sequence[str] = (), *, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S
+    ):
         self.servers = list(servers)
         self.workers = list(workers)
         self.connect_timeout = connect_timeout
@@ -74,7 +76,9 @@ class Cluster:
                     ids, values = decode_rows(chunk.batches)
                     yield from zip(ids, values, strict=True)
             except grpc.RpcError as exc:
-                raise ShardError(f"snapshot of shard {shard} at {self.servers[shard]} failed: {describe_rpc_error(exc)}") from None
+                raise ShardError(
+                    f"snapshot of shard {shard} at {self.servers[shard]} failed: {describe_rpc_error(exc)}"
+                ) from None
 
     def info(self, timeout: float = 5.0) -> list[shard_pb2.InfoResponse | ShardError]:
         """Each shard's Info, or the error that stands in for it."""
@@ -135,7 +139,9 @@ class Cluster:
                 while sender_queues[index].get() is not _END:  # unblock the router
                     pass
 
-        senders = [threading.Thread(target=send, args=(i,), name=f"feed-{i}", daemon=True) for i in range(len(self.workers))]
+        senders = [
+            threading.Thread(target=send, args=(i,), name=f"feed-{i}", daemon=True) for i in range(len(self.workers))
+        ]
         for sender in senders:
             sender.start()
         count = 0
@@ -221,7 +227,9 @@ class Cluster:
                 if exc.code() == grpc.StatusCode.ABORTED:
                     merged.put(_Failure(JobFailed(exc.details())))
                 else:
-                    merged.put(_Failure(JobFailed(f"worker {index} at {self.workers[index]}: {describe_rpc_error(exc)}")))
+                    merged.put(
+                        _Failure(JobFailed(f"worker {index} at {self.workers[index]}: {describe_rpc_error(exc)}"))
+                    )
             except StreampsError as exc:
                 merged.put(_Failure(JobFailed(f"worker {index}: {exc}")))
 

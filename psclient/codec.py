@@ -57,8 +57,7 @@ def decode_tensor(tensor: tensor_pb2.Tensor) -> np.ndarray:
             raise WireError(f"shape {shape} is too large")
     if len(tensor.data) != count * dtype.itemsize:
         raise WireError(
-            f"tensor of dtype {dtype} and shape {shape} needs {count * dtype.itemsize} bytes, "
-            f"got {len(tensor.data)}"
+            f"tensor of dtype {dtype} and shape {shape} needs {count * dtype.itemsize} bytes, got {len(tensor.data)}"
         )
     return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
 
@@ -160,7 +159,7 @@ def encode_values(ids: Sequence[Id], values: Sequence[Any]) -> list[tensor_pb2.P
 def row_values(values: np.ndarray) -> list[Any]:
     """Rows of a decoded batch as the user sees them: writable arrays, or Python scalars."""
     if values.ndim == 1:
-        return values.tolist()  # type: ignore[no-any-return]
+        return values.tolist()
     return list(np.array(values))  # one copy for the batch makes every row writable
 
 

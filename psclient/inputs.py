@@ -66,7 +66,10 @@ def _parse(path: str, fmt: str, skip_header: bool) -> Iterator[tuple[int, Any]]:
                 try:
                     yield number, json.loads(line)
                 except json.JSONDecodeError as exc:
-                    yield number, MalformedRecord(f"{name} line {number}: malformed JSON: {exc.msg} at column {exc.colno}")
+                    yield (
+                        number,
+                        MalformedRecord(f"{name} line {number}: malformed JSON: {exc.msg} at column {exc.colno}"),
+                    )
         else:
             reader = csv.reader(handle, delimiter="," if fmt == "csv" else "\t")
             width = None

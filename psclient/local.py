@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -118,8 +118,23 @@ class LocalCluster:
             shards = [
                 ChildProcess(
                     f"shard {i}",
-                    [sys.executable, "-m", "psserver", "--shard", str(i), "--num-shards", str(self.num_shards),
-                     "--port", "0", "--init", self.init_spec, "--update", self.update_spec, "--log-level", self.log_level],
+                    [
+                        sys.executable,
+                        "-m",
+                        "psserver",
+                        "--shard",
+                        str(i),
+                        "--num-shards",
+                        str(self.num_shards),
+                        "--port",
+                        "0",
+                        "--init",
+                        self.init_spec,
+                        "--update",
+                        self.update_spec,
+                        "--log-level",
+                        self.log_level,
+                    ],
                     env,
                 )
                 for i in range(self.num_shards)
@@ -130,9 +145,26 @@ class LocalCluster:
             workers = [
                 ChildProcess(
                     f"worker {i}",
-                    [sys.executable, "-m", "psworker", "--logic", self.logic_spec, "--servers", ",".join(self.servers),
-                     "--worker-index", str(i), "--num-workers", str(self.num_workers), "--port", "0",
-                     "--on-error", self.on_error, "--log-level", self.log_level, *extra],
+                    [
+                        sys.executable,
+                        "-m",
+                        "psworker",
+                        "--logic",
+                        self.logic_spec,
+                        "--servers",
+                        ",".join(self.servers),
+                        "--worker-index",
+                        str(i),
+                        "--num-workers",
+                        str(self.num_workers),
+                        "--port",
+                        "0",
+                        "--on-error",
+                        self.on_error,
+                        "--log-level",
+                        self.log_level,
+                        *extra,
+                    ],
                     env,
                 )
                 for i in range(self.num_workers)
@@ -175,7 +207,9 @@ def run_local_job(
     on_error: str = "fail",
 ) -> Iterator[Left[Any] | Right[tuple[Id, Any]]]:
     """Start a local cluster, run the job, yield its stream, tear everything down."""
-    cluster = LocalCluster(logic_spec, init_spec, update_spec, num_workers, num_shards, pull_limit=pull_limit, on_error=on_error)
+    cluster = LocalCluster(
+        logic_spec, init_spec, update_spec, num_workers, num_shards, pull_limit=pull_limit, on_error=on_error
+    )
     with cluster, Cluster(cluster.servers, cluster.workers) as client:
         yield from client.stream(records, partition_by=partition_by, iteration_wait_time=iteration_wait_time)
 

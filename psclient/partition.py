@@ -32,7 +32,7 @@ def check_id(param_id: object) -> Id:
         return param_id
     if isinstance(param_id, bool) or not hasattr(param_id, "__index__"):
         raise TypeError(f"parameter ids are int or str, not {type(param_id).__name__}")
-    value = operator.index(param_id)  # type: ignore[call-overload]
+    value = operator.index(param_id)
     if not INT64_MIN <= value <= INT64_MAX:
         raise ValueError(f"int parameter id {value} does not fit in signed 64 bits")
     return value

@@ -8,6 +8,8 @@ file. Such files never cross the network; remote processes load `module:attr`.
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,10 @@ def load_object(spec: str, *, what: str) -> Any:
         except Exception as exc:  # unpickling user code can raise anything
             raise SpecError(f"cannot load {what} from {path}: {exc}") from exc
     module_name, sep, attr_path = spec.partition(":")
+    # Like other plugin loaders, find modules in the current directory too, even
+    # when started through a console script whose sys.path lacks it.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     if not sep or not module_name or not attr_path:
         raise SpecError(f"{what} {spec!r} is not of the form module:attr")
     try:

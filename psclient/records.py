@@ -54,7 +54,7 @@ _PACKER = _packer()
 
 def pack(obj: Any) -> bytes:
     try:
-        return _PACKER.pack(obj)  # type: ignore[no-any-return]
+        return _PACKER.pack(obj)
     except (TypeError, ValueError, OverflowError) as exc:
         raise WireError(f"cannot encode {type(obj).__name__} value: {exc}") from exc
 

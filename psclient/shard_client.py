@@ -88,8 +88,12 @@ class ShardConnection:
         self._pull_call = stub.Pull(iter(self._pulls))
         self._push_call = stub.Push(iter(self._pushes))
         self._readers = [
-            threading.Thread(target=self._read, args=(self._pull_call, on_pull), name=f"pull-reader-{shard}", daemon=True),
-            threading.Thread(target=self._read, args=(self._push_call, on_ack), name=f"ack-reader-{shard}", daemon=True),
+            threading.Thread(
+                target=self._read, args=(self._pull_call, on_pull), name=f"pull-reader-{shard}", daemon=True
+            ),
+            threading.Thread(
+                target=self._read, args=(self._push_call, on_ack), name=f"ack-reader-{shard}", daemon=True
+            ),
         ]
         for reader in self._readers:
             reader.start()
@@ -112,7 +116,9 @@ class ShardConnection:
 
     def pull(self, request_id: int, ids: Sequence[Id], *, worker_id: str = "", after_seq: int = 0) -> None:
         self._pulls.put(
-            shard_pb2.PullRequest(request_id=request_id, keys=encode_keys(ids), worker_id=worker_id, after_seq=after_seq)
+            shard_pb2.PullRequest(
+                request_id=request_id, keys=encode_keys(ids), worker_id=worker_id, after_seq=after_seq
+            )
         )
 
     def push(self, worker_id: str, seq: int, ids: Sequence[Id], deltas: Sequence[Any]) -> None:
@@ -125,15 +131,21 @@ class ShardConnection:
         self._pushes.close()
         for reader in self._readers:
             reader.join(timeout=5.0)
-        self._pull_call.cancel()  # type: ignore[attr-defined]
-        self._push_call.cancel()  # type: ignore[attr-defined]
+        self._pull_call.cancel()
+        self._push_call.cancel()
         self._channel.close()
 
 
 class ShardGroup:
     """Blocking batch pulls and pushes against every shard of a cluster."""
 
-    def __init__(self, servers: Sequence[str], *, worker_id: str | None = None, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S):
+    def __init__(
+        self,
+        servers: Sequence[str],
+        *,
+        worker_id: str | None = None,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
+    ):
         self.servers = list(servers)
         self.worker_id = worker_id or f"client-{uuid.uuid4().hex[:12]}"
         self._lock = threading.Lock()

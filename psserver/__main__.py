@@ -18,12 +18,48 @@ STOP_GRACE_S = 5.0
 
 
 @click.command(context_settings={"show_default": True})
-@click.option("--shard", type=click.IntRange(min=0), required=True, envvar="STREAMPS_SHARD", show_envvar=True, help="This shard's index.")
-@click.option("--num-shards", type=click.IntRange(min=1), required=True, envvar="STREAMPS_NUM_SHARDS", show_envvar=True, help="Shards in the cluster.")
+@click.option(
+    "--shard",
+    type=click.IntRange(min=0),
+    required=True,
+    envvar="STREAMPS_SHARD",
+    show_envvar=True,
+    help="This shard's index.",
+)
+@click.option(
+    "--num-shards",
+    type=click.IntRange(min=1),
+    required=True,
+    envvar="STREAMPS_NUM_SHARDS",
+    show_envvar=True,
+    help="Shards in the cluster.",
+)
 @click.option("--host", default="127.0.0.1", envvar="STREAMPS_HOST", show_envvar=True, help="Address to bind.")
-@click.option("--port", type=click.IntRange(min=0, max=65535), default=0, envvar="STREAMPS_PORT", show_envvar=True, help="Port to bind; 0 picks a free one.")
-@click.option("--init", "init_spec", default="zeros:1", envvar="STREAMPS_INIT", show_envvar=True, help="Parameter init: zeros:DIM, normal:DIM[,std=S][,seed=N], uniform:DIM[,low=A][,high=B][,seed=N], const:V, module:attr.")
-@click.option("--update", "update_spec", default="add", envvar="STREAMPS_UPDATE", show_envvar=True, help="Parameter update: add, replace, max, min, module:attr.")
+@click.option(
+    "--port",
+    type=click.IntRange(min=0, max=65535),
+    default=0,
+    envvar="STREAMPS_PORT",
+    show_envvar=True,
+    help="Port to bind; 0 picks a free one.",
+)
+@click.option(
+    "--init",
+    "init_spec",
+    default="zeros:1",
+    envvar="STREAMPS_INIT",
+    show_envvar=True,
+    help="Parameter init: zeros:DIM, normal:DIM[,std=S][,seed=N], "
+    "uniform:DIM[,low=A][,high=B][,seed=N], const:V, module:attr.",
+)
+@click.option(
+    "--update",
+    "update_spec",
+    default="add",
+    envvar="STREAMPS_UPDATE",
+    show_envvar=True,
+    help="Parameter update: add, replace, max, min, module:attr.",
+)
 @click.option("--log-level", default="INFO", envvar="STREAMPS_LOG_LEVEL", show_envvar=True)
 def main(shard: int, num_shards: int, host: str, port: int, init_spec: str, update_spec: str, log_level: str) -> None:
     """Serve one shard of the parameter server."""

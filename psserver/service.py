@@ -66,13 +66,16 @@ class ShardServicer(shard_pb2_grpc.ParameterShardServicer):
 
     # -- RPCs ---------------------------------------------------------------
 
-    def Pull(self, request_iterator: Iterator[shard_pb2.PullRequest], context: grpc.ServicerContext) -> Iterator[shard_pb2.PullResponse]:
+    def Pull(
+        self, request_iterator: Iterator[shard_pb2.PullRequest], context: grpc.ServicerContext
+    ) -> Iterator[shard_pb2.PullResponse]:
         for request in request_iterator:
             try:
                 ids, _ = self._decode_ids(request.keys, with_values=False)
+                worker_id, after_seq = request.worker_id, request.after_seq
                 with self._lock:
-                    if request.after_seq and not self._lock.wait_for(
-                        lambda: self._watermarks.get(request.worker_id, 0) >= request.after_seq,
+                    if after_seq and not self._lock.wait_for(
+                        lambda: self._watermarks.get(worker_id, 0) >= after_seq,  # noqa: B023 (called at once)
                         timeout=AFTER_SEQ_TIMEOUT_S,
                     ):
                         context.abort(
@@ -87,7 +90,9 @@ class ShardServicer(shard_pb2_grpc.ParameterShardServicer):
                 self._abort(context, exc)
             yield shard_pb2.PullResponse(request_id=request.request_id, batches=batches)
 
-    def Push(self, request_iterator: Iterator[shard_pb2.PushRequest], context: grpc.ServicerContext) -> Iterator[shard_pb2.PushAck]:
+    def Push(
+        self, request_iterator: Iterator[shard_pb2.PushRequest], context: grpc.ServicerContext
+    ) -> Iterator[shard_pb2.PushAck]:
         for request in request_iterator:
             if not request.worker_id or request.seq == 0:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a push needs a worker_id and a seq >= 1")
@@ -107,7 +112,9 @@ class ShardServicer(shard_pb2_grpc.ParameterShardServicer):
                 self._abort(context, exc)
             yield shard_pb2.PushAck(seq=request.seq, duplicate=duplicate)
 
-    def Snapshot(self, request: shard_pb2.SnapshotRequest, context: grpc.ServicerContext) -> Iterator[shard_pb2.SnapshotChunk]:
+    def Snapshot(
+        self, request: shard_pb2.SnapshotRequest, context: grpc.ServicerContext
+    ) -> Iterator[shard_pb2.SnapshotChunk]:
         max_rows = request.max_rows_per_chunk or DEFAULT_SNAPSHOT_ROWS
         with self._lock:
             chunks = self.store.chunks(max_rows)
@@ -134,7 +141,9 @@ class ShardServicer(shard_pb2_grpc.ParameterShardServicer):
             )
 
 
-def build_shard_server(store: ParameterStore, shard: int, num_shards: int, host: str, port: int) -> tuple[BoundServer, ShardServicer]:
+def build_shard_server(
+    store: ParameterStore, shard: int, num_shards: int, host: str, port: int
+) -> tuple[BoundServer, ShardServicer]:
     servicer = ShardServicer(store, shard, num_shards)
     name = shard_pb2.DESCRIPTOR.services_by_name["ParameterShard"].full_name
     bound = build_server(

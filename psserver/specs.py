@@ -40,7 +40,7 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
         z = x + _GOLDEN
         z = (z ^ (z >> _U64(30))) * _MIX1
         z = (z ^ (z >> _U64(27))) * _MIX2
-        return z ^ (z >> _U64(31))  # type: ignore[no-any-return]
+        return z ^ (z >> _U64(31))
 
 
 def id_keys(ids: Sequence[Id]) -> np.ndarray:
@@ -157,7 +157,7 @@ def make_init(spec: str | Callable[[Id], Any]) -> InitFn:
         except ValueError:
             raise SpecError(f"init {spec!r}: {args[0]!r} is not a number") from None
         return InitFn(spec, lambda ids: [value] * len(ids))
-    if ":" in spec and name not in {"zeros", "normal", "uniform", "const"} or spec.startswith("@"):
+    if (":" in spec and name not in {"zeros", "normal", "uniform", "const"}) or spec.startswith("@"):
         fn = load_object(spec, what="init")
         if not callable(fn):
             raise SpecError(f"init {spec!r} is not callable")

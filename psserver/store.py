@@ -85,12 +85,11 @@ class ParameterStore:
             else:
                 self._other.update(zip(ids, values.copy(), strict=True))
             return
-        table_ids, table_rows = [], []
+        table_ids: list[Id] = []
+        table_rows: list[np.ndarray] = []
         for param_id, value in zip(ids, values, strict=True):
-            if self._table is None and not table_rows:
-                table_ids.append(param_id)
-                table_rows.append(value)
-            elif _signature(value) == (self.signature or _signature(table_rows[0])):
+            table_signature = self.signature or (_signature(table_rows[0]) if table_rows else None)
+            if table_signature is None or _signature(value) == table_signature:
                 table_ids.append(param_id)
                 table_rows.append(value)
             else:
@@ -211,7 +210,7 @@ class ParameterStore:
         if update.replace:
             return delta
         if update.ufunc is not None:
-            return update.ufunc(old, delta.astype(old.dtype, copy=False))  # type: ignore[no-any-return]
+            return update.ufunc(old, delta.astype(old.dtype, copy=False))
         assert update.scalar is not None
         given = old.item() if old.ndim == 0 else old.copy()
         result = update.scalar(given, delta.item() if delta.ndim == 0 else delta.copy())

@@ -13,10 +13,10 @@ from typing import Any, TextIO
 import click
 
 from psclient.errors import JobFailed, ShardError, SpecError
+from psclient.inputs import FORMATS, InputSpec, MalformedRecord, read_share
 from psclient.plugins import load_object
 from psclient.records import to_json_compatible
 from psclient.serving import announce, configure_logging, install_stop_handlers
-from psclient.inputs import FORMATS, InputSpec, MalformedRecord, read_share
 from psworker.logic import WorkerLogic, with_pull_limit
 from psworker.runtime import WorkerRuntime
 from psworker.service import OutputBuffer, build_worker_server
@@ -83,16 +83,53 @@ def env(name: str) -> dict[str, Any]:
 @click.option("--servers", required=True, **env("SERVERS"), help="Shard addresses H:P,H:P,... in shard order.")
 @click.option("--worker-index", type=click.IntRange(min=0), required=True, **env("WORKER_INDEX"))
 @click.option("--num-workers", type=click.IntRange(min=1), required=True, **env("NUM_WORKERS"))
-@click.option("--input", "input_path", default=None, **env("INPUT"), help="Records file, or - for stdin. Without it, serve the Feed RPC.")
+@click.option(
+    "--input",
+    "input_path",
+    default=None,
+    **env("INPUT"),
+    help="Records file, or - for stdin. Without it, serve the Feed RPC.",
+)
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="jsonl", **env("FORMAT"), help="Input format.")
-@click.option("--partition-key", default=None, **env("PARTITION_KEY"), help="Take records by this key (a jsonl field or a csv/tsv column index) instead of round robin.")
+@click.option(
+    "--partition-key",
+    default=None,
+    **env("PARTITION_KEY"),
+    help="Take records by this key (a jsonl field or a csv/tsv column index) instead of round robin.",
+)
 @click.option("--skip-header", is_flag=True, **env("SKIP_HEADER"), help="Ignore the first line of the input.")
-@click.option("--output", "output_path", default=None, **env("OUTPUT"), help="Write outputs as JSON lines here (- for stdout). Default: stdout with --input, else the Outputs RPC.")
+@click.option(
+    "--output",
+    "output_path",
+    default=None,
+    **env("OUTPUT"),
+    help="Write outputs as JSON lines here (- for stdout). Default: stdout with --input, else the Outputs RPC.",
+)
 @click.option("--host", default="127.0.0.1", **env("HOST"))
-@click.option("--port", type=click.IntRange(min=0, max=65535), default=0, **env("PORT"), help="Port of the Worker service; 0 picks a free one.")
-@click.option("--pull-limit", type=click.IntRange(min=1), default=None, **env("PULL_LIMIT"), help="Most unanswered pulls; input pauses at the limit.")
-@click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail", **env("ON_ERROR"), help="On a malformed record or an exception in on_recv/on_pull_recv: stop the job, or log, count and go on.")
-@click.option("--connect-timeout", type=float, default=15.0, **env("CONNECT_TIMEOUT"), help="Seconds to wait for each shard.")
+@click.option(
+    "--port",
+    type=click.IntRange(min=0, max=65535),
+    default=0,
+    **env("PORT"),
+    help="Port of the Worker service; 0 picks a free one.",
+)
+@click.option(
+    "--pull-limit",
+    type=click.IntRange(min=1),
+    default=None,
+    **env("PULL_LIMIT"),
+    help="Most unanswered pulls; input pauses at the limit.",
+)
+@click.option(
+    "--on-error",
+    type=click.Choice(["fail", "skip"]),
+    default="fail",
+    **env("ON_ERROR"),
+    help="On a malformed record or an exception in on_recv/on_pull_recv: stop the job, or log, count and go on.",
+)
+@click.option(
+    "--connect-timeout", type=float, default=15.0, **env("CONNECT_TIMEOUT"), help="Seconds to wait for each shard."
+)
 @click.option("--log-level", default="INFO", **env("LOG_LEVEL"))
 def main(
     logic_spec: str,
@@ -129,7 +166,9 @@ def main(
         if output_path is None and input_path is not None:
             output_path = "-"
         if output_path is not None:
-            handle = sys.stdout if output_path == "-" else stack.enter_context(Path(output_path).open("w", encoding="utf-8"))
+            handle = (
+                sys.stdout if output_path == "-" else stack.enter_context(Path(output_path).open("w", encoding="utf-8"))
+            )
             emit = _json_writer(handle)
         else:
             emit = outputs.put

@@ -280,7 +280,9 @@ class WorkerRuntime:
 
     # -- the logic thread -------------------------------------------------------
 
-    def _call_user(self, name: str, fn: Callable[..., None], *args: Any, position: int | None = None, record: Any = None) -> None:
+    def _call_user(
+        self, name: str, fn: Callable[..., None], *args: Any, position: int | None = None, record: Any = None
+    ) -> None:
         try:
             fn(*args)
         except Exception as exc:
@@ -354,7 +356,11 @@ class WorkerRuntime:
         with self._cond:
             if self._finished_locked():
                 return True
-            if not (self._answers or self._failure or (self._input_may_flow() and (self._chunks or self._input_closed and not self._input_end_called))):
+            if not (
+                self._answers
+                or self._failure
+                or (self._input_may_flow() and (self._chunks or (self._input_closed and not self._input_end_called)))
+            ):
                 self._cond.wait(timeout=1.0)
         return False
 

@@ -57,7 +57,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self.outputs = outputs
         self._subscribed = threading.Lock()
 
-    def Feed(self, request_iterator: Iterator[worker_pb2.FeedRequest], context: grpc.ServicerContext) -> worker_pb2.FeedResponse:
+    def Feed(
+        self, request_iterator: Iterator[worker_pb2.FeedRequest], context: grpc.ServicerContext
+    ) -> worker_pb2.FeedResponse:
         accepted = 0
         end = False
         try:
@@ -74,7 +76,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             self.runtime.end_input()
         return worker_pb2.FeedResponse(accepted=accepted)
 
-    def Outputs(self, request: worker_pb2.OutputsRequest, context: grpc.ServicerContext) -> Iterator[worker_pb2.OutputChunk]:
+    def Outputs(
+        self, request: worker_pb2.OutputsRequest, context: grpc.ServicerContext
+    ) -> Iterator[worker_pb2.OutputChunk]:
         if not self._subscribed.acquire(blocking=False):
             context.abort(grpc.StatusCode.ALREADY_EXISTS, "another client is reading this worker's outputs")
         try:
@@ -95,7 +99,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     def Status(self, request: worker_pb2.StatusRequest, context: grpc.ServicerContext) -> worker_pb2.StatusResponse:
         runtime = self.runtime
         return worker_pb2.StatusResponse(
-            state=runtime.state.value,
+            state=worker_pb2.StatusResponse.State.ValueType(runtime.state.value),
             worker_index=runtime.worker_index,
             num_workers=runtime.num_workers,
             records=runtime.records,
@@ -112,4 +116,6 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 def build_worker_server(runtime: WorkerRuntime, outputs: OutputBuffer, host: str, port: int) -> BoundServer:
     servicer = WorkerServicer(runtime, outputs)
     name = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
-    return build_server(lambda server: worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server), [name], host, port)
+    return build_server(
+        lambda server: worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server), [name], host, port
+    )

@@ -1,0 +1,266 @@
+"""`psclient`: run a job locally, dump a model, show a cluster, feed remote workers."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any, TextIO
+
+import click
+
+from psclient.cluster import Cluster
+from psclient.either import Left, Right
+from psclient.errors import StreampsError
+from psclient.inputs import FORMATS, InputSpec, MalformedRecord, read_share
+from psclient.local import run_local_job
+from psclient.records import to_json_compatible
+
+
+def env(name: str) -> dict[str, Any]:
+    return {"envvar": f"STREAMPS_{name}", "show_envvar": True}
+
+
+def _addresses(text: str | None) -> list[str]:
+    return [part.strip() for part in (text or "").split(",") if part.strip()]
+
+
+def _open_out(stack: ExitStack, path: str | None) -> TextIO | None:
+    if path is None:
+        return None
+    if path == "-":
+        return sys.stdout
+    return stack.enter_context(Path(path).open("w", encoding="utf-8"))
+
+
+def _write_json(handle: TextIO | None, obj: Any) -> None:
+    if handle is not None:
+        handle.write(json.dumps(to_json_compatible(obj)) + "\n")
+
+
+def _records(spec: InputSpec, on_error: str) -> Iterator[Any]:
+    for _, record in read_share(spec, 0, 1):
+        if isinstance(record, MalformedRecord):
+            if on_error == "skip":
+                click.echo(f"psclient: warning: {record}; skipped", err=True)
+                continue
+            raise StreampsError(str(record))
+        yield record
+
+
+def _partition_by(spec: InputSpec) -> Callable[[Any], Any] | None:
+    key = spec.partition_key
+    if key is None:
+        return None
+    return lambda record: record[key] if isinstance(record, dict) else record[int(key)]
+
+
+def _fail(message: str) -> None:
+    click.echo(f"psclient: error: {message}", err=True)
+    sys.exit(1)
+
+
+input_options = [
+    click.option("--input", "input_path", required=True, **env("INPUT"), help="Records file, or - for stdin."),
+    click.option("--format", "fmt", type=click.Choice(FORMATS), default="jsonl", **env("FORMAT")),
+    click.option(
+        "--partition-key",
+        default=None,
+        **env("PARTITION_KEY"),
+        help="Send records with equal key (jsonl field or csv/tsv column index) to the same worker.",
+    ),
+    click.option("--skip-header", is_flag=True, **env("SKIP_HEADER"), help="Ignore the first line of the input."),
+    click.option(
+        "--on-error",
+        type=click.Choice(["fail", "skip"]),
+        default="fail",
+        **env("ON_ERROR"),
+        help="On a malformed record or an exception in user code: stop, or log and go on.",
+    ),
+]
+
+
+def with_input_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(input_options):
+        fn = option(fn)
+    return fn
+
+
+@click.group(context_settings={"show_default": True})
+def main() -> None:
+    """Drive streamps jobs and clusters."""
+
+
+@main.command()
+@click.option("--logic", "logic_spec", required=True, **env("LOGIC"), help="The WorkerLogic, as module:Class.")
+@with_input_options
+@click.option("--init", "init_spec", default="zeros:1", **env("INIT"), help="Parameter init spec.")
+@click.option("--update", "update_spec", default="add", **env("UPDATE"), help="Parameter update spec.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, **env("WORKERS"), help="Worker processes.")
+@click.option("--shards", type=click.IntRange(min=1), default=1, **env("SHARDS"), help="Shard processes.")
+@click.option("--pull-limit", type=click.IntRange(min=1), default=None, **env("PULL_LIMIT"))
+@click.option(
+    "--iteration-wait-time",
+    type=float,
+    default=None,
+    **env("ITERATION_WAIT_TIME"),
+    help="End the input after this many seconds without a record.",
+)
+@click.option(
+    "--output", "output_path", default="-", **env("OUTPUT"), help="Worker outputs as JSON lines (- for stdout)."
+)
+@click.option("--model", "model_path", default=None, **env("MODEL"), help="Final parameters as JSON lines {id, value}.")
+def run(
+    logic_spec: str,
+    input_path: str,
+    fmt: str,
+    partition_key: str | None,
+    skip_header: bool,
+    on_error: str,
+    init_spec: str,
+    update_spec: str,
+    workers: int,
+    shards: int,
+    pull_limit: int | None,
+    iteration_wait_time: float | None,
+    output_path: str,
+    model_path: str | None,
+) -> None:
+    """Run a whole job on an embedded local cluster."""
+    spec = InputSpec(input_path, fmt, partition_key, skip_header)
+    if input_path != "-" and not Path(input_path).is_file():
+        _fail(f"--input {input_path}: no such file")
+    outputs = params = 0
+    try:
+        with ExitStack() as stack:
+            out, model = _open_out(stack, output_path), _open_out(stack, model_path)
+            stream = run_local_job(
+                _records(spec, on_error), logic_spec, init_spec, update_spec, workers, shards,
+                iteration_wait_time=iteration_wait_time, partition_by=_partition_by(spec),
+                pull_limit=pull_limit, on_error=on_error,
+            )  # fmt: skip
+            for item in stream:
+                match item:
+                    case Left(value):
+                        outputs += 1
+                        _write_json(out, value)
+                    case Right((param_id, value)):
+                        params += 1
+                        _write_json(model, {"id": param_id, "value": value})
+    except StreampsError as exc:
+        _fail(str(exc))
+    click.echo(f"psclient: {outputs} outputs, {params} parameters", err=True)
+
+
+@main.command()
+@click.option("--servers", required=True, **env("SERVERS"), help="Shard addresses H:P,... in shard order.")
+@click.option("--output", "output_path", default="-", **env("OUTPUT"), help="JSON lines {id, value} (- for stdout).")
+def snapshot(servers: str, output_path: str) -> None:
+    """Dump every parameter of a running cluster as JSON lines."""
+    count = 0
+    try:
+        with ExitStack() as stack, Cluster(_addresses(servers)) as cluster:
+            out = _open_out(stack, output_path)
+            for param_id, value in cluster.snapshot():
+                _write_json(out, {"id": param_id, "value": value})
+                count += 1
+    except StreampsError as exc:
+        _fail(str(exc))
+    click.echo(f"psclient: {count} parameters", err=True)
+
+
+@main.command()
+@click.option("--servers", default=None, **env("SERVERS"), help="Shard addresses H:P,...")
+@click.option("--workers", default=None, **env("WORKERS_ADDRESSES"), help="Worker addresses H:P,...")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def status(servers: str | None, workers: str | None, as_json: bool) -> None:
+    """Show every shard and worker of a running cluster."""
+    rows: list[dict[str, Any]] = []
+    with Cluster(_addresses(servers), _addresses(workers)) as cluster:
+        for shard, info in enumerate(cluster.info()):
+            if isinstance(info, Exception):
+                rows.append(
+                    {"node": f"shard {shard}", "address": cluster.servers[shard], "up": False, "detail": str(info)}
+                )
+            else:
+                rows.append({
+                    "node": f"shard {info.shard}", "address": cluster.servers[shard], "up": True,
+                    "params": info.num_params, "pulled_keys": info.pulled_keys, "pushed_keys": info.pushed_keys,
+                    "uptime_s": round(info.uptime_seconds, 1),
+                })  # fmt: skip
+        for index, state in enumerate(cluster.status()):
+            if isinstance(state, Exception):
+                rows.append(
+                    {"node": f"worker {index}", "address": cluster.workers[index], "up": False, "detail": str(state)}
+                )
+            else:
+                rows.append({
+                    "node": f"worker {state.worker_index}", "address": cluster.workers[index], "up": True,
+                    "state": ("?", "running", "finished", "failed")[state.state], "records": state.records,
+                    "outputs": state.outputs, "pulls_in_flight": state.pulls_in_flight,
+                    "pushes_unacked": state.pushes_unacked, "uptime_s": round(state.uptime_seconds, 1),
+                    **({"detail": state.error} if state.error else {}),
+                })  # fmt: skip
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    columns = [
+        "node",
+        "address",
+        "up",
+        "state",
+        "params",
+        "records",
+        "outputs",
+        "pulled_keys",
+        "pushed_keys",
+        "uptime_s",
+        "detail",
+    ]
+    columns = [c for c in columns if any(c in row for row in rows)]
+    table = [[str(row.get(c, "")) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in table)) if table else len(c) for i, c in enumerate(columns)]
+    click.echo("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
+    for r in table:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
+    if any(not row["up"] for row in rows):
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--workers", required=True, **env("WORKERS_ADDRESSES"), help="Worker addresses H:P,... in worker order.")
+@with_input_options
+@click.option(
+    "--output", "output_path", default="-", **env("OUTPUT"), help="Worker outputs as JSON lines (- for stdout)."
+)
+@click.option("--no-end", is_flag=True, help="Do not end the workers' input after this file (more feeds follow).")
+def feed(
+    workers: str,
+    input_path: str,
+    fmt: str,
+    partition_key: str | None,
+    skip_header: bool,
+    on_error: str,
+    output_path: str,
+    no_end: bool,
+) -> None:
+    """Feed a file to remote workers and stream their outputs."""
+    spec = InputSpec(input_path, fmt, partition_key, skip_header)
+    outputs = 0
+    try:
+        with ExitStack() as stack, Cluster([], _addresses(workers)) as cluster:
+            out = _open_out(stack, output_path)
+            sent = cluster.feed(_records(spec, on_error), partition_by=_partition_by(spec), end_of_input=not no_end)
+            if not no_end:
+                for value in cluster.outputs():
+                    _write_json(out, value)
+                    outputs += 1
+    except StreampsError as exc:
+        _fail(str(exc))
+    click.echo(f"psclient: fed {sent} records, {outputs} outputs", err=True)
+
+
+if __name__ == "__main__":
+    main()

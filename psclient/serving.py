@@ -42,7 +42,7 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
 
 # Every stream (each worker's Pull and Push per shard, Feed, Outputs) holds a
 # thread of the pool for its whole life, so size it for many concurrent streams.
-DEFAULT_MAX_WORKERS = 64
+DEFAULT_MAX_WORKERS = 256
 
 
 @dataclass

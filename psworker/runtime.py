@@ -54,6 +54,8 @@ DEFAULT_LINGER_S = 0.002
 # Input queue bound, in chunks of records (a Feed message or a file read).
 INPUT_CAPACITY_CHUNKS = 64
 RECORD_REPR_LIMIT = 160
+# After a failure, how long acknowledgements of the last pushes are awaited.
+DRAIN_TIMEOUT_S = 10.0
 
 
 class State(enum.Enum):
@@ -65,6 +67,15 @@ class State(enum.Enum):
 def short_repr(obj: Any) -> str:
     text = repr(obj)
     return text if len(text) <= RECORD_REPR_LIMIT else text[: RECORD_REPR_LIMIT - 3] + "..."
+
+
+class _Unreadable:
+    """Stands in the input queue where a record could not be read."""
+
+    __slots__ = ("message",)
+
+    def __init__(self, message: str):
+        self.message = message
 
 
 class _Client:
@@ -182,12 +193,10 @@ class WorkerRuntime:
             self._cond.notify_all()
 
     def input_error(self, message: str) -> None:
-        """A record could not be read: skip it (on_error=skip) or stop the job."""
-        if self.on_error == "skip":
-            self.records_failed += 1
-            log.warning("worker %d: %s; skipped", self.worker_index, message)
-        else:
-            self.fail(f"worker {self.worker_index}: {message}")
+        """A record could not be read. It takes its place in the input order: the
+        records before it are processed first, then it is skipped (on_error=skip)
+        or stops the job."""
+        self.feed_positioned([(0, _Unreadable(message))])
 
     def fail(self, message: str) -> None:
         with self._cond:
@@ -295,6 +304,12 @@ class WorkerRuntime:
             log.error("%s", message, exc_info=True)
             raise JobFailed(message) from exc
 
+    def _unreadable(self, message: str) -> None:
+        if self.on_error != "skip":
+            raise JobFailed(f"worker {self.worker_index}: {message}")
+        self.records_failed += 1
+        log.warning("%s; skipped", message)
+
     def _next_record(self) -> tuple[int, Any] | None:
         if self._chunk_pos >= len(self._chunk):
             with self._cond:
@@ -344,6 +359,9 @@ class WorkerRuntime:
             item = self._next_record()
             if item is not None:
                 position, record = item
+                if isinstance(record, _Unreadable):
+                    self._unreadable(record.message)
+                    return False
                 self.records += 1
                 self._call_user("on_recv", self.logic.on_recv, record, self.client, position=position, record=record)
                 self._flush_if_lingering()
@@ -391,12 +409,29 @@ class WorkerRuntime:
             self._finish(State.FAILED, f"worker {self.worker_index}: {exc}")
             raise JobFailed(self._failure) from exc
         except JobFailed as exc:
+            self._drain_pushes()
             self._finish(State.FAILED, str(exc))
             raise
         except BaseException:
             self._finish(State.FAILED, f"worker {self.worker_index}: runtime stopped")
             raise
         self._finish(State.FINISHED, None)
+
+    def _drain_pushes(self) -> None:
+        """On a failure in user code or input, still deliver the pushes of the records
+        processed before it, so the model reflects exactly those records."""
+        try:
+            for shard in range(len(self._connections)):
+                self._push_only(shard)
+            with self._cond:
+                self._cond.wait_for(lambda: self._unacked == 0, timeout=DRAIN_TIMEOUT_S)
+        except Exception:  # the shards may be the reason for the failure
+            log.debug("draining pushes after a failure failed", exc_info=True)
+
+    def _push_only(self, shard: int) -> None:
+        pulls, self._pull_buffers[shard] = self._pull_buffers[shard], []
+        self._flush_shard(shard)
+        self._pull_buffers[shard] = pulls
 
     def _finish(self, state: State, failure: str | None) -> None:
         with self._cond:

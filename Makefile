@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+LINTED := $(wildcard psclient psserver psworker protos tests examples benchmarks)
 
 .PHONY: demo test bench lint proto proto-check setup clean
 
@@ -26,7 +27,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/run.py
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check psclient psserver psworker tests examples benchmarks
+	$(VENV)/bin/ruff check $(LINTED)
+	$(VENV)/bin/ruff format --check $(LINTED)
 	$(VENV)/bin/mypy
 
 # Generated code is committed; `proto` rewrites it, `proto-check` fails on drift.

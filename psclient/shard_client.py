@@ -18,6 +18,7 @@ from concurrent.futures import Future
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from psclient._proto import shard_pb2, shard_pb2_grpc
 from psclient.codec import decode_rows, encode_keys, encode_values
@@ -58,10 +59,18 @@ def describe_rpc_error(exc: grpc.RpcError) -> str:
 
 
 def wait_ready(channel: grpc.Channel, what: str, timeout: float) -> None:
+    """Block until the server behind `channel` answers its health check.
+
+    A health Check with wait_for_ready rides out a server that is still starting,
+    and, unlike channel_ready_future, leaves no polling thread behind that could
+    trip over the channel being closed later.
+    """
     try:
-        grpc.channel_ready_future(channel).result(timeout=timeout)
-    except grpc.FutureTimeoutError:
-        raise ShardError(f"{what} is unreachable (no connection after {timeout:g} s)") from None
+        health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout, wait_for_ready=True)
+    except grpc.RpcError as exc:
+        if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            raise ShardError(f"{what} is unreachable (no answer after {timeout:g} s)") from None
+        raise ShardError(f"{what} is unreachable: {describe_rpc_error(exc)}") from None
 
 
 class ShardConnection:

@@ -1,0 +1,1 @@
+"""Example WorkerLogics; run them as scripts or with `psworker --logic examples.<module>:<Class>`."""

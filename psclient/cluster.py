@@ -13,6 +13,7 @@ from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from typing import Any
 
 import grpc
+import numpy as np
 
 from psclient._proto import shard_pb2, shard_pb2_grpc, worker_pb2, worker_pb2_grpc
 from psclient.codec import decode_rows
@@ -59,13 +60,27 @@ class Cluster:
             self._group = ShardGroup(self.servers, connect_timeout=self.connect_timeout)
         return self._group
 
-    def pull(self, ids: Sequence[Id], timeout: float | None = None) -> list[Any]:
-        """Current values of `ids` (created from the init function if absent)."""
+    def pull(self, ids: Sequence[Id] | np.ndarray, timeout: float | None = None) -> list[Any] | np.ndarray:
+        """Current values of `ids` (created from the init function if absent).
+
+        Given a numpy int array, the batch is split, sent and reassembled without
+        per-key Python work and the values come back as one stacked array.
+        """
+        if isinstance(ids, np.ndarray):
+            return self.shards.pull_array(ids, timeout)
         return self.shards.pull(ids, timeout)
 
-    def push(self, ids: Sequence[Id], deltas: Sequence[Any], timeout: float | None = None) -> None:
-        """Apply one delta per id; returns once every shard acknowledged."""
-        self.shards.push(ids, deltas, timeout)
+    def push(
+        self, ids: Sequence[Id] | np.ndarray, deltas: Sequence[Any] | np.ndarray, timeout: float | None = None
+    ) -> None:
+        """Apply one delta per id; returns once every shard acknowledged.
+
+        Numpy int ids with a stacked delta array take the vectorized path.
+        """
+        if isinstance(ids, np.ndarray):
+            self.shards.push_array(ids, np.asarray(deltas), timeout)
+        else:
+            self.shards.push(ids, list(deltas), timeout)
 
     def snapshot(self) -> Iterator[tuple[Id, Any]]:
         """Every (id, value) of every shard, shard by shard."""

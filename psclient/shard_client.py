@@ -18,12 +18,13 @@ from concurrent.futures import Future
 from typing import Any
 
 import grpc
+import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from psclient._proto import shard_pb2, shard_pb2_grpc
-from psclient.codec import decode_rows, encode_keys, encode_values
+from psclient._proto import shard_pb2, shard_pb2_grpc, tensor_pb2
+from psclient.codec import INT_IDS_DTYPE, decode_batch, decode_rows, encode_keys, encode_tensor, encode_values
 from psclient.errors import ShardError
-from psclient.partition import Id, check_id, split_by_shard
+from psclient.partition import Id, check_id, shards_of_ints, split_by_shard
 from psclient.serving import insecure_channel
 
 # How long to wait for a shard to accept a connection before giving up.
@@ -130,8 +131,17 @@ class ShardConnection:
             )
         )
 
+    def pull_packed(self, request_id: int, int_ids: bytes, *, worker_id: str = "", after_seq: int = 0) -> None:
+        keys = tensor_pb2.ParamBatch(int_ids=int_ids)
+        self._pulls.put(
+            shard_pb2.PullRequest(request_id=request_id, keys=keys, worker_id=worker_id, after_seq=after_seq)
+        )
+
     def push(self, worker_id: str, seq: int, ids: Sequence[Id], deltas: Sequence[Any]) -> None:
-        self._pushes.put(shard_pb2.PushRequest(worker_id=worker_id, seq=seq, batches=encode_values(ids, deltas)))
+        self.push_batches(worker_id, seq, encode_values(ids, deltas))
+
+    def push_batches(self, worker_id: str, seq: int, batches: list[tensor_pb2.ParamBatch]) -> None:
+        self._pushes.put(shard_pb2.PushRequest(worker_id=worker_id, seq=seq, batches=batches))
 
     def close(self) -> None:
         """End both streams after what was sent, then drop the channel."""
@@ -239,6 +249,59 @@ class ShardGroup:
                     self.connections[shard].push(
                         self.worker_id, seq, [ids[p] for p in positions], [deltas[p] for p in positions]
                     )
+        for future in waits:
+            future.result(timeout)
+
+    # -- vectorized int-id batches: no per-key Python work ---------------------
+
+    def _split_ints(self, ids: np.ndarray) -> list[tuple[int, np.ndarray]]:
+        """(shard, positions) of every shard that owns some of `ids`."""
+        if self.num_shards == 1:
+            return [(0, np.arange(len(ids)))]
+        owners = shards_of_ints(ids, self.num_shards)
+        return [
+            (shard, positions) for shard in range(self.num_shards) if len(positions := np.flatnonzero(owners == shard))
+        ]
+
+    def pull_array(self, ids: np.ndarray, timeout: float | None = None) -> np.ndarray:
+        """Values of int `ids` stacked in one array, row i for ids[i].
+
+        Every pulled parameter must share one dtype and shape (one table per shard).
+        """
+        ids = np.ascontiguousarray(ids, dtype=INT_IDS_DTYPE)
+        waits = []
+        for shard, positions in self._split_ints(ids):
+            request_id = next(self._request_ids)
+            waits.append((positions, self._register((shard, request_id))))
+            self.connections[shard].pull_packed(
+                request_id, ids[positions].tobytes(), worker_id=self.worker_id, after_seq=self._seqs[shard]
+            )
+        result: np.ndarray | None = None
+        for positions, future in waits:
+            batches = future.result(timeout).batches
+            if len(batches) != 1:
+                raise ShardError("pulled parameters differ in dtype or shape; use pull() for those")
+            values = decode_batch(batches[0], with_values=True).values
+            assert values is not None
+            if result is None:
+                result = np.empty((len(ids), *values.shape[1:]), dtype=values.dtype)
+            result[positions] = values
+        return result if result is not None else np.empty((0,))
+
+    def push_array(self, ids: np.ndarray, deltas: np.ndarray, timeout: float | None = None) -> None:
+        """Apply deltas[i] to int ids[i]; returns once every shard acknowledged."""
+        ids = np.ascontiguousarray(ids, dtype=INT_IDS_DTYPE)
+        deltas = np.asarray(deltas)
+        if deltas.shape[:1] != ids.shape:
+            raise ValueError(f"{len(ids)} ids but deltas of shape {deltas.shape}")
+        waits = []
+        for shard, positions in self._split_ints(ids):
+            batch = tensor_pb2.ParamBatch(int_ids=ids[positions].tobytes(), values=encode_tensor(deltas[positions]))
+            with self._send_lock:
+                self._seqs[shard] += 1
+                seq = self._seqs[shard]
+                waits.append(self._register((shard, -seq)))
+                self.connections[shard].push_batches(self.worker_id, seq, [batch])
         for future in waits:
             future.result(timeout)
 

@@ -29,6 +29,8 @@ FEED_BATCH = 512
 # slow streams are not held back waiting for a full batch.
 FEED_LINGER_S = 0.05
 FEED_QUEUE_MESSAGES = 8
+# After a worker failed, how long to wait for the feeder to report its own error.
+FEEDER_JOIN_S = 5.0
 _END = object()
 
 
@@ -198,6 +200,23 @@ class Cluster:
                 sender_queues[index].put(worker_pb2.FeedRequest(records=batches[index]))
                 batches[index] = []
 
+        try:
+            return self._route_loop(source, batches, flush, partition_by, iteration_wait_time, failures)
+        finally:
+            # Records taken before an error of the iterator still reach their worker.
+            for index in range(num_workers):
+                flush(index)
+
+    @staticmethod
+    def _route_loop(
+        source: queue.Queue[Any],
+        batches: list[list[bytes]],
+        flush: Callable[[int], None],
+        partition_by: Callable[[Any], Hashable] | None,
+        iteration_wait_time: float | None,
+        failures: list[BaseException],
+    ) -> int:
+        num_workers = len(batches)
         count = 0
         silence = 0.0
         while not failures:
@@ -220,8 +239,6 @@ class Cluster:
             count += 1
             if len(batches[index]) >= FEED_BATCH:
                 flush(index)
-        for index in range(num_workers):
-            flush(index)
         return count
 
     def outputs(self) -> Iterator[Any]:
@@ -270,6 +287,7 @@ class Cluster:
         """Feed `records` (if given), yield every output as `Left` while they arrive,
         then every final parameter as `Right((id, value))` once all workers finished."""
         feed_error: list[BaseException] = []
+        feeder: threading.Thread | None = None
         if records is not None:
 
             def feed() -> None:
@@ -278,15 +296,22 @@ class Cluster:
                 except BaseException as exc:
                     feed_error.append(exc)
 
-            threading.Thread(target=feed, name="feeder", daemon=True).start()
+            feeder = threading.Thread(target=feed, name="feeder", daemon=True)
+            feeder.start()
         try:
             for out in self.outputs():
                 yield Left(out)
         except JobFailed:
             # A failure of the records iterator itself is the root cause: report it.
+            if feeder is not None:
+                feeder.join(timeout=FEEDER_JOIN_S)
             if feed_error and not isinstance(feed_error[0], JobFailed):
                 raise feed_error[0] from None
             raise
+        if feeder is not None:
+            # The workers finished, so the feeder has sent end_of_input; it may
+            # still be on its way to record an error of the records iterator.
+            feeder.join()
         if feed_error:
             raise feed_error[0]
         for pair in self.snapshot():

@@ -36,7 +36,7 @@ def wire_dtype(dtype: np.dtype) -> np.dtype:
 def encode_tensor(array: np.ndarray) -> tensor_pb2.Tensor:
     array = np.asarray(array)
     dtype = wire_dtype(array.dtype)
-    array = np.ascontiguousarray(array, dtype=dtype)
+    array = np.require(array, dtype=dtype, requirements="C")  # keeps 0-d arrays 0-d
     return tensor_pb2.Tensor(dtype=dtype.str, shape=array.shape, data=array.tobytes())
 
 

@@ -41,6 +41,7 @@ class ChildProcess:
             argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True, start_new_session=True
         )
         self.stderr_tail: list[str] = []
+        self._terminated = False
         self._lines: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._pump_stdout, daemon=True).start()
         threading.Thread(target=self._pump_stderr, daemon=True).start()
@@ -70,10 +71,16 @@ class ChildProcess:
         reason = errors[-1] if errors else f"exit code {self.process.returncode}"
         raise StreampsError(f"{self.name} failed to start: {reason}")
 
-    def stop(self) -> None:
-        if self.process.poll() is None:
+    def terminate(self) -> None:
+        """Send SIGTERM once; a second one would only interrupt the graceful stop."""
+        if not self._terminated and self.process.poll() is None:
+            self._terminated = True
             with contextlib.suppress(ProcessLookupError):
                 self.process.send_signal(signal.SIGTERM)
+
+    def stop(self) -> None:
+        self.terminate()
+        if self.process.poll() is None:
             try:
                 self.process.wait(timeout=STOP_TIMEOUT_S)
             except subprocess.TimeoutExpired:
@@ -177,10 +184,8 @@ class LocalCluster:
 
     def stop(self) -> None:
         """Stop every child (SIGTERM, then SIGKILL after a grace period)."""
-        for child in self.children:
-            if child.process.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    child.process.send_signal(signal.SIGTERM)
+        for child in self.children:  # all at once, then wait for each
+            child.terminate()
         for child in self.children:
             child.stop()
         self.children = []

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import signal
 import sys
-import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent import futures
 from dataclasses import dataclass
@@ -90,15 +90,38 @@ def build_server(
     return bound
 
 
-def install_stop_handlers(stop: threading.Event) -> None:
-    """SIGTERM and SIGINT set `stop` (the main thread then drains and exits)."""
+class StopSignal:
+    """Set by SIGTERM or SIGINT; polled by the main thread.
 
-    def handle(signum: int, _frame: object) -> None:
-        logging.getLogger("streamps").info("received %s, stopping", signal.Signals(signum).name)
-        stop.set()
+    The handler only stores a flag: taking a lock inside a signal handler (as
+    Event.set or logging do) can deadlock when the signal lands while the main
+    thread holds that very lock.
+    """
 
-    signal.signal(signal.SIGTERM, handle)
-    signal.signal(signal.SIGINT, handle)
+    POLL_S = 0.1
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        self.signum = signum
+
+    def is_set(self) -> bool:
+        return self.signum is not None
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Sleep until a signal came (or `timeout` passed); True if one came."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.signum is None:
+            left = self.POLL_S if deadline is None else min(self.POLL_S, deadline - time.monotonic())
+            if left <= 0:
+                break
+            time.sleep(left)
+        if self.signum is not None:
+            logging.getLogger("streamps").info("received %s, stopping", signal.Signals(self.signum).name)
+        return self.signum is not None
 
 
 def announce(bound: BoundServer) -> None:

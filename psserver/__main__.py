@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import sys
-import threading
 
 import click
 
 from psclient.errors import SpecError
-from psclient.serving import announce, configure_logging, install_stop_handlers
+from psclient.serving import StopSignal, announce, configure_logging
 from psserver.service import build_shard_server
 from psserver.specs import make_init, make_update
 from psserver.store import ParameterStore
@@ -73,8 +72,7 @@ def main(shard: int, num_shards: int, host: str, port: int, init_spec: str, upda
     except (SpecError, OSError) as exc:
         click.echo(f"psserver: error: {exc}", err=True)
         sys.exit(2)
-    stop = threading.Event()
-    install_stop_handlers(stop)
+    stop = StopSignal()
     bound.server.start()
     bound.set_serving(True)
     announce(bound)

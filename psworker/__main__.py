@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import threading
+import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
@@ -16,7 +17,7 @@ from psclient.errors import JobFailed, ShardError, SpecError
 from psclient.inputs import FORMATS, InputSpec, MalformedRecord, read_share
 from psclient.plugins import load_object
 from psclient.records import to_json_compatible
-from psclient.serving import announce, configure_logging, install_stop_handlers
+from psclient.serving import StopSignal, announce, configure_logging
 from psworker.logic import WorkerLogic, with_pull_limit
 from psworker.runtime import WorkerRuntime
 from psworker.service import OutputBuffer, build_worker_server
@@ -201,8 +202,7 @@ def main(
             bound = build_worker_server(runtime, outputs, host, port)
         except OSError as exc:
             _fail(str(exc), 2)
-        stop = threading.Event()
-        install_stop_handlers(stop)
+        stop = StopSignal()
         bound.server.start()
         bound.set_serving(True)
         announce(bound)
@@ -220,7 +220,7 @@ def main(
         threading.Thread(target=run_logic, name="logic", daemon=True).start()
         # Stay up until the outputs reached a subscriber (or a signal came).
         while not stop.is_set() and not (done.is_set() and (output_path is not None or outputs.delivered.is_set())):
-            stop.wait(0.1)
+            time.sleep(StopSignal.POLL_S)
         bound.set_serving(False)
         bound.server.stop(STOP_GRACE_S).wait()
         if runtime.error:

@@ -1,0 +1,128 @@
+"""WorkerLogic classes the tests run, importable as `logics:Name` by psworker children
+(the fixtures start children with tests/ as cwd and on PYTHONPATH)."""
+
+from __future__ import annotations
+
+from collections import defaultdict, deque
+from typing import Any
+
+from psworker import WorkerLogic
+
+
+class Exactness(WorkerLogic):
+    """Record r (an int) pushes r % 7 + 1 to int id r % 500 - 250 and 2 to str id f"s{r % 300}"."""
+
+    def on_recv(self, data: Any, ps: Any) -> None:
+        ps.push(data % 500 - 250, data % 7 + 1)
+        ps.push(f"s{data % 300}", 2)
+        ps.output([ps.worker_index, data])
+
+    def on_pull_recv(self, param_id: Any, param_value: Any, ps: Any) -> None:
+        raise AssertionError("Exactness never pulls")
+
+
+class ReadYourWrites(WorkerLogic):
+    """Record k pushes 1 to this worker's own id k % 10, then pulls it.
+
+    The answer to the n-th pull of an id must count at least the n pushes the
+    worker made before it; outputs (id, value, pushes made before the pull).
+    """
+
+    def open(self) -> None:
+        self.pushed: dict[str, int] = defaultdict(int)
+        self.expected: dict[str, deque[int]] = defaultdict(deque)
+
+    def on_recv(self, data: Any, ps: Any) -> None:
+        param_id = f"w{ps.worker_index}-{data % 10}"
+        ps.push(param_id, 1)
+        self.pushed[param_id] += 1
+        ps.pull(param_id)
+        self.expected[param_id].append(self.pushed[param_id])
+
+    def on_pull_recv(self, param_id: Any, param_value: Any, ps: Any) -> None:
+        ps.output([param_id, param_value, self.expected[param_id].popleft()])
+
+
+class PullChain(WorkerLogic):
+    """Record r pulls int id r % 100; its answer pushes 1 to it and pulls str id f"s{id % 10}",
+    whose answer pushes 1 to that str id and outputs the record chain's end."""
+
+    def on_recv(self, data: Any, ps: Any) -> None:
+        ps.pull(data % 100)
+
+    def on_pull_recv(self, param_id: Any, param_value: Any, ps: Any) -> None:
+        if isinstance(param_id, int):
+            ps.push(param_id, 1)
+            ps.pull(f"s{param_id % 10}")
+        else:
+            ps.push(param_id, 1)
+            ps.output(param_id)
+
+
+class InputEnd(WorkerLogic):
+    """Sums records into "sum"; at input end pushes its record count and pulls "sum",
+    whose answer pushes 1 to "after-end" and outputs ["final", worker, value]."""
+
+    def open(self) -> None:
+        self.count = 0
+
+    def on_recv(self, data: Any, ps: Any) -> None:
+        ps.push("sum", data)
+        self.count += 1
+
+    def on_input_end(self, ps: Any) -> None:
+        ps.push(f"count-{ps.worker_index}", self.count)
+        ps.pull("sum")
+
+    def on_pull_recv(self, param_id: Any, param_value: Any, ps: Any) -> None:
+        ps.push("after-end", 1)
+        ps.output(["final", ps.worker_index, param_value])
+
+
+class WordCount(WorkerLogic):
+    """One line per record: pushes 1 per word, outputs [line, number of words]."""
+
+    def on_recv(self, data: Any, ps: Any) -> None:
+        words = str(data).split()
+        for word in words:
+            ps.push(word, 1)
+        ps.output([data, len(words)])
+
+    def on_pull_recv(self, param_id: Any, param_value: Any, ps: Any) -> None:
+        raise AssertionError("WordCount never pulls")
+
+
+class JsonPush(WorkerLogic):
+    """A jsonl record {"id": ..., "delta": ...} pushes delta to id and outputs the id."""
+
+    def on_recv(self, data: Any, ps: Any) -> None:
+        ps.push(data["id"], data["delta"])
+        ps.output(data["id"])
+
+    def on_pull_recv(self, param_id: Any, param_value: Any, ps: Any) -> None:
+        raise AssertionError("JsonPush never pulls")
+
+
+class FailOnX(WorkerLogic):
+    """Pushes 1 to "seen" per record and outputs it; raises ValueError on the record "x"
+    (or a record whose "word" field is "x")."""
+
+    def on_recv(self, data: Any, ps: Any) -> None:
+        word = data["word"] if isinstance(data, dict) else data
+        if word == "x":
+            raise ValueError(f"bad record {word}")
+        ps.push("seen", 1)
+        ps.output(word)
+
+    def on_pull_recv(self, param_id: Any, param_value: Any, ps: Any) -> None:
+        raise AssertionError("FailOnX never pulls")
+
+
+class KeyedEcho(WorkerLogic):
+    """Outputs [key, worker_index] for a (key, n) record."""
+
+    def on_recv(self, data: Any, ps: Any) -> None:
+        ps.output([data[0], ps.worker_index])
+
+    def on_pull_recv(self, param_id: Any, param_value: Any, ps: Any) -> None:
+        raise AssertionError("KeyedEcho never pulls")

@@ -62,27 +62,25 @@ class Cluster:
             self._group = ShardGroup(self.servers, connect_timeout=self.connect_timeout)
         return self._group
 
-    def pull(self, ids: Sequence[Id] | np.ndarray, timeout: float | None = None) -> list[Any] | np.ndarray:
+    def pull(self, ids: Sequence[Id] | np.ndarray) -> list[Any] | np.ndarray:
         """Current values of `ids` (created from the init function if absent).
 
         Given a numpy int array, the batch is split, sent and reassembled without
         per-key Python work and the values come back as one stacked array.
         """
         if isinstance(ids, np.ndarray):
-            return self.shards.pull_array(ids, timeout)
-        return self.shards.pull(ids, timeout)
+            return self.shards.pull_array(ids)
+        return self.shards.pull(ids)
 
-    def push(
-        self, ids: Sequence[Id] | np.ndarray, deltas: Sequence[Any] | np.ndarray, timeout: float | None = None
-    ) -> None:
+    def push(self, ids: Sequence[Id] | np.ndarray, deltas: Sequence[Any] | np.ndarray) -> None:
         """Apply one delta per id; returns once every shard acknowledged.
 
         Numpy int ids with a stacked delta array take the vectorized path.
         """
         if isinstance(ids, np.ndarray):
-            self.shards.push_array(ids, np.asarray(deltas), timeout)
+            self.shards.push_array(ids, np.asarray(deltas))
         else:
-            self.shards.push(ids, list(deltas), timeout)
+            self.shards.push(ids, list(deltas))
 
     def snapshot(self) -> Iterator[tuple[Id, Any]]:
         """Every (id, value) of every shard, shard by shard."""

@@ -15,6 +15,7 @@ from concurrent import futures
 from dataclasses import dataclass
 
 import grpc
+from grpc_health.v1 import _async as health_aio  # the package's aio servicer (health.aio)
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -59,6 +60,45 @@ class BoundServer:
     def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         self.health.set("", status)
+
+
+@dataclass
+class BoundAioServer:
+    """An aio server, bound; `start`, `set_serving` and `stop` are coroutines."""
+
+    server: grpc.aio.Server
+    health: health_aio.HealthServicer
+    host: str
+    port: int
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    async def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        await self.health.set("", status)
+
+
+def build_aio_server(
+    register: Callable[[grpc.aio.Server], None], service_names: Sequence[str], host: str, port: int
+) -> BoundAioServer:
+    """Create and bind an aio server with health and reflection; raise if the port is taken.
+
+    Call on the event loop that will run it.
+    """
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    register(server)
+    health_servicer = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    try:
+        bound_port = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError as exc:
+        raise OSError(f"cannot listen on {host}:{port}: {exc}") from exc
+    if bound_port == 0:
+        raise OSError(f"cannot listen on {host}:{port}")
+    return BoundAioServer(server, health_servicer, host, bound_port)
 
 
 def build_server(
@@ -124,7 +164,7 @@ class StopSignal:
         return self.signum is not None
 
 
-def announce(bound: BoundServer) -> None:
+def announce(bound: BoundServer | BoundAioServer) -> None:
     """Print the line that launchers (and people) wait for."""
     print(f"listening on {bound.address}", flush=True)
 

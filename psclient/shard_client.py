@@ -14,7 +14,6 @@ import queue
 import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future
 from typing import Any
 
 import grpc
@@ -155,8 +154,66 @@ class ShardConnection:
         self._channel.close()
 
 
+class _BlockingStreams:
+    """Pull and Push streams to one shard whose answers the calling thread reads itself.
+
+    Reading in the caller saves the hand-over to a reader thread and back, which
+    is most of a blocking call's latency on loopback.
+    """
+
+    def __init__(self, shard: int, address: str, connect_timeout: float):
+        self.shard = shard
+        self.address = address
+        self._channel = insecure_channel(address)
+        try:
+            wait_ready(self._channel, self.describe(), connect_timeout)
+        except ShardError:
+            self._channel.close()
+            raise
+        stub = shard_pb2_grpc.ParameterShardStub(self._channel)
+        self._pulls, self._pushes = _RequestStream(), _RequestStream()
+        self._pull_answers = stub.Pull(iter(self._pulls))
+        self._push_acks = stub.Push(iter(self._pushes))
+
+    def describe(self) -> str:
+        return f"shard {self.shard} at {self.address}"
+
+    def send_pull(self, request: shard_pb2.PullRequest) -> None:
+        self._pulls.put(request)
+
+    def send_push(self, request: shard_pb2.PushRequest) -> None:
+        self._pushes.put(request)
+
+    def _next(self, answers: Any) -> Any:
+        try:
+            return next(answers)
+        except grpc.RpcError as exc:
+            raise ShardError(f"{self.describe()} failed: {describe_rpc_error(exc)}") from None
+        except StopIteration:
+            raise ShardError(f"{self.describe()} closed its stream") from None
+
+    def pull_answer(self) -> shard_pb2.PullResponse:
+        return self._next(self._pull_answers)
+
+    def push_ack(self) -> shard_pb2.PushAck:
+        return self._next(self._push_acks)
+
+    def close(self) -> None:
+        self._pulls.close()
+        self._pushes.close()
+        self._pull_answers.cancel()
+        self._push_acks.cancel()
+        self._channel.close()
+
+
 class ShardGroup:
-    """Blocking batch pulls and pushes against every shard of a cluster."""
+    """Blocking batch pulls and pushes against every shard of a cluster.
+
+    A call sends its slice to every shard it touches at once, then collects the
+    answers. Calls from several threads take turns (one lock). A pull after a
+    push through the same group sees it. A shard that fails or goes away makes
+    the call raise ShardError (a silent peer is found by the channel keepalive).
+    """
 
     def __init__(
         self,
@@ -168,26 +225,12 @@ class ShardGroup:
         self.servers = list(servers)
         self.worker_id = worker_id or f"client-{uuid.uuid4().hex[:12]}"
         self._lock = threading.Lock()
-        # Seqs must reach a shard in increasing order: taking a seq and queueing
-        # its batch happen under one lock.
-        self._send_lock = threading.Lock()
-        self._pending: dict[tuple[int, int], Future[Any]] = {}
         self._request_ids = itertools.count(1)
         self._seqs = [0] * len(servers)
-        self._failure: ShardError | None = None
-        self.connections: list[ShardConnection] = []
+        self.connections: list[_BlockingStreams] = []
         try:
             for shard, address in enumerate(servers):
-                self.connections.append(
-                    ShardConnection(
-                        shard,
-                        address,
-                        on_pull=lambda r, s=shard: self._resolve((s, r.request_id), r),  # type: ignore[misc]
-                        on_ack=lambda a, s=shard: self._resolve((s, -a.seq), a),  # type: ignore[misc]
-                        on_error=self._fail,
-                        connect_timeout=connect_timeout,
-                    )
-                )
+                self.connections.append(_BlockingStreams(shard, address, connect_timeout))
         except BaseException:
             self.close()
             raise
@@ -196,61 +239,56 @@ class ShardGroup:
     def num_shards(self) -> int:
         return len(self.servers)
 
-    def _resolve(self, key: tuple[int, int], response: Any) -> None:
+    def _pull(self, slices: list[tuple[int, tensor_pb2.ParamBatch]]) -> list[shard_pb2.PullResponse]:
+        """Send one pull per (shard, keys) and return the answers in the same order."""
         with self._lock:
-            future = self._pending.pop(key, None)
-        if future is not None:
-            future.set_result(response)
+            for shard, keys in slices:
+                self.connections[shard].send_pull(
+                    shard_pb2.PullRequest(
+                        request_id=next(self._request_ids),
+                        keys=keys,
+                        worker_id=self.worker_id,
+                        after_seq=self._seqs[shard],
+                    )
+                )
+            return [self.connections[shard].pull_answer() for shard, _ in slices]
 
-    def _fail(self, error: ShardError) -> None:
+    def _push(self, slices: list[tuple[int, list[tensor_pb2.ParamBatch]]]) -> None:
         with self._lock:
-            self._failure = error
-            pending, self._pending = self._pending, {}
-        for future in pending.values():
-            future.set_exception(error)
+            for shard, batches in slices:
+                self._seqs[shard] += 1
+                self.connections[shard].send_push(
+                    shard_pb2.PushRequest(worker_id=self.worker_id, seq=self._seqs[shard], batches=batches)
+                )
+            for shard, _ in slices:
+                self.connections[shard].push_ack()
 
-    def _register(self, key: tuple[int, int]) -> Future[Any]:
-        future: Future[Any] = Future()
-        with self._lock:
-            if self._failure is not None:
-                raise self._failure
-            self._pending[key] = future
-        return future
-
-    def pull(self, ids: Sequence[Id], timeout: float | None = None) -> list[Any]:
+    def pull(self, ids: Sequence[Id]) -> list[Any]:
         """Values of `ids` in the order given (arrays, or Python scalars)."""
         ids = [check_id(i) for i in ids]
-        waits = []
-        for shard, positions in enumerate(split_by_shard(ids, self.num_shards)):
-            if positions:
-                request_id = next(self._request_ids)
-                waits.append(self._register((shard, request_id)))
-                self.connections[shard].pull(
-                    request_id, [ids[p] for p in positions], worker_id=self.worker_id, after_seq=self._seqs[shard]
-                )
+        slices = [
+            (shard, encode_keys([ids[p] for p in positions]))
+            for shard, positions in enumerate(split_by_shard(ids, self.num_shards))
+            if positions
+        ]
         by_id: dict[Id, Any] = {}
-        for future in waits:
-            got_ids, values = decode_rows(future.result(timeout).batches)
+        for answer in self._pull(slices):
+            got_ids, values = decode_rows(answer.batches)
             by_id.update(zip(got_ids, values, strict=True))
         return [by_id[i] for i in ids]
 
-    def push(self, ids: Sequence[Id], deltas: Sequence[Any], timeout: float | None = None) -> None:
+    def push(self, ids: Sequence[Id], deltas: Sequence[Any]) -> None:
         """Apply deltas and wait until every shard acknowledged them."""
         ids = [check_id(i) for i in ids]
         if len(ids) != len(deltas):
             raise ValueError(f"{len(ids)} ids but {len(deltas)} deltas")
-        waits = []
-        for shard, positions in enumerate(split_by_shard(ids, self.num_shards)):
-            if positions:
-                with self._send_lock:
-                    self._seqs[shard] += 1
-                    seq = self._seqs[shard]
-                    waits.append(self._register((shard, -seq)))
-                    self.connections[shard].push(
-                        self.worker_id, seq, [ids[p] for p in positions], [deltas[p] for p in positions]
-                    )
-        for future in waits:
-            future.result(timeout)
+        self._push(
+            [
+                (shard, encode_values([ids[p] for p in positions], [deltas[p] for p in positions]))
+                for shard, positions in enumerate(split_by_shard(ids, self.num_shards))
+                if positions
+            ]
+        )
 
     # -- vectorized int-id batches: no per-key Python work ---------------------
 
@@ -259,51 +297,45 @@ class ShardGroup:
         if self.num_shards == 1:
             return [(0, np.arange(len(ids)))]
         owners = shards_of_ints(ids, self.num_shards)
-        return [
-            (shard, positions) for shard in range(self.num_shards) if len(positions := np.flatnonzero(owners == shard))
-        ]
+        split = [(shard, np.flatnonzero(owners == shard)) for shard in range(self.num_shards)]
+        return [(shard, positions) for shard, positions in split if len(positions)]
 
-    def pull_array(self, ids: np.ndarray, timeout: float | None = None) -> np.ndarray:
+    def pull_array(self, ids: np.ndarray) -> np.ndarray:
         """Values of int `ids` stacked in one array, row i for ids[i].
 
         Every pulled parameter must share one dtype and shape (one table per shard).
         """
         ids = np.ascontiguousarray(ids, dtype=INT_IDS_DTYPE)
-        waits = []
-        for shard, positions in self._split_ints(ids):
-            request_id = next(self._request_ids)
-            waits.append((positions, self._register((shard, request_id))))
-            self.connections[shard].pull_packed(
-                request_id, ids[positions].tobytes(), worker_id=self.worker_id, after_seq=self._seqs[shard]
-            )
+        split = self._split_ints(ids)
+        answers = self._pull(
+            [(shard, tensor_pb2.ParamBatch(int_ids=ids[positions].tobytes())) for shard, positions in split]
+        )
         result: np.ndarray | None = None
-        for positions, future in waits:
-            batches = future.result(timeout).batches
-            if len(batches) != 1:
+        for (_, positions), answer in zip(split, answers, strict=True):
+            if len(answer.batches) != 1:
                 raise ShardError("pulled parameters differ in dtype or shape; use pull() for those")
-            values = decode_batch(batches[0], with_values=True).values
+            values = decode_batch(answer.batches[0], with_values=True).values
             assert values is not None
             if result is None:
                 result = np.empty((len(ids), *values.shape[1:]), dtype=values.dtype)
             result[positions] = values
         return result if result is not None else np.empty((0,))
 
-    def push_array(self, ids: np.ndarray, deltas: np.ndarray, timeout: float | None = None) -> None:
+    def push_array(self, ids: np.ndarray, deltas: np.ndarray) -> None:
         """Apply deltas[i] to int ids[i]; returns once every shard acknowledged."""
         ids = np.ascontiguousarray(ids, dtype=INT_IDS_DTYPE)
         deltas = np.asarray(deltas)
         if deltas.shape[:1] != ids.shape:
             raise ValueError(f"{len(ids)} ids but deltas of shape {deltas.shape}")
-        waits = []
-        for shard, positions in self._split_ints(ids):
-            batch = tensor_pb2.ParamBatch(int_ids=ids[positions].tobytes(), values=encode_tensor(deltas[positions]))
-            with self._send_lock:
-                self._seqs[shard] += 1
-                seq = self._seqs[shard]
-                waits.append(self._register((shard, -seq)))
-                self.connections[shard].push_batches(self.worker_id, seq, [batch])
-        for future in waits:
-            future.result(timeout)
+        self._push(
+            [
+                (
+                    shard,
+                    [tensor_pb2.ParamBatch(int_ids=ids[positions].tobytes(), values=encode_tensor(deltas[positions]))],
+                )
+                for shard, positions in self._split_ints(ids)
+            ]
+        )
 
     def close(self) -> None:
         for connection in self.connections:

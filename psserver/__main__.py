@@ -2,52 +2,78 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import sys
+from typing import Any
 
 import click
 
+from psclient._proto import shard_pb2, shard_pb2_grpc
 from psclient.errors import SpecError
-from psclient.serving import StopSignal, announce, configure_logging
-from psserver.service import build_shard_server
+from psclient.serving import StopSignal, announce, build_aio_server, configure_logging
+from psserver.service import ShardServicer
 from psserver.specs import make_init, make_update
 from psserver.store import ParameterStore
 
 # Seconds in-flight RPCs get to finish after SIGTERM before they are cancelled.
 STOP_GRACE_S = 5.0
+SERVICE_NAME = shard_pb2.DESCRIPTOR.services_by_name["ParameterShard"].full_name
+
+
+def env(name: str) -> dict[str, Any]:
+    return {"envvar": f"STREAMPS_{name}", "show_envvar": True}
+
+
+async def serve(store: ParameterStore, shard: int, num_shards: int, host: str, port: int) -> None:
+    log = logging.getLogger("streamps")
+    servicer = ShardServicer(store, shard, num_shards)
+    try:
+        bound = build_aio_server(
+            lambda server: shard_pb2_grpc.add_ParameterShardServicer_to_server(servicer, server),
+            [SERVICE_NAME],
+            host,
+            port,
+        )
+    except OSError as exc:
+        click.echo(f"psserver: error: {exc}", err=True)
+        sys.exit(2)
+    stop = StopSignal()
+    await bound.server.start()
+    await bound.set_serving(True)
+    announce(bound)
+    log.info(
+        "serving shard %d/%d on %s (init %s, update %s)",
+        shard,
+        num_shards,
+        bound.address,
+        store.init.spec,
+        store.update.spec,
+    )
+    try:
+        while not stop.is_set():
+            await asyncio.sleep(StopSignal.POLL_S)
+        stop.wait(0)  # logs which signal came
+    finally:
+        await bound.set_serving(False)
+        await bound.server.stop(STOP_GRACE_S)
+        log.info("stopped")
 
 
 @click.command(context_settings={"show_default": True})
+@click.option("--shard", type=click.IntRange(min=0), required=True, **env("SHARD"), help="This shard's index.")
 @click.option(
-    "--shard",
-    type=click.IntRange(min=0),
-    required=True,
-    envvar="STREAMPS_SHARD",
-    show_envvar=True,
-    help="This shard's index.",
+    "--num-shards", type=click.IntRange(min=1), required=True, **env("NUM_SHARDS"), help="Shards in the cluster."
 )
+@click.option("--host", default="127.0.0.1", **env("HOST"), help="Address to bind.")
 @click.option(
-    "--num-shards",
-    type=click.IntRange(min=1),
-    required=True,
-    envvar="STREAMPS_NUM_SHARDS",
-    show_envvar=True,
-    help="Shards in the cluster.",
-)
-@click.option("--host", default="127.0.0.1", envvar="STREAMPS_HOST", show_envvar=True, help="Address to bind.")
-@click.option(
-    "--port",
-    type=click.IntRange(min=0, max=65535),
-    default=0,
-    envvar="STREAMPS_PORT",
-    show_envvar=True,
-    help="Port to bind; 0 picks a free one.",
+    "--port", type=click.IntRange(min=0, max=65535), default=0, **env("PORT"), help="Port to bind; 0 picks a free one."
 )
 @click.option(
     "--init",
     "init_spec",
     default="zeros:1",
-    envvar="STREAMPS_INIT",
-    show_envvar=True,
+    **env("INIT"),
     help="Parameter init: zeros:DIM, normal:DIM[,std=S][,seed=N], "
     "uniform:DIM[,low=A][,high=B][,seed=N], const:V, module:attr.",
 )
@@ -55,34 +81,22 @@ STOP_GRACE_S = 5.0
     "--update",
     "update_spec",
     default="add",
-    envvar="STREAMPS_UPDATE",
-    show_envvar=True,
+    **env("UPDATE"),
     help="Parameter update: add, replace, max, min, module:attr.",
 )
-@click.option("--log-level", default="INFO", envvar="STREAMPS_LOG_LEVEL", show_envvar=True)
+@click.option("--log-level", default="INFO", **env("LOG_LEVEL"))
 def main(shard: int, num_shards: int, host: str, port: int, init_spec: str, update_spec: str, log_level: str) -> None:
     """Serve one shard of the parameter server."""
     if shard >= num_shards:
         click.echo(f"psserver: error: --shard {shard} must be below --num-shards {num_shards}", err=True)
         sys.exit(2)
-    log = configure_logging(f"shard {shard}", log_level)
+    configure_logging(f"shard {shard}", log_level)
     try:
         store = ParameterStore(make_init(init_spec), make_update(update_spec))
-        bound, _ = build_shard_server(store, shard, num_shards, host, port)
-    except (SpecError, OSError) as exc:
+    except SpecError as exc:
         click.echo(f"psserver: error: {exc}", err=True)
         sys.exit(2)
-    stop = StopSignal()
-    bound.server.start()
-    bound.set_serving(True)
-    announce(bound)
-    log.info("serving shard %d/%d on %s (init %s, update %s)", shard, num_shards, bound.address, init_spec, update_spec)
-    try:
-        stop.wait()
-    finally:
-        bound.set_serving(False)
-        bound.server.stop(STOP_GRACE_S).wait()
-        log.info("stopped")
+    asyncio.run(serve(store, shard, num_shards, host, port))
 
 
 if __name__ == "__main__":

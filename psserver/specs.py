@@ -29,6 +29,7 @@ from psclient.errors import SpecError
 from psclient.partition import Id
 from psclient.plugins import load_object
 
+IdBatch = Sequence[Id] | np.ndarray  # ids as a list, or int ids as an int64 array
 _U64 = np.uint64
 _GOLDEN = _U64(0x9E3779B97F4A7C15)
 _MIX1 = _U64(0xBF58476D1CE4E5B9)
@@ -43,8 +44,10 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
         return z ^ (z >> _U64(31))
 
 
-def id_keys(ids: Sequence[Id]) -> np.ndarray:
+def id_keys(ids: IdBatch) -> np.ndarray:
     """A stable 64-bit key per id: ints as two's complement, strs by BLAKE2b."""
+    if isinstance(ids, np.ndarray):
+        return ids.astype(np.int64).view(_U64)
     keys = np.empty(len(ids), dtype=_U64)
     for position, param_id in enumerate(ids):
         if isinstance(param_id, str):
@@ -55,7 +58,7 @@ def id_keys(ids: Sequence[Id]) -> np.ndarray:
     return keys
 
 
-def _uniform01(ids: Sequence[Id], size: int, seed: int) -> np.ndarray:
+def _uniform01(ids: IdBatch, size: int, seed: int) -> np.ndarray:
     """Shape (len(ids), size) of uniforms in (0, 1), a pure function of (seed, id, j)."""
     with np.errstate(over="ignore"):
         base = _splitmix64(id_keys(ids) ^ _splitmix64(np.asarray([seed], dtype=_U64)))
@@ -65,11 +68,16 @@ def _uniform01(ids: Sequence[Id], size: int, seed: int) -> np.ndarray:
 
 
 class InitFn:
-    """Creates the initial value of parameters; `batch` returns one row per id."""
+    """Creates the initial value of parameters; `batch` returns one row per id.
 
-    def __init__(self, spec: str, batch: Callable[[Sequence[Id]], list[Any] | np.ndarray]):
+    A `vectorized` init also takes an int64 array of ids; a user function is
+    always given Python ints and strs.
+    """
+
+    def __init__(self, spec: str, batch: Callable[[IdBatch], list[Any] | np.ndarray], vectorized: bool = True):
         self.spec = spec
         self.batch = batch
+        self.vectorized = vectorized
 
 
 @dataclass(frozen=True)
@@ -121,7 +129,7 @@ def _parse_number(text: str) -> int | float:
 def make_init(spec: str | Callable[[Id], Any]) -> InitFn:
     if callable(spec):
         user: Callable[[Id], Any] = spec
-        return InitFn(getattr(spec, "__name__", "callable"), lambda ids: [user(i) for i in ids])
+        return InitFn(getattr(spec, "__name__", "callable"), lambda ids: [user(i) for i in ids], vectorized=False)
     name, _, rest = spec.partition(":")
     args = [a for a in rest.split(",")] if rest else []
     if name == "zeros" and args:
@@ -134,7 +142,7 @@ def make_init(spec: str | Callable[[Id], Any]) -> InitFn:
         std, seed = opts.get("std", 0.01), opts.get("seed", 0)
         size = int(np.prod(shape))
 
-        def normal(ids: Sequence[Id]) -> np.ndarray:
+        def normal(ids: IdBatch) -> np.ndarray:
             u = _uniform01(ids, 2 * size, seed)
             z = np.sqrt(-2.0 * np.log(u[:, :size])) * np.cos(2.0 * np.pi * u[:, size:])
             return (std * z).astype(np.float32).reshape(len(ids), *shape)
@@ -146,7 +154,7 @@ def make_init(spec: str | Callable[[Id], Any]) -> InitFn:
         low, high, seed = opts.get("low", 0.0), opts.get("high", 1.0), opts.get("seed", 0)
         size = int(np.prod(shape))
 
-        def uniform(ids: Sequence[Id]) -> np.ndarray:
+        def uniform(ids: IdBatch) -> np.ndarray:
             u = _uniform01(ids, size, seed)
             return (low + (high - low) * u).astype(np.float32).reshape(len(ids), *shape)
 

@@ -23,7 +23,11 @@ demo: $(STAMP)
 test: $(STAMP) proto-check lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# Peers for the comparison: Ray and the Redis client from PyPI, redis-server from
+# Debian's packages (installed when missing and we may; skipped with a reason if not).
 bench: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[bench]'
+	@command -v redis-server >/dev/null || { [ "$$(id -u)" = 0 ] && (apt-get update -qq && apt-get install -y -qq redis-server >/dev/null) || echo "redis-server unavailable: its row will say so"; }
 	$(PY) benchmarks/run.py
 
 lint: $(STAMP)

@@ -12,6 +12,7 @@ import click
 from psclient._proto import shard_pb2, shard_pb2_grpc
 from psclient.errors import SpecError
 from psclient.serving import StopSignal, announce, build_aio_server, configure_logging
+from psserver.memory import pin_mmap_threshold
 from psserver.service import ShardServicer
 from psserver.specs import make_init, make_update
 from psserver.store import ParameterStore
@@ -91,6 +92,7 @@ def main(shard: int, num_shards: int, host: str, port: int, init_spec: str, upda
         click.echo(f"psserver: error: --shard {shard} must be below --num-shards {num_shards}", err=True)
         sys.exit(2)
     configure_logging(f"shard {shard}", log_level)
+    pin_mmap_threshold()
     try:
         store = ParameterStore(make_init(init_spec), make_update(update_spec))
     except SpecError as exc:

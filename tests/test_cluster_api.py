@@ -1,0 +1,42 @@
+"""connect(): the blocking batch API, per key and vectorized, against real shards."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import StartShards
+
+from psclient import connect
+
+
+@pytest.mark.timeout(120)
+def test_vectorized_pull_and_push_match_the_per_key_api(start_shards: StartShards) -> None:
+    servers = start_shards(2, init="zeros:3")
+    ids = np.array([4, -7, 10, 4, 3], dtype=np.int64)  # 4 twice: both deltas apply
+    deltas = np.arange(15, dtype=np.float32).reshape(5, 3)
+
+    with connect(servers) as cluster:
+        cluster.push(ids, deltas)
+        stacked = cluster.pull(ids)
+        per_key = cluster.pull([4, -7, 10, 3])
+
+    expected_4 = deltas[0] + deltas[3]
+    assert isinstance(stacked, np.ndarray)
+    assert stacked.shape == (5, 3) and stacked.dtype == np.float32
+    np.testing.assert_array_equal(stacked, np.stack([expected_4, deltas[1], deltas[2], expected_4, deltas[4]]))
+    for value, expected in zip(per_key, [expected_4, deltas[1], deltas[2], deltas[4]], strict=True):
+        np.testing.assert_array_equal(value, expected)
+
+
+@pytest.mark.timeout(120)
+def test_snapshot_after_pushes_holds_every_id_once_with_its_sum(start_shards: StartShards) -> None:
+    servers = start_shards(2, init="const:0")
+    ids = np.arange(-500, 500, dtype=np.int64)
+
+    with connect(servers) as cluster:
+        for step in range(1, 4):
+            cluster.push(ids, np.full(len(ids), step, dtype=np.int64))
+        cluster.push(["a", "b"], [5, 6])
+        model = dict(cluster.snapshot())
+
+    assert model == {**{i: 6 for i in range(-500, 500)}, "a": 5, "b": 6}

@@ -29,6 +29,7 @@ push is acknowledged.
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 import threading
 import time
@@ -135,8 +136,9 @@ class WorkerRuntime:
         # Shared with feeders and readers: guarded by _cond.
         self._cond = threading.Condition()
         self._chunks: deque[list[tuple[int, Any]]] = deque()
-        self._answers: deque[tuple[list[Id], list[Any]]] = deque()
+        self._answers: deque[tuple[int, list[Id], list[Any]]] = deque()
         self._unacked = 0
+        self._unacked_by_shard = [0] * num_shards
         self._input_closed = False
         self._failure: str | None = None
         self.state = State.RUNNING
@@ -152,6 +154,7 @@ class WorkerRuntime:
         self._push_deltas: list[list[Any]] = [[] for _ in range(num_shards)]
         self._buffered_since: float | None = None
         self._seqs = [0] * num_shards
+        self._pulls_out = [0] * num_shards  # pull requests sent and not yet answered
         self._request_id = 0
         self._connections: list[ShardConnection] = []
 
@@ -206,19 +209,20 @@ class WorkerRuntime:
 
     # -- network callbacks (reader threads) ------------------------------------
 
-    def _on_pull(self, response: shard_pb2.PullResponse) -> None:
+    def _on_pull(self, shard: int, response: shard_pb2.PullResponse) -> None:
         try:
-            answer = decode_rows(response.batches)
+            ids, values = decode_rows(response.batches)
         except StreampsError as exc:
             self.fail(f"worker {self.worker_index}: malformed pull answer: {exc}")
             return
         with self._cond:
-            self._answers.append(answer)
+            self._answers.append((shard, ids, values))
             self._cond.notify_all()
 
-    def _on_ack(self, _ack: shard_pb2.PushAck) -> None:
+    def _on_ack(self, shard: int, _ack: shard_pb2.PushAck) -> None:
         with self._cond:
             self._unacked -= 1
+            self._unacked_by_shard[shard] -= 1
             self._cond.notify_all()
 
     def _on_shard_error(self, error: ShardError) -> None:
@@ -269,11 +273,13 @@ class WorkerRuntime:
             self._seqs[shard] += 1
             with self._cond:
                 self._unacked += 1
+                self._unacked_by_shard[shard] += 1
             connection.push(self.worker_id, self._seqs[shard], ids, deltas)
         pulls = self._pull_buffers[shard]
         if pulls:
             self._pull_buffers[shard] = []
             self._request_id += 1
+            self._pulls_out[shard] += 1
             connection.pull(self._request_id, pulls, worker_id=self.worker_id, after_seq=self._seqs[shard])
 
     def _flush_all(self) -> None:
@@ -281,6 +287,38 @@ class WorkerRuntime:
             self._buffered_since = None
             for shard in range(len(self._connections)):
                 self._flush_shard(shard)
+
+    def _flush_idle(self) -> float | None:
+        """Flush what should leave now that the logic thread has nothing to do.
+
+        Nagle's rule, per shard: buffers go out at once to a shard with nothing
+        outstanding; a shard still answering earlier requests gets them when
+        the linger ends, so that the answers coming back (which free pull
+        slots) add to the batch meanwhile. Without this, a worker blocked at
+        its pull limit sends one key per request and the requests queue up.
+        Returns how long the rest may still wait, or None when nothing is left.
+        """
+        since = self._buffered_since
+        if since is None:
+            return None
+        waited = time.monotonic() - since
+        if waited >= self.linger_s:
+            self._flush_all()
+            return None
+        waiting = False
+        for shard in range(len(self._connections)):
+            has_pulls = bool(self._pull_buffers[shard])
+            if not has_pulls and not self._push_ids[shard]:
+                continue
+            idle_shard = self._pulls_out[shard] == 0 if has_pulls else self._unacked_by_shard[shard] == 0
+            if idle_shard:
+                self._flush_shard(shard)
+            else:
+                waiting = True
+        if not waiting:
+            self._buffered_since = None
+            return None
+        return self.linger_s - waited
 
     def _flush_if_lingering(self) -> None:
         since = self._buffered_since
@@ -322,9 +360,10 @@ class WorkerRuntime:
         self._chunk_pos += 1
         return item
 
-    def _deliver(self, answers: deque[tuple[list[Id], list[Any]]]) -> None:
+    def _deliver(self, answers: deque[tuple[int, list[Id], list[Any]]]) -> None:
         on_pull_recv, client = self.logic.on_pull_recv, self.client
-        for ids, values in answers:
+        for shard, ids, values in answers:
+            self._pulls_out[shard] -= 1
             for param_id, value in zip(ids, values, strict=True):
                 self._in_flight -= 1
                 if self._queued_pulls:
@@ -370,7 +409,7 @@ class WorkerRuntime:
                 self._input_end_called = True
                 self._call_user("on_input_end", self.logic.on_input_end, self.client)
                 return False
-        self._flush_all()
+        linger_left = self._flush_idle()
         with self._cond:
             if self._finished_locked():
                 return True
@@ -379,7 +418,7 @@ class WorkerRuntime:
                 or self._failure
                 or (self._input_may_flow() and (self._chunks or (self._input_closed and not self._input_end_called)))
             ):
-                self._cond.wait(timeout=1.0)
+                self._cond.wait(timeout=1.0 if linger_left is None else linger_left)
         return False
 
     def connect(self) -> None:
@@ -389,8 +428,8 @@ class WorkerRuntime:
                 ShardConnection(
                     shard,
                     address,
-                    on_pull=self._on_pull,
-                    on_ack=self._on_ack,
+                    on_pull=functools.partial(self._on_pull, shard),
+                    on_ack=functools.partial(self._on_ack, shard),
                     on_error=self._on_shard_error,
                     connect_timeout=self.connect_timeout,
                 )

@@ -153,10 +153,6 @@ def main(
     if worker_index >= num_workers:
         _fail(f"--worker-index {worker_index} must be below --num-workers {num_workers}", 2)
     log = configure_logging(f"worker {worker_index}", log_level)
-    import os
-
-    if os.environ.get("STREAMPS_SWITCH"):
-        sys.setswitchinterval(float(os.environ["STREAMPS_SWITCH"]))
     try:
         logic = load_logic(logic_spec)
         if pull_limit is not None:

@@ -17,6 +17,7 @@ from psclient.errors import StreampsError
 from psclient.inputs import FORMATS, InputSpec, MalformedRecord, read_share
 from psclient.local import run_local_job
 from psclient.records import to_json_compatible
+from psclient.security import security_options
 
 
 def env(name: str) -> dict[str, Any]:
@@ -157,6 +158,7 @@ def run(
 @main.command()
 @click.option("--servers", required=True, **env("SERVERS"), help="Shard addresses H:P,... in shard order.")
 @click.option("--output", "output_path", default="-", **env("OUTPUT"), help="JSON lines {id, value} (- for stdout).")
+@security_options
 def snapshot(servers: str, output_path: str) -> None:
     """Dump every parameter of a running cluster as JSON lines."""
     count = 0
@@ -175,6 +177,7 @@ def snapshot(servers: str, output_path: str) -> None:
 @click.option("--servers", default=None, **env("SERVERS"), help="Shard addresses H:P,...")
 @click.option("--workers", default=None, **env("WORKERS_ADDRESSES"), help="Worker addresses H:P,...")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@security_options
 def status(servers: str | None, workers: str | None, as_json: bool) -> None:
     """Show every shard and worker of a running cluster."""
     rows: list[dict[str, Any]] = []
@@ -236,6 +239,7 @@ def status(servers: str | None, workers: str | None, as_json: bool) -> None:
     "--output", "output_path", default="-", **env("OUTPUT"), help="Worker outputs as JSON lines (- for stdout)."
 )
 @click.option("--no-end", is_flag=True, help="Do not end the workers' input after this file (more feeds follow).")
+@security_options
 def feed(
     workers: str,
     input_path: str,

@@ -21,7 +21,8 @@ from psclient.either import Left, Right
 from psclient.errors import JobFailed, ShardError, StreampsError
 from psclient.partition import Id, key_bucket
 from psclient.records import pack, unpack
-from psclient.serving import insecure_channel
+from psclient.security import Security
+from psclient.serving import open_channel
 from psclient.shard_client import DEFAULT_CONNECT_TIMEOUT_S, ShardGroup, describe_rpc_error, wait_ready
 
 FEED_BATCH = 512
@@ -43,13 +44,19 @@ class Cluster:
     """A handle on running shards (`servers`) and workers (`workers`)."""
 
     def __init__(
-        self, servers: Sequence[str], workers: Sequence[str] = (), *, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S
+        self,
+        servers: Sequence[str],
+        workers: Sequence[str] = (),
+        *,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
+        security: Security | None = None,
     ):
         self.servers = list(servers)
         self.workers = list(workers)
         self.connect_timeout = connect_timeout
-        self._shard_channels = [insecure_channel(a) for a in self.servers]
-        self._worker_channels = [insecure_channel(a) for a in self.workers]
+        self.security = security
+        self._shard_channels = [open_channel(a, security) for a in self.servers]
+        self._worker_channels = [open_channel(a, security) for a in self.workers]
         self._shard_stubs = [shard_pb2_grpc.ParameterShardStub(c) for c in self._shard_channels]
         self._worker_stubs = [worker_pb2_grpc.WorkerStub(c) for c in self._worker_channels]
         self._group: ShardGroup | None = None
@@ -59,7 +66,7 @@ class Cluster:
     @property
     def shards(self) -> ShardGroup:
         if self._group is None:
-            self._group = ShardGroup(self.servers, connect_timeout=self.connect_timeout)
+            self._group = ShardGroup(self.servers, connect_timeout=self.connect_timeout, security=self.security)
         return self._group
 
     def pull(self, ids: Sequence[Id] | np.ndarray) -> list[Any] | np.ndarray:
@@ -329,6 +336,10 @@ class Cluster:
         self.close()
 
 
-def connect(servers: Sequence[str], workers: Sequence[str] = ()) -> Cluster:
-    """A `Cluster` for shards at `servers` (in shard order) and workers at `workers`."""
-    return Cluster(servers, workers)
+def connect(servers: Sequence[str], workers: Sequence[str] = (), *, security: Security | None = None) -> Cluster:
+    """A `Cluster` for shards at `servers` (in shard order) and workers at `workers`.
+
+    `security` (TLS material, bearer token) defaults to this process's, which is
+    plaintext without a token unless configured; see psclient.security.
+    """
+    return Cluster(servers, workers, security=security)

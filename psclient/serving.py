@@ -19,6 +19,9 @@ from grpc_health.v1 import _async as health_aio  # the package's aio servicer (h
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from psclient.security import Security
+from psclient.security import current as current_security
+
 # One push or pull batch of 16,384 ids x 1,024 float32 is 64 MiB; allow a bit
 # more so the largest batch the runtime builds always fits in one message.
 MAX_MESSAGE_BYTES = 128 * 1024 * 1024
@@ -87,18 +90,12 @@ def build_aio_server(
 
     Call on the event loop that will run it.
     """
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=current_security().server_interceptors(aio=True))
     register(server)
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    try:
-        bound_port = server.add_insecure_port(f"{host}:{port}")
-    except RuntimeError as exc:
-        raise OSError(f"cannot listen on {host}:{port}: {exc}") from exc
-    if bound_port == 0:
-        raise OSError(f"cannot listen on {host}:{port}")
-    return BoundAioServer(server, health_servicer, host, bound_port)
+    return BoundAioServer(server, health_servicer, host, _bind(server, host, port))
 
 
 def build_server(
@@ -113,19 +110,14 @@ def build_server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
         options=SERVER_OPTIONS,
         maximum_concurrent_rpcs=max_workers - 4,  # leave room for health checks
+        interceptors=current_security().server_interceptors(aio=False),
     )
     register(server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
     reflection.enable_server_reflection(names, server)
-    try:
-        bound_port = server.add_insecure_port(f"{host}:{port}")
-    except RuntimeError as exc:
-        raise OSError(f"cannot listen on {host}:{port}: {exc}") from exc
-    if bound_port == 0:
-        raise OSError(f"cannot listen on {host}:{port}")
-    bound = BoundServer(server, health_servicer, host, bound_port)
+    bound = BoundServer(server, health_servicer, host, _bind(server, host, port))
     bound.set_serving(False)
     return bound
 
@@ -178,5 +170,19 @@ def configure_logging(name: str, level: str = "INFO") -> logging.Logger:
     return logging.getLogger("streamps")
 
 
-def insecure_channel(address: str) -> grpc.Channel:
-    return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+def open_channel(address: str, security: Security | None = None) -> grpc.Channel:
+    """A channel with the standard options and this process's (or the given) security."""
+    return (security or current_security()).channel(address, CHANNEL_OPTIONS)
+
+
+def _bind(server: grpc.Server | grpc.aio.Server, host: str, port: int) -> int:
+    """Bind with TLS when this process has a certificate; raise OSError if the port is taken."""
+    credentials = current_security().server_credentials()
+    address = f"{host}:{port}"
+    try:
+        bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise OSError(f"cannot listen on {address}: {exc}") from exc
+    if bound == 0:
+        raise OSError(f"cannot listen on {address}")
+    return bound

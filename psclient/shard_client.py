@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -24,7 +25,8 @@ from psclient._proto import shard_pb2, shard_pb2_grpc, tensor_pb2
 from psclient.codec import INT_IDS_DTYPE, decode_batch, decode_rows, encode_keys, encode_tensor, encode_values
 from psclient.errors import ShardError
 from psclient.partition import Id, check_id, shards_of_ints, split_by_shard
-from psclient.serving import insecure_channel
+from psclient.security import Security
+from psclient.serving import open_channel
 
 # How long to wait for a shard to accept a connection before giving up.
 DEFAULT_CONNECT_TIMEOUT_S = 15.0
@@ -65,12 +67,31 @@ def wait_ready(channel: grpc.Channel, what: str, timeout: float) -> None:
     and, unlike channel_ready_future, leaves no polling thread behind that could
     trip over the channel being closed later.
     """
-    try:
-        health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout, wait_for_ready=True)
-    except grpc.RpcError as exc:
-        if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-            raise ShardError(f"{what} is unreachable (no answer after {timeout:g} s)") from None
-        raise ShardError(f"{what} is unreachable: {describe_rpc_error(exc)}") from None
+    stub = health_pb2_grpc.HealthStub(channel)
+    deadline = time.monotonic() + timeout
+    pause = 0.05
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            stub.Check(health_pb2.HealthCheckRequest(), timeout=max(left, 0.01))
+            return
+        except grpc.RpcError as exc:
+            detail = exc.details() or ""
+            # A refused connection is a server still starting: try again. Any other
+            # failure to connect (a TLS handshake that fails, plaintext against TLS)
+            # will not heal by waiting, so say so at once.
+            refused = "refused" in detail.lower() or exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            if exc.code() == grpc.StatusCode.UNAVAILABLE and not refused:
+                raise ShardError(
+                    f"{what}: cannot connect ({detail}); check that both sides agree on TLS "
+                    "(--tls-ca/--tls-cert/--tls-key) and the token"
+                ) from None
+            if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise ShardError(f"{what}: {describe_rpc_error(exc)}") from None
+        if time.monotonic() + pause >= deadline:
+            raise ShardError(f"{what} is unreachable (no answer after {timeout:g} s)")
+        time.sleep(pause)
+        pause = min(pause * 2, 1.0)
 
 
 class ShardConnection:
@@ -89,7 +110,7 @@ class ShardConnection:
         self.shard = shard
         self.address = address
         self._on_pull, self._on_ack, self._on_error = on_pull, on_ack, on_error
-        self._channel = insecure_channel(address)
+        self._channel = open_channel(address)
         self._closing = threading.Event()
         wait_ready(self._channel, self.describe(), connect_timeout)
         stub = shard_pb2_grpc.ParameterShardStub(self._channel)
@@ -161,10 +182,10 @@ class _BlockingStreams:
     is most of a blocking call's latency on loopback.
     """
 
-    def __init__(self, shard: int, address: str, connect_timeout: float):
+    def __init__(self, shard: int, address: str, connect_timeout: float, security: Security | None):
         self.shard = shard
         self.address = address
-        self._channel = insecure_channel(address)
+        self._channel = open_channel(address, security)
         try:
             wait_ready(self._channel, self.describe(), connect_timeout)
         except ShardError:
@@ -221,6 +242,7 @@ class ShardGroup:
         *,
         worker_id: str | None = None,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
+        security: Security | None = None,
     ):
         self.servers = list(servers)
         self.worker_id = worker_id or f"client-{uuid.uuid4().hex[:12]}"
@@ -230,7 +252,7 @@ class ShardGroup:
         self.connections: list[_BlockingStreams] = []
         try:
             for shard, address in enumerate(servers):
-                self.connections.append(_BlockingStreams(shard, address, connect_timeout))
+                self.connections.append(_BlockingStreams(shard, address, connect_timeout, security))
         except BaseException:
             self.close()
             raise

@@ -11,6 +11,8 @@ import click
 
 from psclient._proto import shard_pb2, shard_pb2_grpc
 from psclient.errors import SpecError
+from psclient.security import current as current_security
+from psclient.security import security_options
 from psclient.serving import StopSignal, announce, build_aio_server, configure_logging
 from psserver.memory import pin_mmap_threshold
 from psserver.service import ShardServicer
@@ -43,6 +45,7 @@ async def serve(store: ParameterStore, shard: int, num_shards: int, host: str, p
     await bound.server.start()
     await bound.set_serving(True)
     announce(bound)
+    log.info("security: %s", current_security().describe())
     log.info(
         "serving shard %d/%d on %s (init %s, update %s)",
         shard,
@@ -86,6 +89,7 @@ async def serve(store: ParameterStore, shard: int, num_shards: int, host: str, p
     help="Parameter update: add, replace, max, min, module:attr.",
 )
 @click.option("--log-level", default="INFO", **env("LOG_LEVEL"))
+@security_options
 def main(shard: int, num_shards: int, host: str, port: int, init_spec: str, update_spec: str, log_level: str) -> None:
     """Serve one shard of the parameter server."""
     if shard >= num_shards:

@@ -17,6 +17,7 @@ from psclient.errors import JobFailed, ShardError, SpecError
 from psclient.inputs import FORMATS, InputSpec, MalformedRecord, read_share
 from psclient.plugins import load_object
 from psclient.records import to_json_compatible
+from psclient.security import security_options
 from psclient.serving import StopSignal, announce, configure_logging
 from psworker.logic import WorkerLogic, with_pull_limit
 from psworker.runtime import WorkerRuntime
@@ -132,6 +133,7 @@ def env(name: str) -> dict[str, Any]:
     "--connect-timeout", type=float, default=15.0, **env("CONNECT_TIMEOUT"), help="Seconds to wait for each shard."
 )
 @click.option("--log-level", default="INFO", **env("LOG_LEVEL"))
+@security_options
 def main(
     logic_spec: str,
     servers: str,

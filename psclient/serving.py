@@ -6,6 +6,7 @@ A server factory binds and returns; it never starts or exits. The caller's
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import sys
@@ -161,13 +162,50 @@ def announce(bound: BoundServer | BoundAioServer) -> None:
     print(f"listening on {bound.address}", flush=True)
 
 
-def configure_logging(name: str, level: str = "INFO") -> logging.Logger:
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=level.upper(),
-        format=f"%(asctime)s %(levelname)s {name}: %(message)s",
-    )
+LOG_FORMATS = ("text", "json")
+
+
+class _JsonFormatter(logging.Formatter):
+    """One JSON object per line, naming the service that speaks (for log shippers)."""
+
+    def __init__(self, service: str):
+        super().__init__()
+        self.service = service
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname,
+            "service": self.service,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def configure_logging(name: str, level: str = "INFO", fmt: str = "text") -> logging.Logger:
+    """Log to stderr as text (`time LEVEL shard 0: message`) or JSON lines; `name` says who speaks."""
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter(name))
+    else:
+        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {name}: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
     return logging.getLogger("streamps")
+
+
+def start_metrics(port: int | None, host: str) -> int | None:
+    """Serve Prometheus metrics over HTTP on `port` (0 picks one); return the bound port."""
+    if port is None:
+        return None
+    from prometheus_client import start_http_server
+
+    server, _ = start_http_server(port, addr=host)
+    bound = int(server.server_port)
+    logging.getLogger("streamps").info("metrics on http://%s:%d/metrics", host, bound)
+    return bound
 
 
 def open_channel(address: str, security: Security | None = None) -> grpc.Channel:

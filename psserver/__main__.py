@@ -13,7 +13,7 @@ from psclient._proto import shard_pb2, shard_pb2_grpc
 from psclient.errors import SpecError
 from psclient.security import current as current_security
 from psclient.security import security_options
-from psclient.serving import StopSignal, announce, build_aio_server, configure_logging
+from psclient.serving import LOG_FORMATS, StopSignal, announce, build_aio_server, configure_logging, start_metrics
 from psserver.memory import pin_mmap_threshold
 from psserver.service import ShardServicer
 from psserver.specs import make_init, make_update
@@ -89,14 +89,37 @@ async def serve(store: ParameterStore, shard: int, num_shards: int, host: str, p
     help="Parameter update: add, replace, max, min, module:attr.",
 )
 @click.option("--log-level", default="INFO", **env("LOG_LEVEL"))
+@click.option("--log-format", type=click.Choice(LOG_FORMATS), default="text", **env("LOG_FORMAT"))
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(min=0, max=65535),
+    default=None,
+    **env("METRICS_PORT"),
+    help="Serve Prometheus metrics on this port (0 picks one).",
+)
 @security_options
-def main(shard: int, num_shards: int, host: str, port: int, init_spec: str, update_spec: str, log_level: str) -> None:
+def main(
+    shard: int,
+    num_shards: int,
+    host: str,
+    port: int,
+    init_spec: str,
+    update_spec: str,
+    log_level: str,
+    log_format: str,
+    metrics_port: int | None,
+) -> None:
     """Serve one shard of the parameter server."""
     if shard >= num_shards:
         click.echo(f"psserver: error: --shard {shard} must be below --num-shards {num_shards}", err=True)
         sys.exit(2)
-    configure_logging(f"shard {shard}", log_level)
+    configure_logging(f"shard {shard}", log_level, log_format)
     pin_mmap_threshold()
+    try:
+        start_metrics(metrics_port, host)
+    except OSError as exc:
+        click.echo(f"psserver: error: cannot serve metrics on port {metrics_port}: {exc}", err=True)
+        sys.exit(2)
     try:
         store = ParameterStore(make_init(init_spec), make_update(update_spec))
     except SpecError as exc:

@@ -22,6 +22,7 @@ from psclient._proto import shard_pb2, shard_pb2_grpc, tensor_pb2
 from psclient.codec import DecodedBatch, decode_batch, encode_tensor
 from psclient.errors import WireError
 from psclient.partition import shard_of, shards_of_ints
+from psserver import metrics
 from psserver.store import ParameterStore, Rows
 
 log = logging.getLogger("streamps.shard")
@@ -49,6 +50,7 @@ class ShardServicer(shard_pb2_grpc.ParameterShardServicer):
         self._watermarks: dict[str, int] = {}
         self._pushed: asyncio.Condition | None = None  # made on the serving loop
         self._started = time.monotonic()
+        self._label = str(shard)
         self._pull_requests = self._pulled_keys = 0
         self._push_requests = self._pushed_keys = 0
 
@@ -99,39 +101,58 @@ class ShardServicer(shard_pb2_grpc.ParameterShardServicer):
     async def Pull(
         self, request_iterator: AsyncIterator[shard_pb2.PullRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[shard_pb2.PullResponse]:
+        labels = (self._label, "pull")
         async for request in request_iterator:
             if request.after_seq and self._watermarks.get(request.worker_id, 0) < request.after_seq:
                 await self._await_push(request.worker_id, request.after_seq, context)
+            started = time.perf_counter()
             try:
                 keys = self._decode(request.keys, with_values=False)
                 groups = self.store.pull_rows(keys.int_ids, keys.str_ids)
                 batches = encode_groups(groups)
             except Exception as exc:
+                metrics.ERRORS.labels(*labels).inc()
                 await self._abort(context, exc)
             self._pull_requests += 1
             self._pulled_keys += len(keys)
+            self._observe(labels, started, len(keys), sum(len(b.values.data) for b in batches))
             yield shard_pb2.PullResponse(request_id=request.request_id, batches=batches)
 
     async def Push(
         self, request_iterator: AsyncIterator[shard_pb2.PushRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[shard_pb2.PushAck]:
+        labels = (self._label, "push")
         async for request in request_iterator:
             if not request.worker_id or request.seq == 0:
+                metrics.ERRORS.labels(*labels).inc()
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a push needs a worker_id and a seq >= 1")
             if request.seq <= self._watermarks.get(request.worker_id, 0):
+                metrics.DUPLICATES.labels(self._label).inc()
                 yield shard_pb2.PushAck(seq=request.seq, duplicate=True)
                 continue
+            started = time.perf_counter()
             try:
                 decoded = [self._decode(b, with_values=True) for b in request.batches]
                 self.store.push_rows([Rows(d.int_ids, d.str_ids, d.values) for d in decoded])  # type: ignore[arg-type]
             except Exception as exc:
+                metrics.ERRORS.labels(*labels).inc()
                 await self._abort(context, exc)
             self._watermarks[request.worker_id] = request.seq
             self._push_requests += 1
             self._pushed_keys += sum(len(d) for d in decoded)
+            self._observe(
+                labels, started, sum(len(d) for d in decoded), sum(len(b.values.data) for b in request.batches)
+            )
             async with self.pushed:
                 self.pushed.notify_all()
             yield shard_pb2.PushAck(seq=request.seq, duplicate=False)
+
+    def _observe(self, labels: tuple[str, str], started: float, keys: int, nbytes: int) -> None:
+        metrics.LATENCY.labels(*labels).observe(time.perf_counter() - started)
+        metrics.REQUESTS.labels(*labels).inc()
+        metrics.KEYS.labels(*labels).inc(keys)
+        metrics.BYTES.labels(*labels).inc(nbytes)
+        metrics.PARAMETERS.labels(self._label).set(len(self.store))
 
     async def Snapshot(
         self, request: shard_pb2.SnapshotRequest, context: grpc.aio.ServicerContext

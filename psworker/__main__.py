@@ -18,8 +18,9 @@ from psclient.inputs import FORMATS, InputSpec, MalformedRecord, read_share
 from psclient.plugins import load_object
 from psclient.records import to_json_compatible
 from psclient.security import security_options
-from psclient.serving import StopSignal, announce, configure_logging
+from psclient.serving import LOG_FORMATS, StopSignal, announce, configure_logging, start_metrics
 from psworker.logic import WorkerLogic, with_pull_limit
+from psworker.metrics import register as register_metrics
 from psworker.runtime import WorkerRuntime
 from psworker.service import OutputBuffer, build_worker_server
 
@@ -133,6 +134,14 @@ def env(name: str) -> dict[str, Any]:
     "--connect-timeout", type=float, default=15.0, **env("CONNECT_TIMEOUT"), help="Seconds to wait for each shard."
 )
 @click.option("--log-level", default="INFO", **env("LOG_LEVEL"))
+@click.option("--log-format", type=click.Choice(LOG_FORMATS), default="text", **env("LOG_FORMAT"))
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(min=0, max=65535),
+    default=None,
+    **env("METRICS_PORT"),
+    help="Serve Prometheus metrics on this port (0 picks one).",
+)
 @security_options
 def main(
     logic_spec: str,
@@ -150,11 +159,13 @@ def main(
     on_error: str,
     connect_timeout: float,
     log_level: str,
+    log_format: str,
+    metrics_port: int | None,
 ) -> None:
     """Run one worker: read records, call the logic, pull and push parameters."""
     if worker_index >= num_workers:
         _fail(f"--worker-index {worker_index} must be below --num-workers {num_workers}", 2)
-    log = configure_logging(f"worker {worker_index}", log_level)
+    log = configure_logging(f"worker {worker_index}", log_level, log_format)
     try:
         logic = load_logic(logic_spec)
         if pull_limit is not None:
@@ -185,6 +196,12 @@ def main(
             position_name="line" if input_path is not None else "record",
             connect_timeout=connect_timeout,
         )
+        try:
+            start_metrics(metrics_port, host)
+        except OSError as exc:
+            _fail(f"cannot serve metrics on port {metrics_port}: {exc}", 2)
+        if metrics_port is not None:
+            register_metrics(worker_index, runtime.metrics_snapshot)
         try:
             runtime.connect()
         except ShardError as exc:

@@ -485,6 +485,20 @@ class WorkerRuntime:
     def error(self) -> str | None:
         return self._failure
 
+    def metrics_snapshot(self) -> dict[str, int]:
+        """Every counter and queue depth, for the metrics endpoint."""
+        with self._cond:
+            depths = {"input_queue_chunks": len(self._chunks), "answer_queue_chunks": len(self._answers)}
+        return {
+            "records": self.records,
+            "records_failed": self.records_failed,
+            "outputs": self.outputs,
+            "pulls": self.pulls,
+            "pushes": self.pushes,
+            **self.snapshot_counters(),
+            **depths,
+        }
+
     def snapshot_counters(self) -> dict[str, int]:
         with self._cond:
             return {

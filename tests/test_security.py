@@ -154,9 +154,9 @@ def test_worker_service_checks_tls_and_token_too(procs: Processes, pki: Path) ->
     with open_channel(worker, _client(pki)) as channel:
         status = worker_pb2_grpc.WorkerStub(channel).Status(worker_pb2.StatusRequest(), timeout=30)
     assert status.state == worker_pb2.StatusResponse.RUNNING
-    with open_channel(worker, _client(pki, token="wrong-token")) as channel:
-        with pytest.raises(grpc.RpcError) as denied:
-            worker_pb2_grpc.WorkerStub(channel).Status(worker_pb2.StatusRequest(), timeout=30)
+    wrong = _client(pki, token="wrong-token")
+    with open_channel(worker, wrong) as channel, pytest.raises(grpc.RpcError) as denied:
+        worker_pb2_grpc.WorkerStub(channel).Status(worker_pb2.StatusRequest(), timeout=30)
     assert denied.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 

@@ -14,9 +14,11 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from psclient._proto import shard_pb2, shard_pb2_grpc, tensor_pb2
 from psclient.codec import DecodedBatch, decode_batch, encode_tensor
@@ -40,6 +42,15 @@ def encode_groups(groups: Sequence[Rows]) -> list[tensor_pb2.ParamBatch]:
         tensor_pb2.ParamBatch(int_ids=rows.int_ids.tobytes(), str_ids=rows.str_ids, values=encode_tensor(rows.values))
         for rows in groups
     ]
+
+
+async def _parsed(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext, name: str) -> AsyncIterator[Any]:
+    """The requests of a stream; bytes that do not parse end it with INVALID_ARGUMENT, not UNKNOWN."""
+    try:
+        async for request in requests:
+            yield request
+    except DecodeError as exc:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed {name}: {exc}")
 
 
 class ShardServicer(shard_pb2_grpc.ParameterShardServicer):
@@ -76,6 +87,10 @@ class ShardServicer(shard_pb2_grpc.ParameterShardServicer):
         for param_id in decoded.str_ids:
             if shard_of(param_id, self.num_shards) != self.shard:
                 raise WireError(f"id {param_id!r} does not belong to shard {self.shard}")
+        values = decoded.values
+        if values is not None and values.dtype.kind in "fc" and not np.isfinite(values).all():
+            # One NaN or Inf delta would poison a parameter for good: refuse the batch.
+            raise WireError("batch holds NaN or Inf values")
         return decoded
 
     @staticmethod
@@ -102,7 +117,7 @@ class ShardServicer(shard_pb2_grpc.ParameterShardServicer):
         self, request_iterator: AsyncIterator[shard_pb2.PullRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[shard_pb2.PullResponse]:
         labels = (self._label, "pull")
-        async for request in request_iterator:
+        async for request in _parsed(request_iterator, context, "PullRequest"):
             if request.after_seq and self._watermarks.get(request.worker_id, 0) < request.after_seq:
                 await self._await_push(request.worker_id, request.after_seq, context)
             started = time.perf_counter()
@@ -122,7 +137,7 @@ class ShardServicer(shard_pb2_grpc.ParameterShardServicer):
         self, request_iterator: AsyncIterator[shard_pb2.PushRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[shard_pb2.PushAck]:
         labels = (self._label, "push")
-        async for request in request_iterator:
+        async for request in _parsed(request_iterator, context, "PushRequest"):
             if not request.worker_id or request.seq == 0:
                 metrics.ERRORS.labels(*labels).inc()
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a push needs a worker_id and a seq >= 1")

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, TextIO
 
 import click
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tqdm import tqdm
 
 from psclient.cluster import Cluster
 from psclient.either import Left, Right
@@ -18,6 +22,8 @@ from psclient.inputs import FORMATS, InputSpec, MalformedRecord, read_share
 from psclient.local import run_local_job
 from psclient.records import to_json_compatible
 from psclient.security import security_options
+from psclient.serving import open_channel
+from psclient.shard_client import describe_rpc_error
 
 
 def env(name: str) -> dict[str, Any]:
@@ -113,6 +119,9 @@ def main() -> None:
     "--output", "output_path", default="-", **env("OUTPUT"), help="Worker outputs as JSON lines (- for stdout)."
 )
 @click.option("--model", "model_path", default=None, **env("MODEL"), help="Final parameters as JSON lines {id, value}.")
+@click.option(
+    "--progress/--no-progress", default=None, help="Live progress on stderr (default: when stderr is a terminal)."
+)
 def run(
     logic_spec: str,
     input_path: str,
@@ -128,17 +137,32 @@ def run(
     iteration_wait_time: float | None,
     output_path: str,
     model_path: str | None,
+    progress: bool | None,
 ) -> None:
     """Run a whole job on an embedded local cluster."""
     spec = InputSpec(input_path, fmt, partition_key, skip_header)
     if input_path != "-" and not Path(input_path).is_file():
         _fail(f"--input {input_path}: no such file")
     outputs = params = 0
+    fed = [0]
+    started = time.monotonic()
+
+    def counted(records: Iterator[Any]) -> Iterator[Any]:
+        for record in records:
+            fed[0] += 1
+            yield record
+
     try:
         with ExitStack() as stack:
             out, model = _open_out(stack, output_path), _open_out(stack, model_path)
+            bar = stack.enter_context(
+                tqdm(
+                    desc="outputs", unit="", unit_scale=True, file=sys.stderr, mininterval=0.5,
+                    disable=not (sys.stderr.isatty() if progress is None else progress),
+                )
+            )  # fmt: skip
             stream = run_local_job(
-                _records(spec, on_error), logic_spec, init_spec, update_spec, workers, shards,
+                counted(_records(spec, on_error)), logic_spec, init_spec, update_spec, workers, shards,
                 iteration_wait_time=iteration_wait_time, partition_by=_partition_by(spec),
                 pull_limit=pull_limit, on_error=on_error,
             )  # fmt: skip
@@ -147,12 +171,20 @@ def run(
                     case Left(value):
                         outputs += 1
                         _write_json(out, value)
+                        bar.update()
+                        if outputs % 1024 == 0:
+                            bar.set_postfix(records=fed[0], refresh=False)
                     case Right((param_id, value)):
                         params += 1
                         _write_json(model, {"id": param_id, "value": value})
     except StreampsError as exc:
         _fail(str(exc))
-    click.echo(f"psclient: {outputs} outputs, {params} parameters", err=True)
+    elapsed = time.monotonic() - started
+    click.echo(
+        f"psclient: {fed[0]} records, {outputs} outputs, {params} parameters in {elapsed:.1f} s "
+        f"({fed[0] / max(elapsed, 1e-9):,.0f} records/s)",
+        err=True,
+    )
 
 
 @main.command()
@@ -173,63 +205,89 @@ def snapshot(servers: str, output_path: str) -> None:
     click.echo(f"psclient: {count} parameters", err=True)
 
 
+def _status_rows(cluster: Cluster) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for shard, info in enumerate(cluster.info()):
+        row: dict[str, Any] = {"node": f"shard {shard}", "address": cluster.servers[shard]}
+        if isinstance(info, Exception):
+            rows.append({**row, "up": False, "detail": str(info)})
+            continue
+        rows.append({
+            **row, "up": True, "params": info.num_params, "keys": info.pulled_keys + info.pushed_keys,
+            "uptime_s": round(info.uptime_seconds, 1),
+        })  # fmt: skip
+    for index, state in enumerate(cluster.status()):
+        row = {"node": f"worker {index}", "address": cluster.workers[index]}
+        if isinstance(state, Exception):
+            rows.append({**row, "up": False, "detail": str(state)})
+            continue
+        rows.append({
+            **row, "up": True, "state": ("?", "running", "finished", "failed")[state.state],
+            "records": state.records, "outputs": state.outputs,
+            # Work the worker has started and not finished: unanswered and queued
+            # pulls, unacknowledged push batches.
+            "lag": state.pulls_in_flight + state.pulls_queued + state.pushes_unacked,
+            "uptime_s": round(state.uptime_seconds, 1),
+            **({"detail": state.error} if state.error else {}),
+        })  # fmt: skip
+    return rows
+
+
+def _add_rates(first: list[dict[str, Any]], second: list[dict[str, Any]], seconds: float) -> None:
+    """records/s for workers, keys/s for shards, from two samples `seconds` apart."""
+    for before, after in zip(first, second, strict=True):
+        for counter, rate in (("records", "records/s"), ("keys", "keys/s")):
+            if counter in before and counter in after:
+                after[rate] = round((after[counter] - before[counter]) / seconds, 1)
+
+
+STATUS_COLUMNS = [
+    "node", "address", "up", "state", "params", "records", "records/s", "keys", "keys/s", "outputs", "lag",
+    "uptime_s", "detail",
+]  # fmt: skip
+
+
 @main.command()
 @click.option("--servers", default=None, **env("SERVERS"), help="Shard addresses H:P,...")
 @click.option("--workers", default=None, **env("WORKERS_ADDRESSES"), help="Worker addresses H:P,...")
+@click.option("--interval", type=float, default=1.0, help="Seconds between the two samples that give rates.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @security_options
-def status(servers: str | None, workers: str | None, as_json: bool) -> None:
-    """Show every shard and worker of a running cluster."""
-    rows: list[dict[str, Any]] = []
+def status(servers: str | None, workers: str | None, interval: float, as_json: bool) -> None:
+    """Show every shard and worker of a running cluster: up, parameters, records, rates, lag."""
     with Cluster(_addresses(servers), _addresses(workers)) as cluster:
-        for shard, info in enumerate(cluster.info()):
-            if isinstance(info, Exception):
-                rows.append(
-                    {"node": f"shard {shard}", "address": cluster.servers[shard], "up": False, "detail": str(info)}
-                )
-            else:
-                rows.append({
-                    "node": f"shard {info.shard}", "address": cluster.servers[shard], "up": True,
-                    "params": info.num_params, "pulled_keys": info.pulled_keys, "pushed_keys": info.pushed_keys,
-                    "uptime_s": round(info.uptime_seconds, 1),
-                })  # fmt: skip
-        for index, state in enumerate(cluster.status()):
-            if isinstance(state, Exception):
-                rows.append(
-                    {"node": f"worker {index}", "address": cluster.workers[index], "up": False, "detail": str(state)}
-                )
-            else:
-                rows.append({
-                    "node": f"worker {state.worker_index}", "address": cluster.workers[index], "up": True,
-                    "state": ("?", "running", "finished", "failed")[state.state], "records": state.records,
-                    "outputs": state.outputs, "pulls_in_flight": state.pulls_in_flight,
-                    "pushes_unacked": state.pushes_unacked, "uptime_s": round(state.uptime_seconds, 1),
-                    **({"detail": state.error} if state.error else {}),
-                })  # fmt: skip
+        first = _status_rows(cluster)
+        time.sleep(interval)
+        rows = _status_rows(cluster)
+    _add_rates(first, rows, interval)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
-        return
-    columns = [
-        "node",
-        "address",
-        "up",
-        "state",
-        "params",
-        "records",
-        "outputs",
-        "pulled_keys",
-        "pushed_keys",
-        "uptime_s",
-        "detail",
-    ]
-    columns = [c for c in columns if any(c in row for row in rows)]
-    table = [[str(row.get(c, "")) for c in columns] for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in table)) if table else len(c) for i, c in enumerate(columns)]
-    click.echo("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
-    for r in table:
-        click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
+    else:
+        columns = [c for c in STATUS_COLUMNS if any(c in row for row in rows)]
+        table = [[str(row.get(c, "")) for c in columns] for row in rows]
+        widths = [max(len(c), *(len(r[i]) for r in table)) if table else len(c) for i, c in enumerate(columns)]
+        click.echo("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
+        for r in table:
+            click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
     if any(not row["up"] for row in rows):
         sys.exit(1)
+
+
+@main.command()
+@click.option("--address", required=True, **env("HEALTH_ADDRESS"), help="H:P of a shard or worker.")
+@click.option("--timeout", type=float, default=5.0, help="Seconds to wait for an answer.")
+@security_options
+def health(address: str, timeout: float) -> None:
+    """Exit 0 if the server answers its gRPC health check with SERVING, else 1 (for container probes)."""
+    with open_channel(address) as channel:
+        try:
+            answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+        except grpc.RpcError as exc:
+            click.echo(f"psclient: {address}: {describe_rpc_error(exc)}", err=True)
+            sys.exit(1)
+    serving = answer.status == health_pb2.HealthCheckResponse.SERVING
+    click.echo(f"{address}: {health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)}")
+    sys.exit(0 if serving else 1)
 
 
 @main.command()

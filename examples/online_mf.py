@@ -70,6 +70,7 @@ MIN_STARS, MAX_STARS = 1.0, 5.0
 # The mean a worker assumes before it has seen any rating (the middle of 1..5).
 PRIOR_MEAN = 3.0
 TAIL_FRACTION = 0.1
+PLOT_WINDOWS = 50  # --plot: the stream is cut into this many windows
 # About 10 s on 2 cores; long enough for one pass of SGD to get near the noise floor.
 DEMO_RATINGS = 1_000_000
 
@@ -237,6 +238,37 @@ def run(args: argparse.Namespace) -> None:
         f"{rmse(np.full(tail, mean), actual_tail):.4f}"
     )
     print(f"parameters returned (Right items): {params:,}")
+    if args.plot:
+        plot_curve(args.plot, predicted, actual, source if args.input else f"synthetic stream, seed {args.seed}", args)
+        print(f"learning curve written to {args.plot}")
+
+
+def windowed_rmse(predicted: np.ndarray, actual: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray]:
+    """RMSE of consecutive windows of `window` predictions: (ratings seen at each window's end, RMSE)."""
+    windows = len(actual) // window
+    if windows == 0:
+        return np.array([len(actual)]), np.array([rmse(predicted, actual)])
+    squared = ((predicted[: windows * window] - actual[: windows * window]) ** 2).reshape(windows, window)
+    return np.arange(1, windows + 1) * window, np.sqrt(squared.mean(axis=1))
+
+
+def plot_curve(path: str, predicted: np.ndarray, actual: np.ndarray, source: str, args: argparse.Namespace) -> None:
+    """Save the prequential RMSE over the stream, windowed, next to the global-mean baseline."""
+    from examples.plotting import save_curve
+
+    window = max(1, len(actual) // PLOT_WINDOWS)
+    xs, ours = windowed_rmse(predicted, actual, window)
+    mean = float(actual.mean()) if len(actual) else float("nan")
+    _, baseline = windowed_rmse(np.full(len(actual), mean), actual, window)
+    save_curve(
+        path,
+        xs,
+        {"online MF (predicted before learning)": ours, f"global mean {mean:.2f} (baseline)": baseline},
+        f"Online MF, prequential RMSE per window of {window:,} ratings\n"
+        f"{source}; {args.workers} workers x {args.shards} shards, rank {args.rank}, lr {args.lr}",
+        "ratings seen",
+        "RMSE",
+    )
 
 
 def _progress(total: int, enabled: bool) -> Any:
@@ -266,9 +298,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--init-std", type=float, default=DEFAULT_INIT_STD)
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seeds the synthetic stream and the model")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    parser.add_argument(
+        "--plot", metavar="PATH", help="write a PNG of the prequential RMSE over the stream (needs the plot extra)"
+    )
     args = parser.parse_args(argv)
     if args.demo and args.input:
         parser.error("--demo runs on the synthetic stream; drop --input")
+    if args.plot:  # fail before training, not after
+        from examples.plotting import PlottingUnavailable, pyplot
+
+        try:
+            pyplot()
+        except PlottingUnavailable as exc:
+            parser.error(str(exc))
     run(args)
 
 

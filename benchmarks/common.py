@@ -5,13 +5,12 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from importlib import metadata
 
-from psclient.local import START_TIMEOUT_S, ChildProcess
+from psclient.local import START_TIMEOUT_S, ChildProcess, child_env, shard_argv
 
 
 def rate(work: Callable[[], int], min_seconds: float = 0.3, max_rounds: int = 100_000) -> float:
@@ -31,32 +30,8 @@ def rate(work: Callable[[], int], min_seconds: float = 0.3, max_rounds: int = 10
 @contextmanager
 def shard_processes(num_shards: int, init: str, update: str = "add") -> Iterator[list[ChildProcess]]:
     """Start `num_shards` psserver processes on loopback; always stop them."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-    children = [
-        ChildProcess(
-            f"shard {i}",
-            [
-                sys.executable,
-                "-m",
-                "psserver",
-                "--shard",
-                str(i),
-                "--num-shards",
-                str(num_shards),
-                "--port",
-                "0",
-                "--init",
-                init,
-                "--update",
-                update,
-                "--log-level",
-                "WARNING",
-            ],
-            env,
-        )
-        for i in range(num_shards)
-    ]
+    env = child_env()
+    children = [ChildProcess(f"shard {i}", shard_argv(i, num_shards, init, update), env) for i in range(num_shards)]
     try:
         for child in children:
             child.bound_address = child.address(START_TIMEOUT_S)  # type: ignore[attr-defined]

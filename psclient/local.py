@@ -32,6 +32,23 @@ STOP_TIMEOUT_S = 10.0
 LISTENING = "listening on "
 
 
+def child_env() -> dict[str, str]:
+    """The environment of a child service: this one, with this process's import path."""
+    env = dict(os.environ)
+    # Children resolve `module:attr` plugins the way this process does.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def shard_argv(shard: int, num_shards: int, init_spec: str, update_spec: str, log_level: str = "WARNING") -> list[str]:
+    """The command line of one shard on a free loopback port, as a deployment would run it."""
+    return [
+        sys.executable, "-m", "psserver", "--shard", str(shard), "--num-shards", str(num_shards), "--port", "0",
+        "--init", init_spec, "--update", update_spec, "--log-level", log_level,
+    ]  # fmt: skip
+
+
 class ChildProcess:
     """A service process whose first stdout line announces its address."""
 
@@ -112,36 +129,13 @@ class LocalCluster:
         self.servers: list[str] = []
         self.workers: list[str] = []
 
-    def _env(self) -> dict[str, str]:
-        env = dict(os.environ)
-        # Children resolve `module:attr` plugins the way this process does.
-        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-        env.setdefault("PYTHONUNBUFFERED", "1")
-        return env
-
     def start(self) -> None:
-        env = self._env()
+        env = child_env()
         try:
             shards = [
                 ChildProcess(
                     f"shard {i}",
-                    [
-                        sys.executable,
-                        "-m",
-                        "psserver",
-                        "--shard",
-                        str(i),
-                        "--num-shards",
-                        str(self.num_shards),
-                        "--port",
-                        "0",
-                        "--init",
-                        self.init_spec,
-                        "--update",
-                        self.update_spec,
-                        "--log-level",
-                        self.log_level,
-                    ],
+                    shard_argv(i, self.num_shards, self.init_spec, self.update_spec, self.log_level),
                     env,
                 )
                 for i in range(self.num_shards)

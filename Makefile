@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 LINTED := $(wildcard psclient psserver psworker protos tests examples benchmarks)
 
-.PHONY: demo test bench lint proto proto-check setup clean
+.PHONY: demo test bench lint proto proto-check setup clean base-image
 
 setup: $(STAMP)
 
@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(PY) examples/online_mf.py --demo
 
 test: $(STAMP) proto-check lint
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -rs $(PYTEST_ARGS)
 
 # Peers for the comparison: Ray and the Redis client from PyPI, redis-server from
 # Debian's packages (installed when missing and we may; skipped with a reason if not).
@@ -41,6 +41,11 @@ proto: $(STAMP)
 
 proto-check: $(STAMP)
 	$(PY) protos/generate.py --check
+
+# A local stand-in for the image's python:3.11-slim base where no registry is reachable
+# (needs root, debootstrap and a Docker engine; .ci/run does this when the image is missing).
+base-image:
+	deploy/make-base-image.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -2,28 +2,49 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import click
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from tqdm import tqdm
 
-from psclient.cluster import Cluster
 from psclient.either import Left, Right
 from psclient.errors import StreampsError
 from psclient.inputs import FORMATS, InputSpec, MalformedRecord, read_share
-from psclient.local import run_local_job
-from psclient.records import to_json_compatible
 from psclient.security import security_options
 from psclient.serving import open_channel
-from psclient.shard_client import describe_rpc_error
+
+
+def _on_first_call(module: str, name: str) -> Any:
+    """`module.name`, imported when first called: `psclient health` runs as a container
+    probe every few seconds, often on a loaded host, and needs none of these."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+    return call
+
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
+
+    from psclient.cluster import Cluster
+    from psclient.local import run_local_job
+    from psclient.records import to_json_compatible
+    from psclient.shard_client import describe_rpc_error
+else:
+    tqdm = _on_first_call("tqdm", "tqdm")
+    Cluster = _on_first_call("psclient.cluster", "Cluster")
+    run_local_job = _on_first_call("psclient.local", "run_local_job")
+    to_json_compatible = _on_first_call("psclient.records", "to_json_compatible")
+    describe_rpc_error = _on_first_call("psclient.shard_client", "describe_rpc_error")
 
 
 def env(name: str) -> dict[str, Any]:

@@ -1,0 +1,162 @@
+"""Failures end a job promptly, with one line naming what failed, and lose no acknowledged push.
+
+A delta no shard could apply is refused at `ps.push`; a Feed-mode worker whose job
+failed does not wait for a reader that never comes; a dead shard costs no extra
+wait; a shard stopped by SIGTERM ends its streams with a status saying so.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import Processes, StartShards
+from logics import JsonPush
+
+from psclient import Cluster, JobFailed, transform
+from psworker.runtime import InvalidDelta, check_delta
+
+RUN_TIMEOUT_S = 120
+
+
+def run_psworker(procs: Processes, servers: str, *args: str) -> tuple[int, list[str], list[str]]:
+    """Run psworker to its end; return (exit code, stdout lines, stderr lines)."""
+    argv = [
+        sys.executable, "-m", "psworker", "--servers", servers, "--worker-index", "0", "--num-workers", "1",
+        "--log-level", "WARNING", *args,
+    ]  # fmt: skip
+    process, stderr_path = procs.popen(argv)
+    stdout, _ = process.communicate(timeout=RUN_TIMEOUT_S)
+    return process.returncode, stdout.splitlines(), stderr_path.read_text(encoding="utf-8").splitlines()
+
+
+def error_line(stderr: list[str]) -> str:
+    """The one `psworker: error:` line, which must end stderr."""
+    errors = [line for line in stderr if line.startswith("psworker: error:")]
+    assert len(errors) == 1, stderr
+    assert stderr[-1] == errors[0], stderr
+    return errors[0]
+
+
+# -- 1. a delta no shard could apply is refused at ps.push -------------------------------
+
+
+@pytest.mark.parametrize(
+    "delta",
+    [
+        1,
+        -(1 << 63),
+        2.5,
+        True,
+        1 + 2j,
+        np.float32(1.5),
+        np.int8(-3),
+        np.bool_(True),
+        np.array([1.0, 2.0], dtype=np.float32),
+        np.array([[1, 2]], dtype=np.uint16),
+        np.array([1 + 1j], dtype=np.complex64),
+        np.array(3),
+        [1.0, 2.0],
+    ],
+    ids=repr,
+)
+def test_numeric_deltas_are_accepted(delta: Any) -> None:
+    check_delta(3, delta)
+
+
+@pytest.mark.parametrize(
+    ("delta", "message"),
+    [
+        ("abc", "push of 'abc' (str) to id 3: a delta must be a number or a numeric numpy array"),
+        (b"abc", "push of b'abc' (bytes) to id 3: a delta must be a number or a numeric numpy array"),
+        (None, "push of None (NoneType) to id 3: a delta must be a number or a numeric numpy array"),
+        ([1, "a"], "push of [1, 'a'] (list) to id 3: a delta must be a number or a numeric numpy array"),
+        ([[1, 2], [3]], "push of [[1, 2], [3]] (list) to id 3: a delta must be a number or a numeric numpy array"),
+        ({"a": 1}, "push of {'a': 1} (dict) to id 3: a delta must be a number or a numeric numpy array"),
+        (
+            np.array(["a"]),
+            "push of array(['a'], dtype='<U1') (ndarray of dtype <U1) to id 3: "
+            "a delta must be a number or a numeric numpy array",
+        ),
+        (
+            np.array([1, None], dtype=object),
+            "push of array([1, None], dtype=object) (ndarray of dtype object) to id 3: "
+            "a delta must be a number or a numeric numpy array",
+        ),
+        (1 << 64, "push of 18446744073709551616 (int) to id 3: an int delta must fit in int64"),
+        (float("nan"), "push of nan (float) to id 3: a delta must be finite (NaN and Inf are refused)"),
+        (
+            np.array([1.0, np.inf]),
+            "push of array([ 1., inf]) (ndarray of dtype float64) to id 3: "
+            "a delta must be finite (NaN and Inf are refused)",
+        ),
+    ],
+    ids=repr,
+)
+def test_non_numeric_or_non_finite_deltas_are_refused(delta: Any, message: str) -> None:
+    with pytest.raises(InvalidDelta) as info:
+        check_delta(3, delta)
+
+    assert str(info.value) == message
+
+
+def records_with_str_delta_on_line_3(path: Path) -> None:
+    records = [{"id": 1, "delta": 1}, {"id": 2, "delta": 2}, {"id": 3, "delta": "abc"}, {"id": 4, "delta": 4}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+
+
+STR_DELTA_ERROR = (
+    "worker 0 failed in on_recv: push of 'abc' (str) to id 3: a delta must be a number or a numeric numpy array"
+)
+
+
+@pytest.mark.timeout(120)
+def test_str_delta_stops_psworker_with_one_line_and_keeps_the_pushes_before_it(
+    tmp_path: Path, procs: Processes, start_shards: StartShards
+) -> None:
+    data = tmp_path / "records.jsonl"
+    records_with_str_delta_on_line_3(data)
+    servers = start_shards(1)
+
+    code, stdout, stderr = run_psworker(procs, servers[0], "--logic", "logics:JsonPush", "--input", str(data))
+    with Cluster(servers) as cluster:
+        model = dict(cluster.snapshot())
+
+    assert code == 1
+    assert error_line(stderr) == f"psworker: error: {STR_DELTA_ERROR} (line 3: {{'id': 3, 'delta': 'abc'}})"
+    assert [json.loads(out) for out in stdout] == [1, 2]
+    assert model == {1: 1, 2: 2}
+
+
+@pytest.mark.timeout(120)
+def test_str_delta_is_skipped_with_on_error_skip(tmp_path: Path, procs: Processes, start_shards: StartShards) -> None:
+    data = tmp_path / "records.jsonl"
+    records_with_str_delta_on_line_3(data)
+    servers = start_shards(1)
+
+    code, stdout, stderr = run_psworker(
+        procs, servers[0], "--logic", "logics:JsonPush", "--input", str(data), "--on-error", "skip"
+    )
+    with Cluster(servers) as cluster:
+        model = dict(cluster.snapshot())
+
+    assert code == 0, stderr
+    skipped = [line for line in stderr if line.endswith("; skipped")]
+    assert len(skipped) == 1, stderr
+    assert skipped[0].endswith(f"{STR_DELTA_ERROR} (line 3: {{'id': 3, 'delta': 'abc'}}); skipped")
+    assert [json.loads(out) for out in stdout] == [1, 2, 4]
+    assert model == {1: 1, 2: 2, 4: 4}
+
+
+@pytest.mark.timeout(120)
+def test_str_delta_fails_transform_naming_worker_callback_and_record() -> None:
+    records = [{"id": 1, "delta": 1}, {"id": 2, "delta": 2}, {"id": 3, "delta": "abc"}, {"id": 4, "delta": 4}]
+
+    with pytest.raises(JobFailed) as info:
+        list(transform(records, JsonPush(), "const:0", "add", 1, 1))
+
+    assert str(info.value) == f"{STR_DELTA_ERROR} (record 3: {{'id': 3, 'delta': 'abc'}})"

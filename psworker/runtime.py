@@ -58,7 +58,8 @@ DEFAULT_LINGER_S = 0.002
 # Input queue bound, in chunks of records (a Feed message or a file read).
 INPUT_CAPACITY_CHUNKS = 64
 RECORD_REPR_LIMIT = 160
-# After a failure, how long acknowledgements of the last pushes are awaited.
+# After a failure, how long acknowledgements of the last pushes are awaited
+# (from the shards whose streams still work: a failed one sends none).
 DRAIN_TIMEOUT_S = 10.0
 
 
@@ -213,6 +214,7 @@ class WorkerRuntime:
         self._answers: deque[tuple[int, list[Id], list[Any]]] = deque()
         self._unacked = 0
         self._unacked_by_shard = [0] * num_shards
+        self._failed_shards: set[int] = set()
         self._input_closed = False
         self._failure: str | None = None
         self.state = State.RUNNING
@@ -299,7 +301,9 @@ class WorkerRuntime:
             self._unacked_by_shard[shard] -= 1
             self._cond.notify_all()
 
-    def _on_shard_error(self, error: ShardError) -> None:
+    def _on_shard_error(self, shard: int, error: ShardError) -> None:
+        with self._cond:
+            self._failed_shards.add(shard)
         self.fail(f"worker {self.worker_index}: {error}")
 
     # -- the ParameterServerClient calls (logic thread) ------------------------
@@ -506,7 +510,7 @@ class WorkerRuntime:
                     address,
                     on_pull=functools.partial(self._on_pull, shard),
                     on_ack=functools.partial(self._on_ack, shard),
-                    on_error=self._on_shard_error,
+                    on_error=functools.partial(self._on_shard_error, shard),
                     connect_timeout=self.connect_timeout,
                 )
             )
@@ -535,11 +539,19 @@ class WorkerRuntime:
     def _drain_pushes(self) -> None:
         """On a failure in user code or input, still deliver the pushes of the records
         processed before it, so the model reflects exactly those records."""
+        shards = range(len(self._connections))
+
+        def drained() -> bool:
+            return all(self._unacked_by_shard[s] == 0 or s in self._failed_shards for s in shards)
+
         try:
-            for shard in range(len(self._connections)):
-                self._push_only(shard)
+            for shard in shards:
+                with self._cond:
+                    failed = shard in self._failed_shards
+                if not failed:
+                    self._push_only(shard)
             with self._cond:
-                self._cond.wait_for(lambda: self._unacked == 0, timeout=DRAIN_TIMEOUT_S)
+                self._cond.wait_for(drained, timeout=DRAIN_TIMEOUT_S)
         except Exception:  # the shards may be the reason for the failure
             log.debug("draining pushes after a failure failed", exc_info=True)
 

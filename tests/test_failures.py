@@ -7,8 +7,12 @@ wait; a shard stopped by SIGTERM ends its streams with a status saying so.
 
 from __future__ import annotations
 
+import itertools
 import json
+import signal
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +21,7 @@ import pytest
 from conftest import Processes, StartShards
 from logics import JsonPush
 
-from psclient import Cluster, JobFailed, transform
+from psclient import Cluster, JobFailed, LocalCluster, transform
 from psworker.runtime import InvalidDelta, check_delta
 
 RUN_TIMEOUT_S = 120
@@ -160,3 +164,35 @@ def test_str_delta_fails_transform_naming_worker_callback_and_record() -> None:
         list(transform(records, JsonPush(), "const:0", "add", 1, 1))
 
     assert str(info.value) == f"{STR_DELTA_ERROR} (record 3: {{'id': 3, 'delta': 'abc'}})"
+
+
+# -- 6. a failed shard costs no wait for acknowledgements it will never send -------------
+
+
+def records_killing(cluster: LocalCluster, shard: int, after: int, killed: list[float]) -> Iterator[int]:
+    """Endless records; once `after` were taken, `shard` of `cluster` is stopped, so that
+    the worker's pushes to it go unacknowledged, and a second later killed."""
+    process = cluster.children[shard].process  # shards are the first children, in order
+    for record in itertools.count():
+        if record == after:
+            process.send_signal(signal.SIGSTOP)
+            time.sleep(1.0)  # the worker goes on with the thousands of records queued before it
+            process.kill()
+            killed.append(time.monotonic())
+        yield record
+
+
+@pytest.mark.timeout(120)
+def test_killed_shard_fails_the_job_within_seconds() -> None:
+    cluster = LocalCluster("logics:Exactness", "const:0", "add", num_workers=1, num_shards=2)
+    killed: list[float] = []
+
+    with cluster, Cluster(cluster.servers, cluster.workers) as client:
+        with pytest.raises(JobFailed) as info:
+            for _ in client.stream(records_killing(cluster, 1, 5_000, killed)):
+                pass
+        elapsed = time.monotonic() - killed[0]
+
+    assert str(info.value).startswith(f"worker 0: shard 1 at {cluster.servers[1]} "), info.value
+    # A failed shard's stream is not waited for (that wait was 10 s); the margin is for a loaded machine.
+    assert elapsed < 8.0, elapsed

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import Processes, StartShards
+from conftest import Processes, Service, StartShards, psserver_argv
 from logics import JsonPush
 
 from psclient import Cluster, JobFailed, LocalCluster, transform
@@ -196,3 +196,72 @@ def test_killed_shard_fails_the_job_within_seconds() -> None:
     assert str(info.value).startswith(f"worker 0: shard 1 at {cluster.servers[1]} "), info.value
     # A failed shard's stream is not waited for (that wait was 10 s); the margin is for a loaded machine.
     assert elapsed < 8.0, elapsed
+
+
+# -- 5. a Feed-mode worker whose job failed does not wait for a reader that never comes ---
+
+
+def feed_mode_worker(procs: Processes, servers: list[str]) -> Service:
+    return procs.start_server(
+        [
+            sys.executable, "-m", "psworker", "--logic", "logics:Exactness", "--servers", ",".join(servers),
+            "--worker-index", "0", "--num-workers", "1", "--port", "0", "--log-level", "WARNING",
+        ]
+    )  # fmt: skip
+
+
+def start_shard(procs: Processes) -> Service:
+    return procs.start_server(psserver_argv(0, 1, "const:0", "add"))
+
+
+@pytest.mark.timeout(120)
+def test_feed_mode_worker_exits_soon_after_its_job_failed_when_nobody_reads(procs: Processes) -> None:
+    shard = start_shard(procs)
+    worker = feed_mode_worker(procs, [shard.address])
+    with Cluster([shard.address], [worker.address]) as cluster:
+        cluster.feed(range(100), end_of_input=False)
+
+    shard.process.kill()
+    code = worker.process.wait(timeout=20)  # it used to wait for an Outputs reader for good
+
+    stderr = worker.stderr_path.read_text(encoding="utf-8").splitlines()
+    assert code == 1
+    assert stderr[-1].startswith(f"psworker: error: worker 0: shard 0 at {shard.address} failed: UNAVAILABLE"), stderr
+
+
+@pytest.mark.timeout(120)
+def test_attached_outputs_reader_gets_the_failure_before_the_worker_exits(procs: Processes) -> None:
+    shard = start_shard(procs)
+    worker = feed_mode_worker(procs, [shard.address])
+    outputs: list[Any] = []
+    with Cluster([shard.address], [worker.address]) as cluster:
+        cluster.feed(range(100), end_of_input=False)
+        reader = cluster.outputs()
+        outputs.extend(itertools.islice(reader, 100))  # attached and drained
+
+        shard.process.kill()
+        with pytest.raises(JobFailed) as info:
+            next(reader)
+    code = worker.process.wait(timeout=20)
+
+    assert outputs == [[0, r] for r in range(100)]
+    assert str(info.value).startswith(f"worker 0: shard 0 at {shard.address} failed: UNAVAILABLE"), info.value
+    assert code == 1
+
+
+@pytest.mark.timeout(120)
+def test_feed_mode_worker_exits_soon_after_its_job_failed_when_its_reader_went_away(procs: Processes) -> None:
+    shard = start_shard(procs)
+    worker = feed_mode_worker(procs, [shard.address])
+    with Cluster([shard.address], [worker.address]) as cluster:
+        cluster.feed(range(100), end_of_input=False)
+        outputs = list(itertools.islice(cluster.outputs(), 100))
+    time.sleep(1.5)  # closing the client cancelled its Outputs stream; let the worker see it
+
+    shard.process.kill()
+    code = worker.process.wait(timeout=20)
+
+    stderr = worker.stderr_path.read_text(encoding="utf-8").splitlines()
+    assert outputs == [[0, r] for r in range(100)]
+    assert code == 1
+    assert stderr[-1].startswith(f"psworker: error: worker 0: shard 0 at {shard.address} failed: UNAVAILABLE"), stderr

@@ -63,7 +63,8 @@ async def serve(store: ParameterStore, shard: int, num_shards: int, host: str, p
         await bound.set_serving(False)
         ended = servicer.stop_streams()
         await bound.server.stop(STOP_GRACE_S)
-    log.info("stopped on %s; ended %d open streams", signal.Signals(stop.signum or signal.SIGTERM).name, ended)
+    cause = signal.Signals(stop.signum).name if stop.signum is not None else "request"
+    log.info("stopped on %s; ended %d open streams", cause, ended)
 
 
 @click.command(context_settings={"show_default": True})

@@ -92,7 +92,7 @@ def check_delta(param_id: Id, delta: Any) -> None:
     if cls is np.ndarray:
         kind = delta.dtype.kind
         if kind in "fc":
-            if _all_finite(delta):
+            if np.isfinite(delta).all():
                 return
             raise _non_finite(param_id, delta)
         if kind in ALLOWED_KINDS:
@@ -117,12 +117,8 @@ def check_delta(param_id: Id, delta: Any) -> None:
     kind = array.dtype.kind
     if kind not in ALLOWED_KINDS:
         raise _not_numeric(param_id, delta)
-    if kind in "fc" and not _all_finite(array):
+    if kind in "fc" and not np.isfinite(array).all():
         raise _non_finite(param_id, delta)
-
-
-def _all_finite(array: np.ndarray) -> bool:
-    return bool(np.isfinite(array).all())
 
 
 def _what(delta: Any) -> str:

@@ -153,6 +153,9 @@ class Cluster:
             def requests() -> Iterator[worker_pb2.FeedRequest]:
                 while (message := sender_queues[index].get()) is not _END:
                     yield message
+                # After the call failed, gRPC's thread still takes one message, which may
+                # be this _END: hand it on to the loop below, which would wait for it for good.
+                sender_queues[index].put(_END)
 
             try:
                 self._worker_stubs[index].Feed(requests())

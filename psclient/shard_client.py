@@ -60,6 +60,23 @@ def describe_rpc_error(exc: grpc.RpcError) -> str:
     return f"{code.name if code else 'UNKNOWN'}: {details}"
 
 
+# A shard that stops ends its open streams with UNAVAILABLE and details ending so.
+SHUTTING_DOWN = "is shutting down"
+
+
+def shutting_down_details(shard: int) -> str:
+    return f"shard {shard} {SHUTTING_DOWN}"
+
+
+def stream_error(what: str, exc: grpc.RpcError) -> ShardError:
+    """A failed stream to the shard `what` as one line; a clean stop of the shard says just that."""
+    code = exc.code() if hasattr(exc, "code") else None
+    details = (exc.details() if hasattr(exc, "details") else "") or ""
+    if code == grpc.StatusCode.UNAVAILABLE and details.endswith(SHUTTING_DOWN):
+        return ShardError(f"{what} {SHUTTING_DOWN}")
+    return ShardError(f"{what} failed: {describe_rpc_error(exc)}")
+
+
 def wait_ready(channel: grpc.Channel, what: str, timeout: float) -> None:
     """Block until the server behind `channel` answers its health check.
 
@@ -137,7 +154,7 @@ class ShardConnection:
                 deliver(response)
         except grpc.RpcError as exc:
             if not self._closing.is_set():
-                self._on_error(ShardError(f"{self.describe()} failed: {describe_rpc_error(exc)}"))
+                self._on_error(stream_error(self.describe(), exc))
         except Exception as exc:  # a bug in a callback must still surface
             self._on_error(ShardError(f"{self.describe()}: {type(exc).__name__}: {exc}"))
         else:
@@ -209,7 +226,7 @@ class _BlockingStreams:
         try:
             return next(answers)
         except grpc.RpcError as exc:
-            raise ShardError(f"{self.describe()} failed: {describe_rpc_error(exc)}") from None
+            raise stream_error(self.describe(), exc) from None
         except StopIteration:
             raise ShardError(f"{self.describe()} closed its stream") from None
 

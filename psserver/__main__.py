@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import sys
 from typing import Any
 
@@ -54,14 +55,16 @@ async def serve(store: ParameterStore, shard: int, num_shards: int, host: str, p
         store.init.spec,
         store.update.spec,
     )
+    ended = 0
     try:
         while not stop.is_set():
             await asyncio.sleep(StopSignal.POLL_S)
-        stop.wait(0)  # logs which signal came
     finally:
         await bound.set_serving(False)
+        ended = servicer.stop_streams()
         await bound.server.stop(STOP_GRACE_S)
-        log.info("stopped")
+    cause = signal.Signals(stop.signum).name if stop.signum is not None else "request"
+    log.info("stopped on %s; ended %d open streams", cause, ended)
 
 
 @click.command(context_settings={"show_default": True})

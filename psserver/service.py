@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -24,6 +24,7 @@ from psclient._proto import shard_pb2, shard_pb2_grpc, tensor_pb2
 from psclient.codec import DecodedBatch, decode_batch, encode_tensor
 from psclient.errors import WireError
 from psclient.partition import shard_of, shards_of_ints
+from psclient.shard_client import shutting_down_details
 from psserver import metrics
 from psserver.store import ParameterStore, Rows
 
@@ -44,15 +45,6 @@ def encode_groups(groups: Sequence[Rows]) -> list[tensor_pb2.ParamBatch]:
     ]
 
 
-async def _parsed(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext, name: str) -> AsyncIterator[Any]:
-    """The requests of a stream; bytes that do not parse end it with INVALID_ARGUMENT, not UNKNOWN."""
-    try:
-        async for request in requests:
-            yield request
-    except DecodeError as exc:
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed {name}: {exc}")
-
-
 class ShardServicer(shard_pb2_grpc.ParameterShardServicer):
     def __init__(self, store: ParameterStore, shard: int, num_shards: int):
         self.store = store
@@ -64,6 +56,11 @@ class ShardServicer(shard_pb2_grpc.ParameterShardServicer):
         self._label = str(shard)
         self._pull_requests = self._pulled_keys = 0
         self._push_requests = self._pushed_keys = 0
+        self._stopping = False
+        self._open_streams = 0
+        # The tasks of Pull and Push streams that wait in this servicer (for a
+        # request, or for a push a pull depends on): `stop_streams` wakes them.
+        self._waiting: set[asyncio.Task[Any]] = set()
 
     @property
     def pushed(self) -> asyncio.Condition:
@@ -71,6 +68,62 @@ class ShardServicer(shard_pb2_grpc.ParameterShardServicer):
         if self._pushed is None:
             self._pushed = asyncio.Condition()
         return self._pushed
+
+    # -- stopping -----------------------------------------------------------
+
+    def stop_streams(self) -> int:
+        """End every open Pull and Push stream with UNAVAILABLE; return how many are open.
+
+        A stream waiting for its next request is woken by cancelling its task at
+        that await (`_requests` turns it into the status); a stream busy with a
+        request ends at its next wait. Left to the server's grace period, the
+        streams of a job (which live as long as the job) would only be cancelled
+        after it, with CancelledError tracebacks here and "Cancelling all calls"
+        at the workers.
+        """
+        self._stopping = True
+        for task in list(self._waiting):
+            task.cancel()
+        return self._open_streams
+
+    async def _stop_stream(self, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.UNAVAILABLE, shutting_down_details(self.shard))
+
+    async def _wait(self, wait: Callable[[], Awaitable[Any]], context: grpc.aio.ServicerContext) -> Any:
+        """Await `wait()` where `stop_streams` can end the stream."""
+        if self._stopping:
+            await self._stop_stream(context)
+        task = asyncio.current_task()
+        assert task is not None
+        self._waiting.add(task)
+        try:
+            return await wait()
+        except asyncio.CancelledError:
+            if not self._stopping:
+                raise
+            task.uncancel()
+            await self._stop_stream(context)
+        finally:
+            self._waiting.discard(task)
+
+    async def _requests(
+        self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext, name: str
+    ) -> AsyncIterator[Any]:
+        """The requests of a stream, until it ends or the shard stops. Bytes that
+        do not parse end it with INVALID_ARGUMENT, not UNKNOWN."""
+        iterator = requests.__aiter__()
+        self._open_streams += 1
+        try:
+            while True:
+                try:
+                    request = await self._wait(iterator.__anext__, context)
+                except StopAsyncIteration:
+                    return
+                except DecodeError as exc:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed {name}: {exc}")
+                yield request
+        finally:
+            self._open_streams -= 1
 
     # -- helpers ------------------------------------------------------------
 
@@ -103,8 +156,11 @@ class ShardServicer(shard_pb2_grpc.ParameterShardServicer):
     async def _await_push(self, worker_id: str, seq: int, context: grpc.aio.ServicerContext) -> None:
         async with self.pushed:
             try:
-                await asyncio.wait_for(
-                    self.pushed.wait_for(lambda: self._watermarks.get(worker_id, 0) >= seq), AFTER_SEQ_TIMEOUT_S
+                await self._wait(
+                    lambda: asyncio.wait_for(
+                        self.pushed.wait_for(lambda: self._watermarks.get(worker_id, 0) >= seq), AFTER_SEQ_TIMEOUT_S
+                    ),
+                    context,
                 )
             except TimeoutError:
                 await context.abort(
@@ -117,7 +173,7 @@ class ShardServicer(shard_pb2_grpc.ParameterShardServicer):
         self, request_iterator: AsyncIterator[shard_pb2.PullRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[shard_pb2.PullResponse]:
         labels = (self._label, "pull")
-        async for request in _parsed(request_iterator, context, "PullRequest"):
+        async for request in self._requests(request_iterator, context, "PullRequest"):
             if request.after_seq and self._watermarks.get(request.worker_id, 0) < request.after_seq:
                 await self._await_push(request.worker_id, request.after_seq, context)
             started = time.perf_counter()
@@ -137,7 +193,7 @@ class ShardServicer(shard_pb2_grpc.ParameterShardServicer):
         self, request_iterator: AsyncIterator[shard_pb2.PushRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[shard_pb2.PushAck]:
         labels = (self._label, "push")
-        async for request in _parsed(request_iterator, context, "PushRequest"):
+        async for request in self._requests(request_iterator, context, "PushRequest"):
             if not request.worker_id or request.seq == 0:
                 metrics.ERRORS.labels(*labels).inc()
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a push needs a worker_id and a seq >= 1")

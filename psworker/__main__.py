@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import threading
 import time
@@ -26,6 +27,12 @@ from psworker.service import OutputBuffer, build_worker_server
 
 STOP_GRACE_S = 5.0
 FILE_CHUNK = 256
+# After a failure, how long a worker serving Outputs waits for a reader to take
+# its outputs and error. A reader that is attached gets them at once; without
+# one, the error is in this process's log and exit code, and a worker that
+# waited longer would only hold its port and memory for a reader that most
+# likely is gone (its client saw the job fail elsewhere).
+UNREAD_FAILURE_GRACE_S = 3.0
 
 
 def load_logic(spec: str) -> WorkerLogic:
@@ -70,6 +77,28 @@ def _feed_file(runtime: WorkerRuntime, spec: InputSpec) -> None:
         pass  # the job already stopped; its error is reported by the runtime
     except (OSError, UnicodeDecodeError) as exc:
         runtime.fail(f"worker {runtime.worker_index}: cannot read {spec.path}: {exc}")
+
+
+def _serve_until_read(
+    stop: StopSignal, done: threading.Event, runtime: WorkerRuntime, outputs: OutputBuffer, *, to_file: bool
+) -> None:
+    """Return once the logic is done and its outputs reached a file or an Outputs
+    reader, or a signal came, or the job failed and no reader was attached for
+    UNREAD_FAILURE_GRACE_S."""
+    unread_since: float | None = None
+    while not stop.is_set():
+        if done.is_set():
+            if to_file or outputs.delivered.is_set():
+                return
+            if runtime.error:
+                if outputs.subscription.locked():
+                    unread_since = None
+                elif unread_since is None:
+                    unread_since = time.monotonic()
+                elif time.monotonic() - unread_since >= UNREAD_FAILURE_GRACE_S:
+                    logging.getLogger("streamps").warning("the job failed and no client reads its outputs: stopping")
+                    return
+        time.sleep(StopSignal.POLL_S)
 
 
 def _fail(message: str, code: int) -> None:
@@ -237,9 +266,7 @@ def main(
                 done.set()
 
         threading.Thread(target=run_logic, name="logic", daemon=True).start()
-        # Stay up until the outputs reached a subscriber (or a signal came).
-        while not stop.is_set() and not (done.is_set() and (output_path is not None or outputs.delivered.is_set())):
-            time.sleep(StopSignal.POLL_S)
+        _serve_until_read(stop, done, runtime, outputs, to_file=output_path is not None)
         bound.set_serving(False)
         bound.server.stop(STOP_GRACE_S).wait()
         if runtime.error:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import enum
 import functools
 import logging
+import math
 import threading
 import time
 import uuid
@@ -38,8 +39,10 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
+
 from psclient._proto import shard_pb2
-from psclient.codec import decode_rows
+from psclient.codec import ALLOWED_KINDS, decode_rows
 from psclient.errors import JobFailed, ShardError, StreampsError
 from psclient.partition import Id, check_id, shard_of
 from psclient.shard_client import DEFAULT_CONNECT_TIMEOUT_S, ShardConnection
@@ -55,7 +58,8 @@ DEFAULT_LINGER_S = 0.002
 # Input queue bound, in chunks of records (a Feed message or a file read).
 INPUT_CAPACITY_CHUNKS = 64
 RECORD_REPR_LIMIT = 160
-# After a failure, how long acknowledgements of the last pushes are awaited.
+# After a failure, how long acknowledgements of the last pushes are awaited
+# (from the shards whose streams still work: a failed one sends none).
 DRAIN_TIMEOUT_S = 10.0
 
 
@@ -68,6 +72,73 @@ class State(enum.Enum):
 def short_repr(obj: Any) -> str:
     text = repr(obj)
     return text if len(text) <= RECORD_REPR_LIMIT else text[: RECORD_REPR_LIMIT - 3] + "..."
+
+
+class InvalidDelta(StreampsError, ValueError):
+    """A pushed delta that no shard could apply: refused at `ps.push`, where the
+    record that made it is known, rather than when its batch is sent."""
+
+
+_INT64_MIN, _INT64_END = -(1 << 63), 1 << 63
+
+
+def check_delta(param_id: Id, delta: Any) -> None:
+    """Raise InvalidDelta unless `delta` is a finite number or numeric numpy array.
+
+    This runs on every push, so the common kinds (an array, a Python number)
+    take short paths.
+    """
+    cls = type(delta)
+    if cls is np.ndarray:
+        kind = delta.dtype.kind
+        if kind in "fc":
+            if np.isfinite(delta).all():
+                return
+            raise _non_finite(param_id, delta)
+        if kind in ALLOWED_KINDS:
+            return
+        raise _not_numeric(param_id, delta)
+    if cls is float:
+        if math.isfinite(delta):
+            return
+        raise _non_finite(param_id, delta)
+    if cls is int:
+        if _INT64_MIN <= delta < _INT64_END:
+            return
+        raise InvalidDelta(f"push of {short_repr(delta)} (int) to id {param_id!r}: an int delta must fit in int64")
+    if cls is bool:
+        return
+    if isinstance(delta, (str, bytes)) or delta is None:
+        raise _not_numeric(param_id, delta)
+    try:
+        array = np.asarray(delta)  # numpy scalars, nested lists of numbers, ...
+    except (TypeError, ValueError):  # ragged nesting, or an object numpy cannot take
+        raise _not_numeric(param_id, delta) from None
+    kind = array.dtype.kind
+    if kind not in ALLOWED_KINDS:
+        raise _not_numeric(param_id, delta)
+    if kind in "fc" and not np.isfinite(array).all():
+        raise _non_finite(param_id, delta)
+
+
+def _what(delta: Any) -> str:
+    dtype = getattr(delta, "dtype", None)
+    return type(delta).__name__ if dtype is None else f"{type(delta).__name__} of dtype {dtype}"
+
+
+def _not_numeric(param_id: Id, delta: Any) -> InvalidDelta:
+    return InvalidDelta(
+        f"push of {short_repr(delta)} ({_what(delta)}) to id {param_id!r}: "
+        "a delta must be a number or a numeric numpy array"
+    )
+
+
+def _non_finite(param_id: Id, delta: Any) -> InvalidDelta:
+    # The shard would refuse the whole batch holding it: refuse the one push instead.
+    return InvalidDelta(
+        f"push of {short_repr(delta)} ({_what(delta)}) to id {param_id!r}: "
+        "a delta must be finite (NaN and Inf are refused)"
+    )
 
 
 class _Unreadable:
@@ -139,6 +210,7 @@ class WorkerRuntime:
         self._answers: deque[tuple[int, list[Id], list[Any]]] = deque()
         self._unacked = 0
         self._unacked_by_shard = [0] * num_shards
+        self._failed_shards: set[int] = set()
         self._input_closed = False
         self._failure: str | None = None
         self.state = State.RUNNING
@@ -225,7 +297,9 @@ class WorkerRuntime:
             self._unacked_by_shard[shard] -= 1
             self._cond.notify_all()
 
-    def _on_shard_error(self, error: ShardError) -> None:
+    def _on_shard_error(self, shard: int, error: ShardError) -> None:
+        with self._cond:
+            self._failed_shards.add(shard)
         self.fail(f"worker {self.worker_index}: {error}")
 
     # -- the ParameterServerClient calls (logic thread) ------------------------
@@ -248,6 +322,7 @@ class WorkerRuntime:
             self._flush_shard(shard)
 
     def push(self, param_id: Id, delta: Any) -> None:
+        check_delta(param_id, delta)
         self.pushes += 1
         shard = shard_of(param_id, len(self._push_ids))
         ids = self._push_ids[shard]
@@ -334,7 +409,8 @@ class WorkerRuntime:
             fn(*args)
         except Exception as exc:
             where = "" if position is None else f" ({self.position_name} {position}: {short_repr(record)})"
-            message = f"worker {self.worker_index} failed in {name}: {type(exc).__name__}: {exc}{where}"
+            what = str(exc) if isinstance(exc, InvalidDelta) else f"{type(exc).__name__}: {exc}"
+            message = f"worker {self.worker_index} failed in {name}: {what}{where}"
             if self.on_error == "skip" and name in ("on_recv", "on_pull_recv"):
                 self.records_failed += 1
                 log.warning("%s; skipped", message, exc_info=True)
@@ -430,7 +506,7 @@ class WorkerRuntime:
                     address,
                     on_pull=functools.partial(self._on_pull, shard),
                     on_ack=functools.partial(self._on_ack, shard),
-                    on_error=self._on_shard_error,
+                    on_error=functools.partial(self._on_shard_error, shard),
                     connect_timeout=self.connect_timeout,
                 )
             )
@@ -451,19 +527,27 @@ class WorkerRuntime:
             self._drain_pushes()
             self._finish(State.FAILED, str(exc))
             raise
-        except BaseException:
-            self._finish(State.FAILED, f"worker {self.worker_index}: runtime stopped")
+        except BaseException as exc:
+            self._finish(State.FAILED, f"worker {self.worker_index}: runtime stopped: {type(exc).__name__}: {exc}")
             raise
         self._finish(State.FINISHED, None)
 
     def _drain_pushes(self) -> None:
         """On a failure in user code or input, still deliver the pushes of the records
         processed before it, so the model reflects exactly those records."""
+        shards = range(len(self._connections))
+
+        def drained() -> bool:
+            return all(self._unacked_by_shard[s] == 0 or s in self._failed_shards for s in shards)
+
         try:
-            for shard in range(len(self._connections)):
-                self._push_only(shard)
+            for shard in shards:
+                with self._cond:
+                    failed = shard in self._failed_shards
+                if not failed:
+                    self._push_only(shard)
             with self._cond:
-                self._cond.wait_for(lambda: self._unacked == 0, timeout=DRAIN_TIMEOUT_S)
+                self._cond.wait_for(drained, timeout=DRAIN_TIMEOUT_S)
         except Exception:  # the shards may be the reason for the failure
             log.debug("draining pushes after a failure failed", exc_info=True)
 

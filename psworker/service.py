@@ -27,6 +27,7 @@ class OutputBuffer:
         self._items: deque[bytes] = deque()
         self._closed = False
         self.delivered = threading.Event()  # set once a subscriber has read everything
+        self.subscription = threading.Lock()  # held by the one Outputs stream reading
 
     def put(self, out: object) -> None:
         data = pack(out)  # raises WireError inside the user's callback: a clear message
@@ -55,7 +56,6 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     def __init__(self, runtime: WorkerRuntime, outputs: OutputBuffer):
         self.runtime = runtime
         self.outputs = outputs
-        self._subscribed = threading.Lock()
 
     def Feed(
         self, request_iterator: Iterator[worker_pb2.FeedRequest], context: grpc.ServicerContext
@@ -79,7 +79,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     def Outputs(
         self, request: worker_pb2.OutputsRequest, context: grpc.ServicerContext
     ) -> Iterator[worker_pb2.OutputChunk]:
-        if not self._subscribed.acquire(blocking=False):
+        if not self.outputs.subscription.acquire(blocking=False):
             context.abort(grpc.StatusCode.ALREADY_EXISTS, "another client is reading this worker's outputs")
         try:
             while context.is_active():
@@ -94,7 +94,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             if self.runtime.state is State.FAILED:
                 context.abort(grpc.StatusCode.ABORTED, self.runtime.error or "worker failed")
         finally:
-            self._subscribed.release()
+            self.outputs.subscription.release()
 
     def Status(self, request: worker_pb2.StatusRequest, context: grpc.ServicerContext) -> worker_pb2.StatusResponse:
         runtime = self.runtime

@@ -13,7 +13,6 @@ from typing import Any, TextIO
 import click
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from tqdm import tqdm
 
 from psclient.cluster import Cluster
 from psclient.either import Left, Right
@@ -164,25 +163,16 @@ def run(
     try:
         with ExitStack() as stack:
             out, model = _open_out(stack, output_path), _open_out(stack, model_path)
-            bar = stack.enter_context(
-                tqdm(
-                    desc="outputs", unit="", unit_scale=True, file=sys.stderr, mininterval=0.5,
-                    disable=not (sys.stderr.isatty() if progress is None else progress),
-                )
-            )  # fmt: skip
             stream = run_local_job(
                 counted(_records(spec, on_error)), logic_spec, init_spec, update_spec, workers, shards,
                 iteration_wait_time=iteration_wait_time, partition_by=_partition_by(spec),
-                pull_limit=pull_limit, on_error=on_error,
+                pull_limit=pull_limit, on_error=on_error, progress=progress,
             )  # fmt: skip
             for item in stream:
                 match item:
                     case Left(value):
                         outputs += 1
                         _write_json(out, value)
-                        bar.update()
-                        if outputs % 1024 == 0:
-                            bar.set_postfix(records=fed[0], refresh=False)
                     case Right((param_id, value)):
                         params += 1
                         _write_json(model, {"id": param_id, "value": value})

@@ -42,13 +42,23 @@ FEEDER_JOIN_S = 5.0
 _END = object()
 
 
+class WorkerReported(JobFailed):
+    """A worker's own one-line report that its job failed (it is still there to say so)."""
+
+
 class _Failure:
     def __init__(self, error: BaseException):
         self.error = error
 
 
 class Cluster:
-    """A handle on running shards (`servers`) and workers (`workers`)."""
+    """A handle on running shards (`servers`) and workers (`workers`).
+
+    Nothing is contacted until it is used. Before the first pull, push, snapshot
+    or stream, every shard must answer (within `connect_timeout`) and its own
+    index and count must match its place in `servers`, else ShardError says
+    which one does not (`servers_label` names the list in that message).
+    """
 
     def __init__(
         self,
@@ -306,7 +316,7 @@ class Cluster:
                 merged.put(_END)
             except grpc.RpcError as exc:
                 if exc.code() == grpc.StatusCode.ABORTED:
-                    merged.put(_Failure(JobFailed(exc.details())))
+                    merged.put(_Failure(WorkerReported(exc.details())))
                 else:
                     merged.put(
                         _Failure(JobFailed(f"worker {index} at {self.workers[index]}: {describe_rpc_error(exc)}"))

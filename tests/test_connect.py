@@ -1,15 +1,22 @@
 """Connecting to a cluster: misplaced shards are refused before anything is written, and
 names that do not resolve (yet) are waited for like servers that are still starting.
 
-Unresolvable names are under the reserved `.invalid` TLD (RFC 6761): they never resolve
-and send nothing to any address.
+Every name is under the reserved `.invalid` TLD (RFC 6761): no real resolver answers it
+and nothing is sent to any address. The one that resolves later is answered by a DNS
+responder on 127.0.0.1 that the channel is pointed at (`dns://127.0.0.1:PORT/NAME:PORT`).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import socket
+import struct
+import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -139,6 +146,91 @@ def test_status_labels_each_shard_by_the_index_it_reports(procs: Processes) -> N
 
 
 # -- names that do not resolve ------------------------------------------------------
+
+
+class LoopbackDns:
+    """A DNS responder on 127.0.0.1: A records of `published` names are 127.0.0.1, any
+    other name is NXDOMAIN (as a Kubernetes pod's name is until the pod is ready)."""
+
+    def __init__(self) -> None:
+        self.published: set[str] = set()
+        self.queries: list[str] = []
+        self._socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._socket.bind(("127.0.0.1", 0))
+        self._socket.settimeout(0.2)
+        self.port = self._socket.getsockname()[1]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                query, peer = self._socket.recvfrom(512)
+            except TimeoutError:
+                continue
+            self._socket.sendto(self._answer(query), peer)
+
+    def _answer(self, query: bytes) -> bytes:
+        query_id, flags = struct.unpack("!HH", query[:4])
+        labels, position = [], 12
+        while length := query[position]:
+            labels.append(query[position + 1 : position + 1 + length].decode("ascii"))
+            position += 1 + length
+        (query_type,) = struct.unpack("!H", query[position + 1 : position + 3])
+        question = query[12 : position + 5]
+        name = ".".join(labels).lower()
+        self.queries.append(name)
+        known = name in self.published
+        answer = b""
+        if known and query_type == 1:  # A, TTL 0: never cached
+            answer = b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 0, 4) + socket.inet_aton("127.0.0.1")
+        rcode = 0 if known else 3  # NXDOMAIN
+        header = struct.pack("!HHHHHH", query_id, 0x8180 | (flags & 0x0100) | rcode, 1, 1 if answer else 0, 0, 0)
+        return header + question + answer
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._socket.close()
+
+
+@pytest.fixture
+def dns() -> Iterator[LoopbackDns]:
+    if os.environ.get("GRPC_DNS_RESOLVER", "ares") != "ares":
+        pytest.skip("only gRPC's c-ares resolver takes a DNS server in the target")
+    responder = LoopbackDns()
+    try:
+        yield responder
+    finally:
+        responder.close()
+
+
+@pytest.mark.timeout(180)
+def test_psworker_connects_once_the_shard_name_starts_to_resolve(
+    tmp_path: Path, procs: Processes, dns: LoopbackDns
+) -> None:
+    servers = start(procs, (0, 1))
+    name = "shard-0.streamps.invalid"
+    address = f"dns://127.0.0.1:{dns.port}/{name}:{servers[0].rsplit(':', 1)[1]}"
+    data = words_file(tmp_path)
+    argv = psworker_argv([address], "--input", str(data), "--format", "lines", "--connect-timeout", "90")
+
+    process, stderr_path = procs.popen(argv, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while name not in dns.queries and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(3)  # the pod becomes ready a while after the worker first asked
+    asked_before = dns.queries.count(name)
+    dns.published.add(name)
+    code = process.wait(timeout=RUN_TIMEOUT_S)
+
+    assert asked_before >= 4, "the worker must keep asking while the name does not resolve"
+    assert code == 0, stderr_path.read_text(encoding="utf-8")
+    with connect(servers) as cluster:
+        model = dict(cluster.snapshot())
+    words = data.read_text(encoding="utf-8").split()
+    assert model == {word: words.count(word) for word in set(words)}
 
 
 @pytest.mark.timeout(120)

@@ -39,7 +39,7 @@ class JobProgress:
             # A job whose outputs come late still shows its input moving.
             if time.monotonic() - self._shown_records_at >= REFRESH_S:
                 self._shown_records_at = time.monotonic()
-                self._bar.set_postfix(records=self.records)
+                self._bar.set_postfix(records=f"{self.records:,}")
             yield record
 
     def output(self) -> None:
@@ -47,5 +47,5 @@ class JobProgress:
         self._bar.update()
 
     def close(self) -> None:
-        self._bar.set_postfix(records=self.records, refresh=False)
+        self._bar.set_postfix(records=f"{self.records:,}", refresh=False)
         self._bar.close()

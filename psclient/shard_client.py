@@ -60,7 +60,7 @@ def describe_rpc_error(exc: grpc.RpcError) -> str:
     return f"{code.name if code else 'UNKNOWN'}: {details}"
 
 
-def _retry_reason(exc: grpc.RpcError, what: str) -> str | None:
+def _retry_reason(exc: grpc.RpcError, what: str) -> str:
     """Why a failed health check is worth repeating ("refused", "unresolved"), or raise.
 
     A refused connection is a server still starting, and a name that does not
@@ -192,7 +192,11 @@ def check_layout(servers: Sequence[str], infos: Sequence[shard_pb2.InfoResponse]
 
 
 class ShardConnection:
-    """Streams to one shard. Callbacks run on this connection's reader threads."""
+    """Streams to one shard. Callbacks run on this connection's reader threads.
+
+    `info` is the shard's Info as it was on connect: its index and count, which
+    the caller checks against the server list (check_layout).
+    """
 
     def __init__(
         self,

@@ -35,6 +35,9 @@ LISTENING = "listening on "
 # After a stream broke, how long to look for the child whose death broke it: the
 # socket closes as the process dies, a moment before it can be reaped.
 DEATH_NOTICE_S = 2.0
+# A worker's own report of a failure (of a shard, say) comes well after a death
+# behind it, so a short look is enough.
+REPORTED_DEATH_NOTICE_S = 0.25
 
 
 def child_env() -> dict[str, str]:
@@ -104,7 +107,7 @@ class ChildProcess:
     def exit_reason(self) -> str | None:
         """How the child ended, if it has ended and was not stopped by us; else None."""
         code = self.process.poll()
-        if code is None or code == 0 or self._terminated:  # 0: a worker that finished its share
+        if code is None or self._terminated:
             return None
         who = f"{self.name} (pid {self.process.pid})"
         if code < 0:
@@ -209,18 +212,20 @@ class LocalCluster:
         """Which child ended on its own and how, looking for up to `wait` seconds; else None.
 
         A shard never ends on its own, nor does any child by a signal we did not
-        send: either is the cause of whatever failed. A worker that exits with a
-        code after reporting its own failure through its stream is no news, so
-        `count_worker_exits` says whether such exits count.
+        send: either is the cause of whatever failed. A worker that finished its
+        share exits with 0, and one that reported its own failure through its
+        stream exits with 1 once it was read: `count_worker_exits` says whether
+        a worker's non-zero exit is news.
         """
         deadline = time.monotonic() + wait
         while True:
-            ended = [(child, reason) for child in self.children if (reason := child.exit_reason())]
-            for child, reason in ended:
-                if child.process.returncode < 0 or child.name.startswith("shard"):
+            for child in self.children:
+                reason = child.exit_reason()
+                if reason is None:
+                    continue
+                code = child.process.returncode
+                if code < 0 or child.name.startswith("shard ") or (count_worker_exits and code > 0):
                     return reason
-            if count_worker_exits and ended:
-                return ended[0][1]
             if time.monotonic() >= deadline:
                 return None
             time.sleep(0.02)
@@ -274,9 +279,8 @@ def run_local_job(
                         bar.output()
                     yield item
             except StreampsError as exc:
-                # A worker's own report needs no wait: whatever made it fail happened before.
                 reported = isinstance(exc, WorkerReported)
-                wait = 0.0 if reported else DEATH_NOTICE_S
+                wait = REPORTED_DEATH_NOTICE_S if reported else DEATH_NOTICE_S
                 died = cluster.unexpected_exit(count_worker_exits=not reported, wait=wait)
                 if died:
                     raise JobFailed(died) from exc

@@ -19,7 +19,7 @@ from psclient.either import Left, Right
 from psclient.errors import StreampsError
 from psclient.inputs import FORMATS, InputSpec, MalformedRecord, read_share
 from psclient.security import security_options
-from psclient.serving import open_channel
+from psclient.serving import DEFAULT_CONNECT_TIMEOUT_S, open_channel
 
 
 def _on_first_call(module: str, name: str) -> Any:
@@ -38,13 +38,14 @@ if TYPE_CHECKING:
     from psclient.cluster import Cluster
     from psclient.local import run_local_job
     from psclient.records import to_json_compatible
-    from psclient.shard_client import describe_rpc_error
+    from psclient.shard_client import describe_rpc_error, layout_problems
 else:
     tqdm = _on_first_call("tqdm", "tqdm")
     Cluster = _on_first_call("psclient.cluster", "Cluster")
     run_local_job = _on_first_call("psclient.local", "run_local_job")
     to_json_compatible = _on_first_call("psclient.records", "to_json_compatible")
     describe_rpc_error = _on_first_call("psclient.shard_client", "describe_rpc_error")
+    layout_problems = _on_first_call("psclient.shard_client", "layout_problems")
 
 
 def env(name: str) -> dict[str, Any]:
@@ -83,6 +84,15 @@ def _partition_by(spec: InputSpec) -> Callable[[Any], Any] | None:
     if key is None:
         return None
     return lambda record: record[key] if isinstance(record, dict) else record[int(key)]
+
+
+connect_timeout_option = click.option(
+    "--connect-timeout",
+    type=float,
+    default=DEFAULT_CONNECT_TIMEOUT_S,
+    **env("CONNECT_TIMEOUT"),
+    help="Seconds to wait for each server that refuses connections or whose name does not resolve yet.",
+)
 
 
 def _fail(message: str) -> None:
@@ -176,25 +186,16 @@ def run(
     try:
         with ExitStack() as stack:
             out, model = _open_out(stack, output_path), _open_out(stack, model_path)
-            bar = stack.enter_context(
-                tqdm(
-                    desc="outputs", unit="", unit_scale=True, file=sys.stderr, mininterval=0.5,
-                    disable=not (sys.stderr.isatty() if progress is None else progress),
-                )
-            )  # fmt: skip
             stream = run_local_job(
                 counted(_records(spec, on_error)), logic_spec, init_spec, update_spec, workers, shards,
                 iteration_wait_time=iteration_wait_time, partition_by=_partition_by(spec),
-                pull_limit=pull_limit, on_error=on_error,
+                pull_limit=pull_limit, on_error=on_error, progress=progress,
             )  # fmt: skip
             for item in stream:
                 match item:
                     case Left(value):
                         outputs += 1
                         _write_json(out, value)
-                        bar.update()
-                        if outputs % 1024 == 0:
-                            bar.set_postfix(records=fed[0], refresh=False)
                     case Right((param_id, value)):
                         params += 1
                         _write_json(model, {"id": param_id, "value": value})
@@ -211,12 +212,14 @@ def run(
 @main.command()
 @click.option("--servers", required=True, **env("SERVERS"), help="Shard addresses H:P,... in shard order.")
 @click.option("--output", "output_path", default="-", **env("OUTPUT"), help="JSON lines {id, value} (- for stdout).")
+@connect_timeout_option
 @security_options
-def snapshot(servers: str, output_path: str) -> None:
+def snapshot(servers: str, output_path: str, connect_timeout: float) -> None:
     """Dump every parameter of a running cluster as JSON lines."""
     count = 0
     try:
-        with ExitStack() as stack, Cluster(_addresses(servers)) as cluster:
+        cluster = Cluster(_addresses(servers), connect_timeout=connect_timeout, servers_label="--servers")
+        with ExitStack() as stack, cluster:
             out = _open_out(stack, output_path)
             for param_id, value in cluster.snapshot():
                 _write_json(out, {"id": param_id, "value": value})
@@ -228,14 +231,22 @@ def snapshot(servers: str, output_path: str) -> None:
 
 def _status_rows(cluster: Cluster) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
-    for shard, info in enumerate(cluster.info()):
-        row: dict[str, Any] = {"node": f"shard {shard}", "address": cluster.servers[shard]}
+    infos = cluster.info()
+    answered = [None if isinstance(info, Exception) else info for info in infos]
+    # First problem per shard; a shard that disagrees with its place is shown as the
+    # shard it says it is, so that the table shows what is really running.
+    misplaced: dict[int, str] = {}
+    for place, problem in layout_problems(cluster.servers, answered, "--servers"):
+        misplaced.setdefault(place, problem)
+    for place, info in enumerate(infos):
         if isinstance(info, Exception):
-            rows.append({**row, "up": False, "detail": str(info)})
+            rows.append({"node": f"shard {place}", "address": cluster.servers[place], "up": False, "detail": str(info)})
             continue
         rows.append({
-            **row, "up": True, "params": info.num_params, "keys": info.pulled_keys + info.pushed_keys,
+            "node": f"shard {info.shard}", "address": cluster.servers[place], "up": True,
+            "params": info.num_params, "keys": info.pulled_keys + info.pushed_keys,
             "uptime_s": round(info.uptime_seconds, 1),
+            **({"detail": misplaced[place], "misplaced": True} if place in misplaced else {}),
         })  # fmt: skip
     for index, state in enumerate(cluster.status()):
         row = {"node": f"worker {index}", "address": cluster.workers[index]}
@@ -290,7 +301,7 @@ def status(servers: str | None, workers: str | None, interval: float, as_json: b
         click.echo("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
         for r in table:
             click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
-    if any(not row["up"] for row in rows):
+    if any(not row["up"] or row.get("misplaced") for row in rows):
         sys.exit(1)
 
 
@@ -318,6 +329,7 @@ def health(address: str, timeout: float) -> None:
     "--output", "output_path", default="-", **env("OUTPUT"), help="Worker outputs as JSON lines (- for stdout)."
 )
 @click.option("--no-end", is_flag=True, help="Do not end the workers' input after this file (more feeds follow).")
+@connect_timeout_option
 @security_options
 def feed(
     workers: str,
@@ -328,12 +340,13 @@ def feed(
     on_error: str,
     output_path: str,
     no_end: bool,
+    connect_timeout: float,
 ) -> None:
     """Feed a file to remote workers and stream their outputs."""
     spec = InputSpec(input_path, fmt, partition_key, skip_header)
     outputs = 0
     try:
-        with ExitStack() as stack, Cluster([], _addresses(workers)) as cluster:
+        with ExitStack() as stack, Cluster([], _addresses(workers), connect_timeout=connect_timeout) as cluster:
             out = _open_out(stack, output_path)
             sent = cluster.feed(_records(spec, on_error), partition_by=_partition_by(spec), end_of_input=not no_end)
             if not no_end:

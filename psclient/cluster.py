@@ -23,7 +23,14 @@ from psclient.partition import Id, key_bucket
 from psclient.records import pack, unpack
 from psclient.security import Security
 from psclient.serving import open_channel
-from psclient.shard_client import DEFAULT_CONNECT_TIMEOUT_S, ShardGroup, describe_rpc_error, wait_ready
+from psclient.shard_client import (
+    DEFAULT_CONNECT_TIMEOUT_S,
+    ShardGroup,
+    check_layout,
+    describe_rpc_error,
+    fetch_info,
+    ready_channel,
+)
 
 FEED_BATCH = 512
 # A partly filled feed batch is sent after this long without new records, so
@@ -35,13 +42,23 @@ FEEDER_JOIN_S = 5.0
 _END = object()
 
 
+class WorkerReported(JobFailed):
+    """A worker's own one-line report that its job failed (it is still there to say so)."""
+
+
 class _Failure:
     def __init__(self, error: BaseException):
         self.error = error
 
 
 class Cluster:
-    """A handle on running shards (`servers`) and workers (`workers`)."""
+    """A handle on running shards (`servers`) and workers (`workers`).
+
+    Nothing is contacted until it is used. Before the first pull, push, snapshot
+    or stream, every shard must answer (within `connect_timeout`) and its own
+    index and count must match its place in `servers`, else ShardError says
+    which one does not (`servers_label` names the list in that message).
+    """
 
     def __init__(
         self,
@@ -50,11 +67,18 @@ class Cluster:
         *,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
         security: Security | None = None,
+        servers_label: str = "servers",
     ):
         self.servers = list(servers)
         self.workers = list(workers)
         self.connect_timeout = connect_timeout
         self.security = security
+        self.servers_label = servers_label
+        self._shards_checked = False
+        self._workers_ready: set[int] = set()
+        # stream() readies the workers from two threads (feeding, reading outputs);
+        # each channel must be replaced once, not closed under the other thread.
+        self._connecting = threading.RLock()
         self._shard_channels = [open_channel(a, security) for a in self.servers]
         self._worker_channels = [open_channel(a, security) for a in self.workers]
         self._shard_stubs = [shard_pb2_grpc.ParameterShardStub(c) for c in self._shard_channels]
@@ -66,8 +90,29 @@ class Cluster:
     @property
     def shards(self) -> ShardGroup:
         if self._group is None:
-            self._group = ShardGroup(self.servers, connect_timeout=self.connect_timeout, security=self.security)
+            self._group = ShardGroup(
+                self.servers,
+                connect_timeout=self.connect_timeout,
+                security=self.security,
+                servers_label=self.servers_label,
+            )
         return self._group
+
+    def check_shards(self) -> None:
+        """Wait for every shard and check its index and count; ShardError names a misplaced one."""
+        with self._connecting:
+            if self._shards_checked:
+                return
+            infos = []
+            for shard, address in enumerate(self.servers):
+                what = f"shard {shard} at {address}"
+                channel = ready_channel(address, what, self.connect_timeout, self.security)
+                self._shard_channels[shard].close()
+                self._shard_channels[shard] = channel
+                self._shard_stubs[shard] = shard_pb2_grpc.ParameterShardStub(channel)
+                infos.append(fetch_info(channel, what, self.connect_timeout))
+            check_layout(self.servers, infos, self.servers_label)
+            self._shards_checked = True
 
     def pull(self, ids: Sequence[Id] | np.ndarray) -> list[Any] | np.ndarray:
         """Current values of `ids` (created from the init function if absent).
@@ -91,8 +136,8 @@ class Cluster:
 
     def snapshot(self) -> Iterator[tuple[Id, Any]]:
         """Every (id, value) of every shard, shard by shard."""
+        self.check_shards()
         for shard, stub in enumerate(self._shard_stubs):
-            self._ready(self._shard_channels[shard], f"shard {shard} at {self.servers[shard]}")
             try:
                 for chunk in stub.Snapshot(shard_pb2.SnapshotRequest()):
                     ids, values = decode_rows(chunk.batches)
@@ -124,11 +169,19 @@ class Cluster:
 
     # -- records and outputs -----------------------------------------------
 
-    def _ready(self, channel: grpc.Channel, what: str) -> None:
-        try:
-            wait_ready(channel, what, self.connect_timeout)
-        except ShardError as exc:
-            raise StreampsError(str(exc)) from None
+    def _ready_worker(self, index: int) -> None:
+        with self._connecting:
+            if index in self._workers_ready:
+                return
+            address = self.workers[index]
+            try:
+                channel = ready_channel(address, f"worker {index} at {address}", self.connect_timeout, self.security)
+            except ShardError as exc:
+                raise StreampsError(str(exc)) from None
+            self._worker_channels[index].close()
+            self._worker_channels[index] = channel
+            self._worker_stubs[index] = worker_pb2_grpc.WorkerStub(channel)
+            self._workers_ready.add(index)
 
     def feed(
         self,
@@ -144,8 +197,9 @@ class Cluster:
         Returns how many records were sent."""
         if not self.workers:
             raise StreampsError("this cluster has no workers to feed")
-        for index, channel in enumerate(self._worker_channels):
-            self._ready(channel, f"worker {index} at {self.workers[index]}")
+        self.check_shards()
+        for index in range(len(self.workers)):
+            self._ready_worker(index)
         sender_queues: list[queue.Queue[Any]] = [queue.Queue(FEED_QUEUE_MESSAGES) for _ in self.workers]
         failures: list[BaseException] = []
 
@@ -255,8 +309,8 @@ class Cluster:
         Raises JobFailed with the worker's one-line error if a worker failed.
         """
         merged: queue.Queue[Any] = queue.Queue()
-        for index, channel in enumerate(self._worker_channels):
-            self._ready(channel, f"worker {index} at {self.workers[index]}")
+        for index in range(len(self.workers)):
+            self._ready_worker(index)
 
         def read(index: int) -> None:
             try:
@@ -265,7 +319,7 @@ class Cluster:
                 merged.put(_END)
             except grpc.RpcError as exc:
                 if exc.code() == grpc.StatusCode.ABORTED:
-                    merged.put(_Failure(JobFailed(exc.details())))
+                    merged.put(_Failure(WorkerReported(exc.details())))
                 else:
                     merged.put(
                         _Failure(JobFailed(f"worker {index} at {self.workers[index]}: {describe_rpc_error(exc)}"))
@@ -294,6 +348,7 @@ class Cluster:
     ) -> Iterator[Left[Any] | Right[tuple[Id, Any]]]:
         """Feed `records` (if given), yield every output as `Left` while they arrive,
         then every final parameter as `Right((id, value))` once all workers finished."""
+        self.check_shards()  # before any record reaches a worker
         feed_error: list[BaseException] = []
         feeder: threading.Thread | None = None
         if records is not None:
@@ -339,10 +394,18 @@ class Cluster:
         self.close()
 
 
-def connect(servers: Sequence[str], workers: Sequence[str] = (), *, security: Security | None = None) -> Cluster:
+def connect(
+    servers: Sequence[str],
+    workers: Sequence[str] = (),
+    *,
+    security: Security | None = None,
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
+) -> Cluster:
     """A `Cluster` for shards at `servers` (in shard order) and workers at `workers`.
 
     `security` (TLS material, bearer token) defaults to this process's, which is
     plaintext without a token unless configured; see psclient.security.
+    `connect_timeout` bounds the wait for each server that is still starting
+    (refusing connections, or its name not resolving yet).
     """
-    return Cluster(servers, workers, security=security)
+    return Cluster(servers, workers, security=security, connect_timeout=connect_timeout)

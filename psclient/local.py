@@ -15,21 +15,29 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from psclient.cluster import Cluster
+from psclient.cluster import Cluster, WorkerReported
 from psclient.either import Left, Right
-from psclient.errors import StreampsError
+from psclient.errors import JobFailed, StreampsError
 from psclient.partition import Id
 from psclient.plugins import ship
+from psclient.progress import JobProgress
 
 # Each child imports grpc and numpy before it listens; on a busy 2-core machine
 # that can take several seconds.
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
 LISTENING = "listening on "
+# After a stream broke, how long to look for the child whose death broke it: the
+# socket closes as the process dies, a moment before it can be reaped.
+DEATH_NOTICE_S = 2.0
+# A worker's own report of a failure (of a shard, say) comes well after a death
+# behind it, so a short look is enough.
+REPORTED_DEATH_NOTICE_S = 0.25
 
 
 def child_env() -> dict[str, str]:
@@ -61,7 +69,8 @@ class ChildProcess:
         self._terminated = False
         self._lines: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._pump_stdout, daemon=True).start()
-        threading.Thread(target=self._pump_stderr, daemon=True).start()
+        self._stderr_pump = threading.Thread(target=self._pump_stderr, daemon=True)
+        self._stderr_pump.start()
 
     def _pump_stdout(self) -> None:
         assert self.process.stdout is not None
@@ -84,9 +93,32 @@ class ChildProcess:
         except queue.Empty:
             raise StreampsError(f"{self.name} did not start within {timeout:g} s") from None
         self.process.wait(timeout=STOP_TIMEOUT_S)
-        errors = [line for line in self.stderr_tail if "error" in line.lower()] or self.stderr_tail[-1:]
-        reason = errors[-1] if errors else f"exit code {self.process.returncode}"
+        reason = self._last_error_line()
+        if reason is None or self.process.returncode < 0:
+            reason = self.exit_reason()
         raise StreampsError(f"{self.name} failed to start: {reason}")
+
+    def _last_error_line(self) -> str | None:
+        """The last line of the child's stderr that speaks of an error, else its last line."""
+        self._stderr_pump.join(timeout=1.0)  # the child is gone; let its last lines arrive
+        errors = [line for line in self.stderr_tail if "error" in line.lower()] or self.stderr_tail[-1:]
+        return errors[-1] if errors else None
+
+    def exit_reason(self) -> str | None:
+        """How the child ended, if it has ended and was not stopped by us; else None."""
+        code = self.process.poll()
+        if code is None or self._terminated:
+            return None
+        who = f"{self.name} (pid {self.process.pid})"
+        if code < 0:
+            try:
+                name = f" ({signal.Signals(-code).name})"
+            except ValueError:
+                name = ""
+            # The kernel's out-of-memory killer sends SIGKILL too.
+            return f"{who} was killed by signal {-code}{name}"
+        line = self._last_error_line()
+        return f"{who} exited with code {code}" + (f": {line}" if line else "")
 
     def terminate(self) -> None:
         """Send SIGTERM once; a second one would only interrupt the graceful stop."""
@@ -176,6 +208,28 @@ class LocalCluster:
             self.stop()
             raise
 
+    def unexpected_exit(self, *, count_worker_exits: bool, wait: float = 0.0) -> str | None:
+        """Which child ended on its own and how, looking for up to `wait` seconds; else None.
+
+        A shard never ends on its own, nor does any child by a signal we did not
+        send: either is the cause of whatever failed. A worker that finished its
+        share exits with 0, and one that reported its own failure through its
+        stream exits with 1 once it was read: `count_worker_exits` says whether
+        a worker's non-zero exit is news.
+        """
+        deadline = time.monotonic() + wait
+        while True:
+            for child in self.children:
+                reason = child.exit_reason()
+                if reason is None:
+                    continue
+                code = child.process.returncode
+                if code < 0 or child.name.startswith("shard ") or (count_worker_exits and code > 0):
+                    return reason
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.02)
+
     def stop(self) -> None:
         """Stop every child (SIGTERM, then SIGKILL after a grace period)."""
         for child in self.children:  # all at once, then wait for each
@@ -204,13 +258,35 @@ def run_local_job(
     partition_by: Callable[[Any], Hashable] | None = None,
     pull_limit: int | None = None,
     on_error: str = "fail",
+    progress: bool | None = None,
 ) -> Iterator[Left[Any] | Right[tuple[Id, Any]]]:
-    """Start a local cluster, run the job, yield its stream, tear everything down."""
+    """Start a local cluster, run the job, yield its stream, tear everything down.
+
+    `progress` shows a live bar on stderr (None: when stderr is a terminal). If a
+    child dies (a signal, the out-of-memory killer, a crash), JobFailed names it
+    and how it ended, rather than the broken stream it leaves behind.
+    """
     cluster = LocalCluster(
         logic_spec, init_spec, update_spec, num_workers, num_shards, pull_limit=pull_limit, on_error=on_error
     )
-    with cluster, Cluster(cluster.servers, cluster.workers) as client:
-        yield from client.stream(records, partition_by=partition_by, iteration_wait_time=iteration_wait_time)
+    bar = JobProgress(progress)
+    try:
+        with cluster, Cluster(cluster.servers, cluster.workers) as client:
+            records = bar.count(records)
+            try:
+                for item in client.stream(records, partition_by=partition_by, iteration_wait_time=iteration_wait_time):
+                    if isinstance(item, Left):
+                        bar.output()
+                    yield item
+            except StreampsError as exc:
+                reported = isinstance(exc, WorkerReported)
+                wait = REPORTED_DEATH_NOTICE_S if reported else DEATH_NOTICE_S
+                died = cluster.unexpected_exit(count_worker_exits=not reported, wait=wait)
+                if died:
+                    raise JobFailed(died) from exc
+                raise
+    finally:
+        bar.close()
 
 
 def _spec(obj: Any, directory: Path, name: str) -> str:
@@ -227,6 +303,7 @@ def transform(
     iteration_wait_time: float | None = None,
     *,
     partition_by: Callable[[Any], Hashable] | None = None,
+    progress: bool | None = None,
 ) -> Iterator[Left[Any] | Right[tuple[Id, Any]]]:
     """Run `worker_logic` over `training_data` on an embedded local cluster.
 
@@ -238,6 +315,10 @@ def transform(
     zero-argument factory; `param_init` and `param_update` are built-in spec
     strings or callables. Callables are shipped to the children with cloudpickle
     through private local files; nothing is pickled over the network.
+
+    `progress` shows a live bar of outputs and records on stderr, like `psclient
+    run` (None: when stderr is a terminal). If a child process dies, JobFailed
+    names it: "worker 1 (pid N) was killed by signal 9 (SIGKILL)".
     """
     with tempfile.TemporaryDirectory(prefix="streamps-") as tmp:
         directory = Path(tmp)
@@ -250,4 +331,5 @@ def transform(
             ps_parallelism,
             iteration_wait_time=iteration_wait_time,
             partition_by=partition_by,
+            progress=progress,
         )

@@ -27,6 +27,9 @@ from psclient.security import current as current_security
 # more so the largest batch the runtime builds always fits in one message.
 MAX_MESSAGE_BYTES = 128 * 1024 * 1024
 
+# How long to wait for a server to accept a connection before giving up.
+DEFAULT_CONNECT_TIMEOUT_S = 15.0
+
 CHANNEL_OPTIONS: list[tuple[str, int]] = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

@@ -26,10 +26,7 @@ from psclient.codec import INT_IDS_DTYPE, decode_batch, decode_rows, encode_keys
 from psclient.errors import ShardError
 from psclient.partition import Id, check_id, shards_of_ints, split_by_shard
 from psclient.security import Security
-from psclient.serving import open_channel
-
-# How long to wait for a shard to accept a connection before giving up.
-DEFAULT_CONNECT_TIMEOUT_S = 15.0
+from psclient.serving import DEFAULT_CONNECT_TIMEOUT_S, open_channel
 
 _END = object()
 
@@ -77,42 +74,143 @@ def stream_error(what: str, exc: grpc.RpcError) -> ShardError:
     return ShardError(f"{what} failed: {describe_rpc_error(exc)}")
 
 
-def wait_ready(channel: grpc.Channel, what: str, timeout: float) -> None:
-    """Block until the server behind `channel` answers its health check.
+def _retry_reason(exc: grpc.RpcError, what: str) -> str:
+    """Why a failed health check is worth repeating ("refused", "unresolved"), or raise.
 
-    A health Check with wait_for_ready rides out a server that is still starting,
-    and, unlike channel_ready_future, leaves no polling thread behind that could
-    trip over the channel being closed later.
+    A refused connection is a server still starting, and a name that does not
+    resolve yet is one Kubernetes has not published yet (it publishes a pod's
+    DNS name only once the pod is ready): both heal by waiting. Any other failure
+    to connect (a TLS handshake that fails, plaintext against TLS) will not, so
+    it is reported at once.
     """
-    stub = health_pb2_grpc.HealthStub(channel)
+    detail = exc.details() or ""
+    code = exc.code()
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return "refused"
+    if code == grpc.StatusCode.UNAVAILABLE:
+        if "resolv" in detail.lower():  # "errors resolving H:P", "DNS resolution failed for H:P"
+            return "unresolved"
+        if "refused" in detail.lower():
+            return "refused"
+        raise ShardError(
+            f"{what}: cannot connect ({detail}); check that both sides agree on TLS "
+            "(--tls-ca/--tls-cert/--tls-key) and the token"
+        ) from None
+    raise ShardError(f"{what}: {describe_rpc_error(exc)}") from None
+
+
+def _host(address: str) -> str:
+    target = address.split("///")[-1]  # dns:///name:port
+    host, colon, port = target.rpartition(":")
+    return host.strip("[]") if colon and port.isdigit() else target
+
+
+def ready_channel(address: str, what: str, timeout: float, security: Security | None = None) -> grpc.Channel:
+    """A channel to `address` whose server answers its health check.
+
+    Waits up to `timeout` for a server that refuses connections or whose name
+    does not resolve yet; raises ShardError naming `what` and the reason. A
+    health Check (rather than channel_ready_future) leaves no polling thread
+    behind that could trip over the channel being closed later.
+    """
     deadline = time.monotonic() + timeout
     pause = 0.05
-    while True:
-        left = deadline - time.monotonic()
-        try:
-            stub.Check(health_pb2.HealthCheckRequest(), timeout=max(left, 0.01))
-            return
-        except grpc.RpcError as exc:
-            detail = exc.details() or ""
-            # A refused connection is a server still starting: try again. Any other
-            # failure to connect (a TLS handshake that fails, plaintext against TLS)
-            # will not heal by waiting, so say so at once.
-            refused = "refused" in detail.lower() or exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-            if exc.code() == grpc.StatusCode.UNAVAILABLE and not refused:
-                raise ShardError(
-                    f"{what}: cannot connect ({detail}); check that both sides agree on TLS "
-                    "(--tls-ca/--tls-cert/--tls-key) and the token"
-                ) from None
-            if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise ShardError(f"{what}: {describe_rpc_error(exc)}") from None
-        if time.monotonic() + pause >= deadline:
-            raise ShardError(f"{what} is unreachable (no answer after {timeout:g} s)")
-        time.sleep(pause)
-        pause = min(pause * 2, 1.0)
+    channel = open_channel(address, security)
+    try:
+        while True:
+            try:
+                health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=max(deadline - time.monotonic(), 0.01)
+                )
+                return channel
+            except grpc.RpcError as exc:
+                reason = _retry_reason(exc, what)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                if reason == "unresolved":
+                    raise ShardError(f"{what}: the name {_host(address)} did not resolve within {timeout:g} s")
+                raise ShardError(f"{what} is unreachable (no answer after {timeout:g} s)")
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, 1.0)
+            if reason == "unresolved":
+                # A channel whose lookup failed retries it on its own backoff, which
+                # grows to minutes; a new channel looks the name up again now.
+                channel.close()
+                channel = open_channel(address, security)
+    except BaseException:
+        channel.close()
+        raise
+
+
+def fetch_info(channel: grpc.Channel, what: str, timeout: float) -> shard_pb2.InfoResponse:
+    """The shard's Info (its index and count among others); ShardError if it has none."""
+    try:
+        return shard_pb2_grpc.ParameterShardStub(channel).Info(shard_pb2.InfoRequest(), timeout=timeout)
+    except grpc.RpcError as exc:
+        if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+            raise ShardError(f"{what} is not a shard (it does not serve the ParameterShard service)") from None
+        raise ShardError(f"{what}: {describe_rpc_error(exc)}") from None
+
+
+def _ordinal(number: int) -> str:
+    suffix = "th" if 10 <= number % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(number % 10, "th")
+    return f"{number}{suffix}"
+
+
+def layout_problems(
+    servers: Sequence[str], infos: Sequence[shard_pb2.InfoResponse | None], listed_as: str = "servers"
+) -> list[tuple[int, str]]:
+    """(place in `servers`, message) for every shard whose Info disagrees with its place.
+
+    Ids are routed by their place in the list, modulo its length: a shard started
+    with another index or count would accept some pushes and refuse others as
+    not its own, mid-job. Wrong counts come first, then two shards claiming one
+    index, then shards listed out of order: the first is the likeliest cause.
+    `None` stands for a shard that did not answer.
+    """
+    count = len(servers)
+    listed = f"{count} address" if count == 1 else f"{count} addresses"
+    known = [(place, address, info) for place, (address, info) in enumerate(zip(servers, infos, strict=True)) if info]
+    problems = [
+        (place,
+         f"{listed_as} lists {listed} but the shard at {address} says it is shard {info.shard} of {info.num_shards}")
+        for place, address, info in known
+        if info.num_shards != count
+    ]  # fmt: skip
+    claimed: dict[int, str] = {}
+    for place, address, info in known:
+        if info.num_shards != count:
+            continue
+        if info.shard in claimed:
+            message = (
+                f"{listed_as}: the shards at {claimed[info.shard]} and {address} both say they are shard "
+                f"{info.shard} of {count} (each shard needs its own --shard)"
+            )
+            problems.append((place, message))
+        claimed.setdefault(info.shard, address)
+    reported = {place for place, _ in problems}
+    problems.extend(
+        (place, f"{listed_as}: the {_ordinal(place + 1)} address {address} is shard {info.shard} of {count}, "
+                f"expected shard {place}")
+        for place, address, info in known
+        if place not in reported and info.num_shards == count and info.shard != place
+    )  # fmt: skip
+    return problems
+
+
+def check_layout(servers: Sequence[str], infos: Sequence[shard_pb2.InfoResponse], listed_as: str = "servers") -> None:
+    """Raise ShardError naming the first shard whose Info disagrees with its place in `servers`."""
+    problems = layout_problems(servers, infos, listed_as)
+    if problems:
+        raise ShardError(problems[0][1])
 
 
 class ShardConnection:
-    """Streams to one shard. Callbacks run on this connection's reader threads."""
+    """Streams to one shard. Callbacks run on this connection's reader threads.
+
+    `info` is the shard's Info as it was on connect: its index and count, which
+    the caller checks against the server list (check_layout).
+    """
 
     def __init__(
         self,
@@ -127,9 +225,13 @@ class ShardConnection:
         self.shard = shard
         self.address = address
         self._on_pull, self._on_ack, self._on_error = on_pull, on_ack, on_error
-        self._channel = open_channel(address)
         self._closing = threading.Event()
-        wait_ready(self._channel, self.describe(), connect_timeout)
+        self._channel = ready_channel(address, self.describe(), connect_timeout)
+        try:
+            self.info = fetch_info(self._channel, self.describe(), connect_timeout)
+        except ShardError:
+            self._channel.close()
+            raise
         stub = shard_pb2_grpc.ParameterShardStub(self._channel)
         self._pulls, self._pushes = _RequestStream(), _RequestStream()
         self._pull_call = stub.Pull(iter(self._pulls))
@@ -202,9 +304,9 @@ class _BlockingStreams:
     def __init__(self, shard: int, address: str, connect_timeout: float, security: Security | None):
         self.shard = shard
         self.address = address
-        self._channel = open_channel(address, security)
+        self._channel = ready_channel(address, self.describe(), connect_timeout, security)
         try:
-            wait_ready(self._channel, self.describe(), connect_timeout)
+            self.info = fetch_info(self._channel, self.describe(), connect_timeout)
         except ShardError:
             self._channel.close()
             raise
@@ -251,6 +353,8 @@ class ShardGroup:
     answers. Calls from several threads take turns (one lock). A pull after a
     push through the same group sees it. A shard that fails or goes away makes
     the call raise ShardError (a silent peer is found by the channel keepalive).
+    Opening the group raises ShardError if a shard's own index or count
+    disagrees with its place in `servers` (`servers_label` names that list).
     """
 
     def __init__(
@@ -260,6 +364,7 @@ class ShardGroup:
         worker_id: str | None = None,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
         security: Security | None = None,
+        servers_label: str = "servers",
     ):
         self.servers = list(servers)
         self.worker_id = worker_id or f"client-{uuid.uuid4().hex[:12]}"
@@ -270,6 +375,7 @@ class ShardGroup:
         try:
             for shard, address in enumerate(servers):
                 self.connections.append(_BlockingStreams(shard, address, connect_timeout, security))
+            check_layout(self.servers, [c.info for c in self.connections], servers_label)
         except BaseException:
             self.close()
             raise

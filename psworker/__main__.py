@@ -160,7 +160,11 @@ def env(name: str) -> dict[str, Any]:
     help="On a malformed record or an exception in on_recv/on_pull_recv: stop the job, or log, count and go on.",
 )
 @click.option(
-    "--connect-timeout", type=float, default=15.0, **env("CONNECT_TIMEOUT"), help="Seconds to wait for each shard."
+    "--connect-timeout",
+    type=float,
+    default=15.0,
+    **env("CONNECT_TIMEOUT"),
+    help="Seconds to wait for each shard that refuses connections or whose name does not resolve yet.",
 )
 @click.option("--log-level", default="INFO", **env("LOG_LEVEL"))
 @click.option("--log-format", type=click.Choice(LOG_FORMATS), default="text", **env("LOG_FORMAT"))

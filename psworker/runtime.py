@@ -45,7 +45,7 @@ from psclient._proto import shard_pb2
 from psclient.codec import ALLOWED_KINDS, decode_rows
 from psclient.errors import JobFailed, ShardError, StreampsError
 from psclient.partition import Id, check_id, shard_of
-from psclient.shard_client import DEFAULT_CONNECT_TIMEOUT_S, ShardConnection
+from psclient.shard_client import DEFAULT_CONNECT_TIMEOUT_S, ShardConnection, check_layout
 from psworker.logic import WorkerLogic, pull_limit_of
 
 log = logging.getLogger("streamps.worker")
@@ -498,7 +498,9 @@ class WorkerRuntime:
         return False
 
     def connect(self) -> None:
-        """Open streams to every shard; ShardError names the one that is unreachable."""
+        """Open streams to every shard; ShardError names the one that is unreachable,
+        or whose own index and count disagree with its place in --servers (before
+        anything is sent, since such a shard would refuse some pushes only mid-job)."""
         for shard, address in enumerate(self.servers):
             self._connections.append(
                 ShardConnection(
@@ -510,6 +512,13 @@ class WorkerRuntime:
                     connect_timeout=self.connect_timeout,
                 )
             )
+        try:
+            check_layout(self.servers, [connection.info for connection in self._connections], "--servers")
+        except ShardError:
+            for connection in self._connections:
+                connection.close()
+            self._connections = []
+            raise
 
     def run(self) -> None:
         """Run the logic to the end; raise JobFailed with a one-line message on failure."""

@@ -26,8 +26,11 @@ from psclient.partition import Id
 from psserver.index import IntIndex
 from psserver.specs import InitFn, UpdateFn
 
-_MIN_CAPACITY = 1024
-_GROWTH = 1.5  # of the table's rows; 2x would leave up to half of a large table unused
+# The first table holds up to 1,024 rows but no more than 1 MiB: a vector of a
+# few floats gets room to grow, and one 50 MB parameter gets one row, not 50 GB.
+_FIRST_ROWS = 1024
+_FIRST_BYTES = 1 << 20
+_GROWTH = 1.5  # of the table's bytes; 2x would leave up to half of a large table unused
 Signature = tuple[np.dtype, tuple[int, ...]]
 _NO_INTS = np.empty(0, dtype=INT_IDS_DTYPE)
 
@@ -103,7 +106,9 @@ class ParameterStore:
     def _append_rows(self, rows: np.ndarray) -> np.ndarray:
         """Copy `rows` into the table; return their row numbers."""
         if self._table is None:
-            self._table = np.zeros((max(_MIN_CAPACITY, len(rows)), *rows.shape[1:]), dtype=rows.dtype)
+            row_bytes = max(1, rows[0].nbytes)
+            first = max(len(rows), min(_FIRST_ROWS, max(1, _FIRST_BYTES // row_bytes)))
+            self._table = np.zeros((first, *rows.shape[1:]), dtype=rows.dtype)
         needed = self._size + len(rows)
         if needed > len(self._table):
             grown = np.zeros((max(needed, int(len(self._table) * _GROWTH)), *self._table.shape[1:]), self._table.dtype)

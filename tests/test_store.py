@@ -167,3 +167,16 @@ def test_chunks_hold_every_parameter_exactly_once() -> None:
     assert sorted(seen, key=str) == sorted([*range(250), *(f"s{i}" for i in range(130))], key=str)
     assert len(seen) == len(set(seen)) == 380
     assert max(sizes) <= 100
+
+
+def test_the_table_is_sized_by_bytes_not_rows() -> None:
+    big, small = store("zeros:6553600", "add"), store("zeros:4", "add")
+
+    big.pull([1])
+    big.push([([2, 1], np.ones((2, 6_553_600), dtype=np.float32))])
+    small.pull([1])
+
+    assert values(big, [1])[1] == [1.0] * 6_553_600
+    assert len(big) == 2
+    assert big.nbytes() < 3 * 6_553_600 * 4 + big._int_rows.nbytes()  # 2 rows and at most one spare
+    assert small.nbytes() == 1024 * 4 * 4 + small._int_rows.nbytes()

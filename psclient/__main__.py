@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from psclient.cluster import Cluster
 from psclient.either import Left, Right
-from psclient.errors import StreampsError
+from psclient.errors import SpecError, StreampsError
 from psclient.inputs import FORMATS, InputSpec, MalformedRecord, read_share
 from psclient.local import run_local_job
 from psclient.records import to_json_compatible
@@ -67,6 +67,18 @@ def _partition_by(spec: InputSpec) -> Callable[[Any], Any] | None:
 def _fail(message: str) -> None:
     click.echo(f"psclient: error: {message}", err=True)
     sys.exit(1)
+
+
+def _check_specs(init_spec: str, update_spec: str) -> None:
+    """Refuse a spec the shards would refuse, before any process starts (exit code 2, like psserver)."""
+    from psserver.specs import make_init, make_update  # the shards' own parser; only `run` needs it
+
+    try:
+        make_init(init_spec)
+        make_update(update_spec)
+    except SpecError as exc:
+        click.echo(f"psclient: error: {exc}", err=True)
+        sys.exit(2)
 
 
 input_options = [
@@ -140,6 +152,7 @@ def run(
     progress: bool | None,
 ) -> None:
     """Run a whole job on an embedded local cluster."""
+    _check_specs(init_spec, update_spec)
     spec = InputSpec(input_path, fmt, partition_key, skip_header)
     if input_path != "-" and not Path(input_path).is_file():
         _fail(f"--input {input_path}: no such file")

@@ -25,6 +25,7 @@ from psclient.codec import DecodedBatch, decode_batch, encode_tensor
 from psclient.errors import WireError
 from psclient.partition import shard_of, shards_of_ints
 from psserver import metrics
+from psserver.specs import UserFunctionError
 from psserver.store import ParameterStore, Rows
 
 log = logging.getLogger("streamps.shard")
@@ -97,6 +98,10 @@ class ShardServicer(shard_pb2_grpc.ParameterShardServicer):
     async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
         if isinstance(exc, WireError):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if isinstance(exc, UserFunctionError):
+            # The request was fine; the shard's configured user code was not.
+            log.warning("%s", exc, exc_info=exc.__cause__)
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         log.exception("request failed")
         await context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
 

@@ -24,7 +24,7 @@ from psclient.codec import ALLOWED_KINDS, INT_IDS_DTYPE
 from psclient.errors import WireError
 from psclient.partition import Id
 from psserver.index import IntIndex
-from psserver.specs import InitFn, UpdateFn
+from psserver.specs import InitFn, UpdateFn, UserFunctionError
 
 # The first table holds up to 1,024 rows but no more than 1 MiB: a vector of a
 # few floats gets room to grow, and one 50 MB parameter gets one row, not 50 GB.
@@ -60,10 +60,18 @@ def _signature(value: np.ndarray) -> Signature:
     return value.dtype, value.shape
 
 
-def _check_value(value: Any, what: str) -> np.ndarray:
-    array = np.asarray(value)
+def _check_result(value: Any, what: str, param_id: Id) -> np.ndarray:
+    """A user function's result as an array a shard can store and send."""
+    try:
+        array = np.asarray(value)
+    except Exception as exc:  # e.g. a ragged list
+        raise UserFunctionError(
+            f"{what} returned an unusable {type(value).__name__} for id {param_id!r}: {exc}"
+        ) from exc
     if array.dtype.kind not in ALLOWED_KINDS:
-        raise WireError(f"{what} has non-numeric dtype {array.dtype}")
+        raise UserFunctionError(
+            f"{what} returned {type(value).__name__} of dtype {array.dtype} for id {param_id!r}, not a number"
+        )
     return array
 
 
@@ -100,8 +108,8 @@ class ParameterStore:
             ids = [*int_ids.tolist(), *str_ids]
         values = self.init.batch(ids)
         if isinstance(values, np.ndarray):
-            return _check_value(values, f"init {self.init.spec!r}")
-        return [_check_value(v, f"init {self.init.spec!r} of id {i!r}") for i, v in zip(ids, values, strict=True)]
+            return values
+        return [_check_result(v, f"param_init {self.init.name}", i) for i, v in zip(ids, values, strict=True)]
 
     def _append_rows(self, rows: np.ndarray) -> np.ndarray:
         """Copy `rows` into the table; return their row numbers."""
@@ -274,7 +282,7 @@ class ParameterStore:
             old = staged.get(param_id)
             if old is None:
                 old = self._current(param_id)
-            staged[param_id] = self._updated(old, delta)
+            staged[param_id] = self._updated(old, delta, param_id)
         for param_id, new in staged.items():
             if param_id in self._other:
                 self._other[param_id] = np.array(new, dtype=self._other[param_id].dtype)
@@ -290,16 +298,15 @@ class ParameterStore:
         value = self._other.get(param_id)
         return value if value is not None else self._table[self._row_of(param_id)]  # type: ignore[index]
 
-    def _updated(self, old: np.ndarray, delta: np.ndarray) -> np.ndarray:
+    def _updated(self, old: np.ndarray, delta: np.ndarray, param_id: Id) -> np.ndarray:
         update = self.update
         if update.replace:
             return delta
         if update.ufunc is not None:
             return update.ufunc(old, delta.astype(old.dtype, copy=False))
-        assert update.scalar is not None
         given = old.item() if old.ndim == 0 else old.copy()
-        result = update.scalar(given, delta.item() if delta.ndim == 0 else delta.copy())
-        new = _check_value(result, "update result")
+        result = update.call(given, delta.item() if delta.ndim == 0 else delta.copy(), param_id)
+        new = _check_result(result, f"param_update {update.name}", param_id)
         if new.shape != old.shape or not np.can_cast(new.dtype, old.dtype, casting="same_kind"):
             raise WireError(
                 f"update {update.spec!r} returned {new.dtype}{list(new.shape)} for a "

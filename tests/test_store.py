@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from psclient import WireError
-from psserver.specs import make_init, make_update
+from psserver.specs import UserFunctionError, make_init, make_update
 from psserver.store import ParameterStore
 
 
@@ -133,7 +133,7 @@ def test_failing_user_update_leaves_the_store_unchanged() -> None:
     s = store("const:0", update)
     s.push([([1, 2], np.array([5, 6]))])
 
-    with pytest.raises(ValueError, match="negative delta"):
+    with pytest.raises(UserFunctionError, match=r"update raised ValueError\('negative delta'\) for id 1$"):
         s.push([([1, 2, 1], np.array([1, 1, -1]))])
 
     assert values(s, [1, 2]) == {1: 5, 2: 6}

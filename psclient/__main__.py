@@ -71,11 +71,10 @@ def _fail(message: str) -> None:
 
 def _check_specs(init_spec: str, update_spec: str) -> None:
     """Refuse a spec the shards would refuse, before any process starts (exit code 2, like psserver)."""
-    from psserver.specs import make_init, make_update  # the shards' own parser; only `run` needs it
+    from psserver.specs import check_specs  # the shards' own parser; only `run` needs it
 
     try:
-        make_init(init_spec)
-        make_update(update_spec)
+        check_specs(init_spec, update_spec)
     except SpecError as exc:
         click.echo(f"psclient: error: {exc}", err=True)
         sys.exit(2)

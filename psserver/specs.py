@@ -280,3 +280,13 @@ def make_update(spec: str | Callable[[Any, Any], Any]) -> UpdateFn:
             raise SpecError(f"update {spec!r} is not callable")
         return UpdateFn(spec, scalar=fn, name=describe_callable(fn) if spec.startswith("@") else spec)
     raise SpecError(f"unknown update {spec!r}: use add, replace, max, min or module:attr")
+
+
+def check_specs(init: str | Callable[[Id], Any], update: str | Callable[[Any, Any], Any]) -> None:
+    """Raise SpecError (a ValueError) for an init or update spec a shard would refuse at start.
+
+    For whoever starts shards (`psclient run`, a local cluster): call it before
+    starting any process, so that a bad spec is one clear error, not a failed job.
+    """
+    make_init(init)
+    make_update(update)

@@ -296,7 +296,9 @@ class ParameterStore:
         plans = [self._plan(batch) for batch in batches]
         for batch, (new_ints, new_strs, new_values) in zip(batches, plans, strict=True):
             handles = self._handles(batch.int_ids, batch.str_ids)
-            if len(handles) and handles.min() < 0:
+            if not len(handles):
+                continue
+            if handles.min() < 0:
                 still_ints, still_strs = self._absent(batch.int_ids, batch.str_ids, handles)
                 if len(still_ints) == len(new_ints) and len(still_strs) == len(new_strs):
                     self._create(new_ints, new_strs, new_values)

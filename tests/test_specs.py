@@ -11,7 +11,7 @@ import pytest
 from conftest import StartShards, child_env
 
 from psclient import ShardError, SpecError, connect
-from psserver.specs import UserFunctionError, make_init, make_update
+from psserver.specs import UserFunctionError, check_specs, make_init, make_update
 
 IDS = [0, 1, -5, 2**63 - 1, "a", "ünï"]
 
@@ -185,3 +185,13 @@ def test_a_shard_reports_a_raising_update_as_the_users_error(start_shards: Start
         "FAILED_PRECONDITION: param_update logics:bad_update raised ValueError('negative delta -1') for id 'a'"
     )
     assert model == {5: 2, "a": 3}
+
+
+def test_check_specs_raises_value_error_for_what_a_shard_would_refuse() -> None:
+    check_specs(lambda param_id: 0, lambda old, delta: old + delta)
+    check_specs("normal:4,std=0.1,seed=3", "max")
+
+    with pytest.raises(ValueError, match="init 'uniform:3,low=2,high=1': low must be below high"):
+        check_specs("uniform:3,low=2,high=1", "add")
+    with pytest.raises(ValueError, match="unknown update 'sum'"):
+        check_specs("zeros:2", "sum")

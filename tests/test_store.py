@@ -282,3 +282,13 @@ def test_a_table_every_parameter_left_gives_its_memory_back() -> None:
 
     assert dtypes(s, [0, 99]) == {0: "<f8", 99: "<f8"}
     assert s.nbytes() < before + 100 * 1000 * 8
+
+
+@pytest.mark.parametrize("update", ["add", "replace", lambda old, delta: old + delta])
+def test_an_empty_push_to_an_empty_store_changes_nothing(update: Any) -> None:
+    s = store("zeros:2", update)
+
+    s.push([([], np.empty((0, 2), dtype=np.float32))])
+
+    assert len(s) == 0
+    assert s.pull([]) == []

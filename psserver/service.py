@@ -99,8 +99,11 @@ class ShardServicer(shard_pb2_grpc.ParameterShardServicer):
         if isinstance(exc, WireError):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         if isinstance(exc, UserFunctionError):
-            # The request was fine; the shard's configured user code was not.
-            log.warning("%s", exc, exc_info=exc.__cause__)
+            # The request was fine; the shard's configured user code was not. Its
+            # traceback helps whoever debugs that code, but is not the message.
+            log.warning("%s", exc)
+            if exc.__cause__ is not None:
+                log.info("traceback of %r", exc.__cause__, exc_info=exc.__cause__)
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         log.exception("request failed")
         await context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")

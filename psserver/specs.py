@@ -182,9 +182,12 @@ def _parse_options(parts: list[str], allowed: dict[str, Callable[[str], Any]], s
 
 def _parse_number(text: str) -> int | float:
     try:
-        return _int_in(_INT64_RANGE)(text)
+        value = int(text)
     except ValueError:
         return _finite(text)
+    if not _INT64_RANGE[0] <= value <= _INT64_RANGE[1]:
+        raise ValueError(text)  # a parameter holds 64-bit ints: never round it into a float
+    return value
 
 
 def make_init(spec: str | Callable[[Id], Any]) -> InitFn:

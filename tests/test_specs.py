@@ -110,6 +110,7 @@ def test_module_attr_specs_load_callables() -> None:
         ("const:abc", "not a finite number"),
         ("const:nan", "not a finite number"),
         ("const:1e999", "not a finite number"),
+        ("const:9223372036854775808", "not a finite number"),
         ("const:1,2", "takes one number"),
         ("nosuchmodule:fn", "no module named 'nosuchmodule'"),
         ("math:nosuch", "no attribute"),

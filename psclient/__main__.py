@@ -16,7 +16,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from psclient.either import Left, Right
-from psclient.errors import StreampsError
+from psclient.errors import SpecError, StreampsError
 from psclient.inputs import FORMATS, InputSpec, MalformedRecord, read_share
 from psclient.security import security_options
 from psclient.serving import DEFAULT_CONNECT_TIMEOUT_S, open_channel
@@ -100,6 +100,17 @@ def _fail(message: str) -> None:
     sys.exit(1)
 
 
+def _check_specs(init_spec: str, update_spec: str) -> None:
+    """Refuse a spec the shards would refuse, before any process starts (exit code 2, like psserver)."""
+    from psserver.specs import check_specs  # the shards' own parser; only `run` needs it
+
+    try:
+        check_specs(init_spec, update_spec)
+    except SpecError as exc:
+        click.echo(f"psclient: error: {exc}", err=True)
+        sys.exit(2)
+
+
 input_options = [
     click.option("--input", "input_path", required=True, **env("INPUT"), help="Records file, or - for stdin."),
     click.option("--format", "fmt", type=click.Choice(FORMATS), default="jsonl", **env("FORMAT")),
@@ -171,6 +182,7 @@ def run(
     progress: bool | None,
 ) -> None:
     """Run a whole job on an embedded local cluster."""
+    _check_specs(init_spec, update_spec)
     spec = InputSpec(input_path, fmt, partition_key, skip_header)
     if input_path != "-" and not Path(input_path).is_file():
         _fail(f"--input {input_path}: no such file")

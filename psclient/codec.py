@@ -132,15 +132,30 @@ def as_value_array(value: Any) -> np.ndarray:
     return array
 
 
+def _one_type(values: Sequence[Any]) -> bool:
+    """Whether every value has the type (and, for arrays, the dtype) of the first."""
+    if not values:
+        return True
+    first = values[0]
+    kind = type(first)
+    if kind is np.ndarray:
+        return all(type(v) is np.ndarray and v.dtype == first.dtype for v in values)
+    return all(type(v) is kind for v in values)
+
+
 def group_values(ids: Sequence[Id], values: Sequence[Any]) -> list[tuple[list[Id], np.ndarray]]:
     """Group (id, value) pairs by dtype and shape, each group stacked into one array.
 
-    The common case, every value of one shape, is one `np.asarray` call.
+    The common case, every value of one type and shape, is one `np.asarray`
+    call. Values of several types are grouped instead, so that each keeps its
+    own dtype: stacked together, an int would become a float because another id
+    of the batch got one, and the shard folds each delta by its dtype.
     """
     try:
-        stacked = np.asarray(values)
-        if stacked.dtype.kind in ALLOWED_KINDS and stacked.shape[:1] == (len(ids),):
-            return [(list(ids), stacked)]
+        if _one_type(values):
+            stacked = np.asarray(values)
+            if stacked.dtype.kind in ALLOWED_KINDS and stacked.shape[:1] == (len(ids),):
+                return [(list(ids), stacked)]
     except ValueError:  # ragged: values of different shapes
         pass
     groups: dict[tuple[str, tuple[int, ...]], tuple[list[Id], list[np.ndarray]]] = {}

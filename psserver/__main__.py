@@ -116,17 +116,17 @@ def main(
     if shard >= num_shards:
         click.echo(f"psserver: error: --shard {shard} must be below --num-shards {num_shards}", err=True)
         sys.exit(2)
+    try:
+        store = ParameterStore(make_init(init_spec), make_update(update_spec))
+    except SpecError as exc:
+        click.echo(f"psserver: error: {exc}", err=True)
+        sys.exit(2)
     configure_logging(f"shard {shard}", log_level, log_format)
     pin_mmap_threshold()
     try:
         start_metrics(metrics_port, host)
     except OSError as exc:
         click.echo(f"psserver: error: cannot serve metrics on port {metrics_port}: {exc}", err=True)
-        sys.exit(2)
-    try:
-        store = ParameterStore(make_init(init_spec), make_update(update_spec))
-    except SpecError as exc:
-        click.echo(f"psserver: error: {exc}", err=True)
         sys.exit(2)
     asyncio.run(serve(store, shard, num_shards, host, port))
 

@@ -26,6 +26,7 @@ from psclient.errors import WireError
 from psclient.partition import shard_of, shards_of_ints
 from psclient.shard_client import shutting_down_details
 from psserver import metrics
+from psserver.specs import UserFunctionError
 from psserver.store import ParameterStore, Rows
 
 log = logging.getLogger("streamps.shard")
@@ -150,6 +151,13 @@ class ShardServicer(shard_pb2_grpc.ParameterShardServicer):
     async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
         if isinstance(exc, WireError):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if isinstance(exc, UserFunctionError):
+            # The request was fine; the shard's configured user code was not. Its
+            # traceback helps whoever debugs that code, but is not the message.
+            log.warning("%s", exc)
+            if exc.__cause__ is not None:
+                log.info("traceback of %r", exc.__cause__, exc_info=exc.__cause__)
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         log.exception("request failed")
         await context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
 

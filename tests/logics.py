@@ -126,3 +126,15 @@ class KeyedEcho(WorkerLogic):
 
     def on_pull_recv(self, param_id: Any, param_value: Any, ps: Any) -> None:
         raise AssertionError("KeyedEcho never pulls")
+
+
+def bad_init(param_id: Any) -> Any:
+    """An init that fails for id 7 (a user's bug, for error messages)."""
+    return 1 / (param_id - 7)
+
+
+def bad_update(old: Any, delta: Any) -> Any:
+    """An update that fails for a negative delta (a user's bug, for error messages)."""
+    if delta < 0:
+        raise ValueError(f"negative delta {delta}")
+    return old + delta

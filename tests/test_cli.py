@@ -165,6 +165,11 @@ def test_psclient_status_lists_every_shard(procs: Processes, start_shards: Start
         ("--init", "zeros:abc", "dimension 'abc'"),
         ("--init", "nosuchmodule:fn", "no module named 'nosuchmodule'"),
         ("--update", "bogus", "unknown update 'bogus'"),
+        ("--init", "uniform:3,low=2,high=1", "init 'uniform:3,low=2,high=1': low must be below high"),
+        ("--init", "normal:3,std=-1", "init 'normal:3,std=-1': std must be >= 0"),
+        ("--init", "zeros:0", "init 'zeros:0': dimension '0' must be positive"),
+        ("--init", "normal:3,seed=x", "init 'normal:3,seed=x': bad value for seed: 'x'"),
+        ("--init", "zeros:2,size=3", "init 'zeros:2,size=3': unknown option 'size=3' (allowed: none)"),
     ],
 )
 @pytest.mark.timeout(120)
@@ -179,3 +184,29 @@ def test_psserver_rejects_a_bad_spec_with_exit_code_2(flag: str, spec: str, name
     assert len(lines) == 1, stderr
     assert lines[0].startswith("psserver: error: ")
     assert named in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("flag", "spec", "message"),
+    [
+        ("--init", "uniform:3,low=2,high=1", "psclient: error: init 'uniform:3,low=2,high=1': low must be below high"),
+        ("--init", "zeros:0", "psclient: error: init 'zeros:0': dimension '0' must be positive"),
+        ("--update", "sum", "psclient: error: unknown update 'sum': use add, replace, max, min or module:attr"),
+    ],
+)
+@pytest.mark.timeout(120)
+def test_psclient_run_refuses_a_bad_spec_before_starting_a_cluster(
+    flag: str, spec: str, message: str, tmp_path: Path, procs: Processes
+) -> None:
+    data = tmp_path / "words.txt"
+    data.write_text("a b\n", encoding="utf-8")
+    argv = [
+        sys.executable, "-m", "psclient", "run", "--logic", "logics:WordCount", "--input", str(data),
+        "--format", "lines", "--workers", "1", "--shards", "1", flag, spec,
+    ]  # fmt: skip
+
+    code, stdout, stderr = run_cli(argv, procs)
+
+    assert code == 2
+    assert stdout == ""
+    assert stderr.strip().splitlines() == [message]

@@ -40,3 +40,21 @@ def test_snapshot_after_pushes_holds_every_id_once_with_its_sum(start_shards: St
         model = dict(cluster.snapshot())
 
     assert model == {**{i: 6 for i in range(-500, 500)}, "a": 5, "b": 6}
+
+
+@pytest.mark.timeout(120)
+def test_a_50_mb_parameter_pulls_and_pushes_exactly(start_shards: StartShards) -> None:
+    size = 6_553_600  # 25 MiB of float32; a float64 push of it is 50 MiB
+    servers = start_shards(1, init=f"zeros:{size}")
+    ones = np.ones((1, size))
+
+    with connect(servers) as cluster:
+        initial = cluster.pull(np.array([7], dtype=np.int64))
+        cluster.push(np.array([7], dtype=np.int64), ones)
+        cluster.push(np.array([8, 7], dtype=np.int64), np.concatenate([ones, ones]))
+        after = cluster.pull(np.array([7, 8], dtype=np.int64))
+
+    assert isinstance(initial, np.ndarray) and isinstance(after, np.ndarray)
+    assert initial.shape == (1, size) and initial.dtype == np.float32 and not initial.any()
+    assert after.shape == (2, size) and after.dtype == np.float64  # float32 zeros + float64 ones, as numpy adds
+    assert (after[0] == 2.0).all() and (after[1] == 1.0).all()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -155,6 +157,27 @@ def test_values_of_several_dtypes_and_shapes_round_trip() -> None:
     assert back["v"].dtype == np.int8
     np.testing.assert_array_equal(back["v"], [1, 2, 3])
     np.testing.assert_array_equal(back["w"], np.zeros((2, 2)))
+
+
+@pytest.mark.parametrize(
+    ("values", "dtypes"),
+    [
+        ([1, 0.5, 2, True], {1: "<i8", 2: "<f8", 3: "<i8", 4: "|b1"}),
+        (
+            [np.ones(2, dtype=np.int8), np.ones(2), np.ones(2, dtype=np.int8), np.ones(2)],
+            {1: "|i1", 2: "<f8", 3: "|i1", 4: "<f8"},
+        ),
+        ([np.float32(1), 1.0, np.float32(2), 2.0], {1: "<f4", 2: "<f8", 3: "<f4", 4: "<f8"}),
+        ([0.5, 1.5, 2.5, 3.5], {1: "<f8", 2: "<f8", 3: "<f8", 4: "<f8"}),
+    ],
+)
+def test_each_value_of_a_batch_keeps_its_own_dtype(values: list[Any], dtypes: dict[int, str]) -> None:
+    batches = encode_values([1, 2, 3, 4], values)
+
+    got = {i: decode_tensor(batch.values).dtype.str for batch in batches for i in decode_int_ids(batch.int_ids)}
+
+    assert got == dtypes
+    assert len(batches) == len(set(dtypes.values()))
 
 
 def test_decoded_vector_rows_are_writable_copies() -> None:

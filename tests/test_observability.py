@@ -10,6 +10,7 @@ import urllib.request
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from conftest import Processes, psserver_argv
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -41,7 +42,7 @@ def test_shard_metrics_count_requests_keys_bytes_and_parameters(procs: Processes
     address = procs.start_server(argv).address
 
     with connect([address]) as cluster:
-        cluster.push([1, 2, 3], [[1.0] * 4] * 3)
+        cluster.push([1, 2, 3], np.ones((3, 4), dtype=np.float32))  # float32: the parameters stay float32
         cluster.pull([1, 2])
     samples = scrape(port)
 

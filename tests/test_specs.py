@@ -8,10 +8,10 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import child_env
+from conftest import StartShards, child_env
 
-from psclient import SpecError
-from psserver.specs import make_init, make_update
+from psclient import ShardError, SpecError, connect
+from psserver.specs import UserFunctionError, check_specs, make_init, make_update
 
 IDS = [0, 1, -5, 2**63 - 1, "a", "ünï"]
 
@@ -90,10 +90,28 @@ def test_module_attr_specs_load_callables() -> None:
         ("zeros", "unknown init"),
         ("zeros:", "unknown init"),
         ("zeros:3x", "dimension"),
-        ("zeros:-1", "non-negative"),
+        ("zeros:-1", "must be positive"),
+        ("zeros:0", "must be positive"),
+        ("zeros:4x0", "must be positive"),
+        ("zeros:65536x65536", "exceeds 2,147,483,648 elements"),
+        ("zeros:4,seed=1", r"unknown option 'seed=1' \(allowed: none\)"),
         ("normal:4,foo=1", "unknown option"),
+        ("normal:4,std", "unknown option"),
         ("normal:4,std=abc", "bad value"),
-        ("const:abc", "not a number"),
+        ("normal:3,std=-1", "std must be >= 0"),
+        ("normal:3,std=nan", "bad value for std"),
+        ("normal:3,seed=-1", "bad value for seed"),
+        ("normal:3,seed=1.5", "bad value for seed"),
+        ("normal:3,seed=1,seed=2", "seed given twice"),
+        ("uniform:3,low=2,high=1", "low must be below high"),
+        ("uniform:3,low=1,high=1", "low must be below high"),
+        ("uniform:3,high=inf", "bad value for high"),
+        ("uniform:3,low=x", "bad value for low"),
+        ("const:abc", "not a finite number"),
+        ("const:nan", "not a finite number"),
+        ("const:1e999", "not a finite number"),
+        ("const:9223372036854775808", "not a finite number"),
+        ("const:1,2", "takes one number"),
         ("nosuchmodule:fn", "no module named 'nosuchmodule'"),
         ("math:nosuch", "no attribute"),
         ("math:pi", "not callable"),
@@ -105,7 +123,76 @@ def test_bad_init_specs_raise_spec_error(spec: str, message: str) -> None:
         make_init(spec)
 
 
-@pytest.mark.parametrize(("spec", "message"), [("sum", "unknown update"), ("nosuchmodule:fn", "no module")])
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("sum", "unknown update"),
+        ("Add", "unknown update"),
+        ("nosuchmodule:fn", "no module"),
+        ("math:pi", "not callable"),
+    ],
+)
 def test_bad_update_specs_raise_spec_error(spec: str, message: str) -> None:
     with pytest.raises(SpecError, match=message):
         make_update(spec)
+
+
+def test_a_raising_init_is_named_with_the_id() -> None:
+    init = make_init("logics:bad_init")
+
+    with pytest.raises(UserFunctionError) as caught:
+        init.batch([3, 7])
+
+    assert str(caught.value) == "param_init logics:bad_init raised ZeroDivisionError('division by zero') for id 7"
+
+
+def test_a_raising_callable_is_named_by_module_and_qualname() -> None:
+    def init(param_id: object) -> int:
+        raise KeyError(param_id)
+
+    with pytest.raises(UserFunctionError) as caught:
+        make_init(init).batch(["a"])
+
+    assert str(caught.value) == (
+        "param_init test_specs:test_a_raising_callable_is_named_by_module_and_qualname.<locals>.init "
+        "raised KeyError('a') for id 'a'"
+    )
+
+
+@pytest.mark.timeout(120)
+def test_a_shard_reports_a_raising_init_as_the_users_error(start_shards: StartShards) -> None:
+    servers = start_shards(1, init="logics:bad_init")
+
+    with connect(servers) as cluster, pytest.raises(ShardError) as caught:
+        cluster.pull([3, 7])
+
+    assert str(caught.value).endswith(
+        "FAILED_PRECONDITION: param_init logics:bad_init raised ZeroDivisionError('division by zero') for id 7"
+    )
+
+
+@pytest.mark.timeout(120)
+def test_a_shard_reports_a_raising_update_as_the_users_error(start_shards: StartShards) -> None:
+    servers = start_shards(1, init="const:0", update="logics:bad_update")
+
+    with connect(servers) as cluster:
+        cluster.push([5, "a"], [2, 3])
+        with pytest.raises(ShardError) as caught:
+            cluster.push([5, "a"], [1, -1])
+    with connect(servers) as cluster:
+        model = dict(cluster.snapshot())
+
+    assert str(caught.value).endswith(
+        "FAILED_PRECONDITION: param_update logics:bad_update raised ValueError('negative delta -1') for id 'a'"
+    )
+    assert model == {5: 2, "a": 3}
+
+
+def test_check_specs_raises_value_error_for_what_a_shard_would_refuse() -> None:
+    check_specs(lambda param_id: 0, lambda old, delta: old + delta)
+    check_specs("normal:4,std=0.1,seed=3", "max")
+
+    with pytest.raises(ValueError, match="init 'uniform:3,low=2,high=1': low must be below high"):
+        check_specs("uniform:3,low=2,high=1", "add")
+    with pytest.raises(ValueError, match="unknown update 'sum'"):
+        check_specs("zeros:2", "sum")

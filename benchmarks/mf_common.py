@@ -37,7 +37,7 @@ def ratings(count: int = RATINGS) -> list[Rating]:
 
 def item_init() -> Callable[[Sequence[int]], np.ndarray]:
     """The shards' init function, so every peer starts from the same item vectors."""
-    from psserver.specs import make_init
+    from psclient.specs import make_init
 
     return make_init(INIT_SPEC).batch  # type: ignore[return-value]
 

@@ -102,7 +102,7 @@ def _fail(message: str) -> None:
 
 def _check_specs(init_spec: str, update_spec: str) -> None:
     """Refuse a spec the shards would refuse, before any process starts (exit code 2, like psserver)."""
-    from psserver.specs import check_specs  # the shards' own parser; only `run` needs it
+    from psclient.specs import check_specs  # the shards' own parser; only `run` needs it
 
     try:
         check_specs(init_spec, update_spec)

@@ -26,6 +26,7 @@ from psclient.errors import JobFailed, StreampsError
 from psclient.partition import Id
 from psclient.plugins import ship
 from psclient.progress import JobProgress
+from psclient.specs import check_specs
 
 # Each child imports grpc and numpy before it listens; on a busy 2-core machine
 # that can take several seconds.
@@ -319,7 +320,37 @@ def transform(
     `progress` shows a live bar of outputs and records on stderr, like `psclient
     run` (None: when stderr is a terminal). If a child process dies, JobFailed
     names it: "worker 1 (pid N) was killed by signal 9 (SIGKILL)".
+
+    Raises ValueError (SpecError) at once, before any process starts, for an init
+    or update spec the shards would refuse.
     """
+    # Not a generator itself, so that a bad spec fails the call, not the first next().
+    check_specs(param_init, param_update)
+    return _transform_job(
+        training_data,
+        worker_logic,
+        param_init,
+        param_update,
+        worker_parallelism,
+        ps_parallelism,
+        iteration_wait_time=iteration_wait_time,
+        partition_by=partition_by,
+        progress=progress,
+    )
+
+
+def _transform_job(
+    training_data: Iterable[Any],
+    worker_logic: Any,
+    param_init: Callable[[Id], Any] | str,
+    param_update: Callable[[Any, Any], Any] | str,
+    worker_parallelism: int,
+    ps_parallelism: int,
+    *,
+    iteration_wait_time: float | None,
+    partition_by: Callable[[Any], Hashable] | None,
+    progress: bool | None,
+) -> Iterator[Left[Any] | Right[tuple[Id, Any]]]:
     with tempfile.TemporaryDirectory(prefix="streamps-") as tmp:
         directory = Path(tmp)
         yield from run_local_job(

@@ -15,9 +15,9 @@ from psclient.errors import SpecError
 from psclient.security import current as current_security
 from psclient.security import security_options
 from psclient.serving import LOG_FORMATS, StopSignal, announce, build_aio_server, configure_logging, start_metrics
+from psclient.specs import make_init, make_update
 from psserver.memory import pin_mmap_threshold
 from psserver.service import ShardServicer
-from psserver.specs import make_init, make_update
 from psserver.store import ParameterStore
 
 # Seconds in-flight RPCs get to finish after SIGTERM before they are cancelled.

@@ -25,8 +25,8 @@ from psclient.codec import DecodedBatch, decode_batch, encode_tensor
 from psclient.errors import WireError
 from psclient.partition import shard_of, shards_of_ints
 from psclient.shard_client import shutting_down_details
+from psclient.specs import UserFunctionError
 from psserver import metrics
-from psserver.specs import UserFunctionError
 from psserver.store import ParameterStore, Rows
 
 log = logging.getLogger("streamps.shard")

@@ -30,8 +30,8 @@ import numpy as np
 from psclient.codec import ALLOWED_KINDS, INT_IDS_DTYPE
 from psclient.errors import WireError
 from psclient.partition import Id
+from psclient.specs import InitFn, UpdateFn, UserFunctionError
 from psserver.index import IntIndex
-from psserver.specs import InitFn, UpdateFn, UserFunctionError
 
 # The first table holds up to 1,024 rows but no more than 1 MiB: a vector of a
 # few floats gets room to grow, and one 50 MB parameter gets one row, not 50 GB.
@@ -316,7 +316,16 @@ class ParameterStore:
         self.push_rows(rows)
 
     def _result_dtype(self, param: np.dtype, delta: np.dtype) -> np.dtype:
-        """The dtype a built-in update gives, as numpy computes it."""
+        """The dtype a built-in update gives: numpy's in-place rule, promoted across kinds.
+
+        As `param += delta` does, a delta that casts to the parameter's dtype within
+        its kind (float64 into float32, int into float) keeps the parameter's dtype,
+        so a float32 model stays float32 whatever precision its deltas come in. A
+        delta of a wider kind (a float into an int parameter) promotes the
+        parameter as numpy's `result_type` would, where `+=` would fail.
+        """
+        if np.can_cast(delta, param, "same_kind"):
+            return param
         if self.update.replace:
             return delta
         assert self.update.ufunc is not None

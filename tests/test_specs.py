@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 from conftest import StartShards, child_env
 
 from psclient import ShardError, SpecError, connect
-from psserver.specs import UserFunctionError, check_specs, make_init, make_update
+from psclient.specs import UserFunctionError, check_specs, make_init, make_update
 
 IDS = [0, 1, -5, 2**63 - 1, "a", "ünï"]
 
@@ -44,7 +45,7 @@ def test_random_inits_are_deterministic_per_seed_and_id(spec: str) -> None:
 
 def test_random_inits_are_the_same_in_another_process() -> None:
     code = (
-        "import json, sys; from psserver.specs import make_init; "
+        "import json, sys; from psclient.specs import make_init; "
         "print(make_init(sys.argv[1]).batch(json.loads(sys.argv[2])).tobytes().hex())"
     )
     spec = "normal:5,std=2,seed=11"
@@ -196,3 +197,21 @@ def test_check_specs_raises_value_error_for_what_a_shard_would_refuse() -> None:
         check_specs("uniform:3,low=2,high=1", "add")
     with pytest.raises(ValueError, match="unknown update 'sum'"):
         check_specs("zeros:2", "sum")
+
+
+@pytest.mark.parametrize(
+    ("init", "update", "message"),
+    [
+        ("uniform:3,low=2,high=1", "add", "low must be below high"),
+        ("normal:3,std=-1", "add", "std"),
+        ("zeros:0", "add", "zeros:0"),
+        ("zeros:2", "sum", "unknown update 'sum'"),
+    ],
+)
+def test_transform_refuses_a_bad_spec_when_called(init: str, update: str, message: str) -> None:
+    from psclient import transform
+
+    started = time.monotonic()
+    with pytest.raises(ValueError, match=message):
+        transform([1, 2, 3], object, init, update)  # raises at the call: no iteration, no child process
+    assert time.monotonic() - started < 5

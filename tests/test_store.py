@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from psclient import WireError
+from psclient.specs import UserFunctionError, make_init, make_update
 from psserver.index import IntIndex
-from psserver.specs import UserFunctionError, make_init, make_update
 from psserver.store import ParameterStore
 
 
@@ -195,6 +195,12 @@ DELTA_DTYPES = ["?", "i1", "u1", "i8", "f4", "f8", "c16"]
 FOLDS = {"add": np.add, "max": np.maximum, "min": np.minimum, "replace": lambda old, delta: delta}
 
 
+def fold(update: str, old: np.ndarray, delta: np.ndarray) -> np.ndarray:
+    """`old += delta` where numpy allows it (a cast within the kind), else numpy's promotion."""
+    new = np.asarray(FOLDS[update](old, delta))
+    return new.astype(old.dtype) if np.can_cast(delta.dtype, old.dtype, "same_kind") else new
+
+
 def scalar_or_pair(param_id: Any) -> Any:
     """Int ids get a float32 pair, str ids the int 0: two signatures in one store."""
     return np.zeros(2, dtype=np.float32) if isinstance(param_id, int) else 0
@@ -228,7 +234,7 @@ def test_every_parameter_is_the_numpy_fold_of_its_deltas_in_arrival_order(init: 
             request.append((batch, deltas))
             for param_id, delta in zip(batch, deltas, strict=True):
                 old = expected.get(param_id, np.asarray(init_fn.batch([param_id])[0]))
-                expected[param_id] = np.asarray(FOLDS[update](np.asarray(old), delta))
+                expected[param_id] = fold(update, np.asarray(old), delta)
         s.push(request)
         if step % 7 == 0:
             s.pull([ids[int(k)] for k in rng.integers(len(ids), size=4)])
@@ -278,9 +284,9 @@ def test_a_table_every_parameter_left_gives_its_memory_back() -> None:
     s.pull(list(range(100)))
     before = s.nbytes()
 
-    s.push([(list(range(100)), np.ones((100, 1000)))])  # float64: all move
+    s.push([(list(range(100)), np.ones((100, 1000), dtype=np.complex64))])  # a wider kind: all move
 
-    assert dtypes(s, [0, 99]) == {0: "<f8", 99: "<f8"}
+    assert dtypes(s, [0, 99]) == {0: "<c8", 99: "<c8"}
     assert s.nbytes() < before + 100 * 1000 * 8
 
 
@@ -292,3 +298,14 @@ def test_an_empty_push_to_an_empty_store_changes_nothing(update: Any) -> None:
 
     assert len(s) == 0
     assert s.pull([]) == []
+
+
+def test_a_float32_model_stays_float32_whatever_precision_its_deltas_come_in() -> None:
+    s = store("zeros:2", "add")
+
+    s.push([([1], np.array([[0.5, 0.25]]))])  # float64, as Python floats arrive
+    s.push([([1], np.array([[1, 2]]))])  # int64
+    s.push([([2], np.array([[True, False]]))])
+
+    assert dtypes(s, [1, 2]) == {1: "<f4", 2: "<f4"}
+    assert values(s, [1, 2]) == {1: [1.5, 2.25], 2: [1.0, 0.0]}

@@ -56,5 +56,5 @@ def test_a_50_mb_parameter_pulls_and_pushes_exactly(start_shards: StartShards) -
 
     assert isinstance(initial, np.ndarray) and isinstance(after, np.ndarray)
     assert initial.shape == (1, size) and initial.dtype == np.float32 and not initial.any()
-    assert after.shape == (2, size) and after.dtype == np.float64  # float32 zeros + float64 ones, as numpy adds
+    assert after.shape == (2, size) and after.dtype == np.float32  # float64 ones added in place, as += does
     assert (after[0] == 2.0).all() and (after[1] == 1.0).all()

@@ -1,4 +1,4 @@
-"""Row (b): the WorkerLogic path, per-key pull -> on_pull_recv -> push round trips per second.
+"""The WorkerLogic path, per-key pull -> on_pull_recv -> push round trips per second.
 
 Each record makes the logic pull one parameter; its answer makes it push a
 delta to the same parameter. The baseline runs the same WorkerLogic in this
@@ -61,7 +61,7 @@ def in_process() -> float:
 
 
 def streamps(workers: int) -> tuple[float, bool]:
-    """(round trips per second, every push arrived); process start-up excluded, as in row (c)."""
+    """(round trips per second, every push arrived); process start-up excluded, as in the MF section."""
     with tempfile.TemporaryDirectory() as tmp:
         cluster = LocalCluster(ship(PullThenPush(), Path(tmp), "logic"), f"zeros:{DIM}", "add", workers, 2)
         with cluster, Cluster(cluster.servers, cluster.workers) as client:

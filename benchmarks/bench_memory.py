@@ -1,4 +1,4 @@
-"""Row (d): shard memory holding 1,000,000 parameters of 16 float32.
+"""Shard memory holding 1,000,000 parameters of 16 float32.
 
 The raw bytes are 64 MB of values plus 8 MB of int64 ids. The shard's resident
 set is read (psutil) once it serves and again after the parameters exist; the

@@ -1,4 +1,4 @@
-"""Row (a): the raw shard path through the SDK's batch API, against an in-process numpy table.
+"""The raw shard path through the SDK's batch API, against an in-process numpy table.
 
 For each shard count (1, 2), value size (1, 16, 128 float32) and batch size
 (1, 64, 1024, 16384): keys per second of a blocking pull, a blocking push
@@ -88,7 +88,22 @@ def run(min_seconds: float = 0.25) -> list[list[str]]:
                         rows.append(
                             [name, str(num_shards), str(batch), str(dim), si(ours), si(base), f"{ours / base:.3f}"]
                         )
+                        _ratios[(name, num_shards, batch, dim)] = ours / base
     return rows
+
+
+_ratios: dict[tuple[str, int, int, int], float] = {}
+TARGET = ("pull+push", 1, 1024, 16)
+TARGET_RATIO = 0.3
+
+
+def targets() -> list[tuple[str, str, str, bool | None]]:
+    """The issue's target on this section (after run()): (what, measured, goal, met)."""
+    ratio = _ratios.get(TARGET)
+    what = "raw pull+push, 1,024 keys x 16 float32, 1 shard / in-process numpy table"
+    if ratio is None:
+        return [(what, "not measured", f">= {TARGET_RATIO}x", None)]
+    return [(what, f"{ratio:.3f}x", f">= {TARGET_RATIO}x", ratio >= TARGET_RATIO)]
 
 
 HEADERS = ["op", "shards", "batch", "dim", "streamps keys/s", "numpy table keys/s", "ratio"]

@@ -1,85 +1,186 @@
-"""The one matrix-factorization workload every row (c) implementation runs.
+"""The one matrix-factorization job every implementation in bench_mf runs.
 
-The same synthetic stream (examples.synthetic_ratings), the same initial item
-vectors (the shards' `normal:RANK,std,seed` init), the same user vectors, and
-the same per-rating SGD step as examples.online_mf.OnlineMF: predict with the
-running mean plus the dot product, output the prediction, then step both
-vectors with L2 regularization. Peers differ only in where item vectors live.
+Online biased matrix factorization over MovieLens 100K in timestamp order: for
+each rating, predict `mean + user_bias + item_bias + user_vector . item_vector`
+(clipped to 1..5), record the error (prequential: the prediction is made
+before the rating is learned), then take one SGD step with L2 regularization
+on both sides. `mean` is the running mean of the ratings the process has
+learned from. Item parameters live wherever the implementation keeps them, as
+RANK+1 float32 ([vector, bias], init `normal:RANK+1`); users stay in the
+process that owns them (records partitioned by user), so they never travel.
+
+Implementations differ only in where item parameters live and how stale a copy
+a rating may be trained on: a window of W ratings (peers) or W unanswered
+pulls (streamps' pull limit).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from examples.online_mf import MAX_STARS, MIN_STARS, PRIOR_MEAN, OnlineMF, item_init_spec
-from examples.synthetic_ratings import synthetic_ratings
+from examples.datasets import ML100K_FILE, ML100K_HEADER, movielens_100k
+from psworker import ParameterServerClient, WorkerLogic, with_pull_limit
 
-RATINGS = 100_000
+Client = ParameterServerClient[np.ndarray, float]
+
 RANK = 16
-LR = 0.05
+LR = 0.02
 REG = 0.02
 INIT_STD = 0.1
 SEED = 1
-INIT_SPEC = item_init_spec(RANK, INIT_STD, SEED)
-# Ratings a peer worker handles between one batched pull and one batched push.
-PEER_BATCH = 256
+# The item parameter: the vector, then the bias.
+PARAM_DIM = RANK + 1
+INIT_SPEC = f"normal:{PARAM_DIM},std={INIT_STD},seed={SEED}"
+PRIOR_MEAN = 3.0  # the mean a process assumes before it has learned from a rating
+MIN_STARS, MAX_STARS = 1.0, 5.0
+# The staleness bounds every implementation is run at: ratings per peer window,
+# and streamps' pull limit.
+WINDOWS = (64, 256, 1_024)
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 
-Rating = tuple[int, int, float]
+# Working rows. A user is [vector, bias, 1] and an item [vector, 1, bias] (float64),
+# so one dot product gives `vector . vector + user_bias + item_bias` and one scaled
+# add steps vector and bias together; the constant 1s are put back after each step.
+ROW_DIM = RANK + 2
+ITEM_ONE = RANK
+# The columns of an item row that make its parameter ([vector, bias]).
+PARAM_COLUMNS = np.r_[0:RANK, RANK + 1]
 
 
-def ratings(count: int = RATINGS) -> list[Rating]:
-    return list(synthetic_ratings(count, seed=SEED))
+class Ratings:
+    """The stream as three parallel sequences (users, items, stars), in timestamp order."""
+
+    def __init__(self, users: np.ndarray, items: np.ndarray, stars: np.ndarray):
+        self.users, self.items, self.stars = users, items, stars
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+    def records(self) -> list[tuple[int, int, float]]:
+        return list(zip(self.users.tolist(), self.items.tolist(), self.stars.tolist(), strict=True))
+
+    def head(self, count: int) -> Ratings:
+        return Ratings(self.users[:count], self.items[:count], self.stars[:count])
+
+    def partition(self, workers: int) -> list[Ratings]:
+        """Each worker's share, by user, by the rule streamps' `partition_by` applies to int keys."""
+        owner = np.mod(self.users, workers)
+        return [Ratings(self.users[owner == w], self.items[owner == w], self.stars[owner == w]) for w in range(workers)]
 
 
-def item_init() -> Callable[[Sequence[int]], np.ndarray]:
-    """The shards' init function, so every peer starts from the same item vectors."""
+def movielens_by_time(data_dir: Path = DATA_DIR) -> Ratings:
+    """MovieLens 100K sorted by timestamp (ties in file order).
+
+    examples.datasets fetches and checks the file and yields (user, item, stars)
+    in file order; the timestamps are read here from the same file.
+    """
+    rated = movielens_100k(data_dir)
+    path = data_dir / ML100K_FILE
+    with path.open(encoding="utf-8") as handle:
+        header = handle.readline().rstrip("\n").split("\t")
+        if header != ML100K_HEADER:
+            raise RuntimeError(f"{path}: unexpected header {header}")
+        stamps = np.array([float(line.split("\t")[3]) for line in handle])
+    if len(stamps) != len(rated):
+        raise RuntimeError(f"{path}: {len(stamps)} timestamps for {len(rated)} ratings")
+    order = np.argsort(stamps, kind="stable")
+    columns = np.array(rated, dtype=np.float64)[order]
+    return Ratings(columns[:, 0].astype(np.int64), columns[:, 1].astype(np.int64), columns[:, 2])
+
+
+def item_init(ids: Sequence[int] | np.ndarray) -> np.ndarray:
+    """The shards' init for these items: every implementation starts from the same values."""
     from psclient.specs import make_init
 
-    return make_init(INIT_SPEC).batch  # type: ignore[return-value]
+    return np.asarray(make_init(INIT_SPEC).batch(np.asarray(ids, dtype=np.int64)), dtype=np.float32)
 
 
-def new_logic() -> OnlineMF:
-    return OnlineMF(rank=RANK, lr=LR, reg=REG, init_std=INIT_STD, seed=SEED)
+def item_rows(values: np.ndarray) -> np.ndarray:
+    """Item parameters (n, PARAM_DIM) as working rows (n, ROW_DIM)."""
+    rows = np.ones((len(values), ROW_DIM))
+    rows[:, PARAM_COLUMNS] = values
+    return rows
+
+
+def item_deltas(rows: np.ndarray, before: np.ndarray) -> np.ndarray:
+    """What to push for working rows that started as `before`: float32 parameter deltas."""
+    return (rows[:, PARAM_COLUMNS] - before[:, PARAM_COLUMNS]).astype(np.float32)
 
 
 class Learner:
-    """User vectors and the running mean of one worker, and the per-rating step."""
+    """One process's users and running mean, and the per-rating step every implementation runs."""
 
     def __init__(self) -> None:
-        self.logic = new_logic()  # reuse its user-vector init: same vectors as OnlineMF
+        self.users: dict[int, np.ndarray] = {}
+        self.seen = 0
+        self.total = 0.0
 
-    def step(self, user: Any, stars: float, item_vector: np.ndarray) -> float:
-        """Predict, then learn in place (item_vector and the user's vector); return the prediction."""
-        logic = self.logic
-        user_vector = logic.user_vector(user)
-        mean = logic.total / logic.seen if logic.seen else PRIOR_MEAN
-        raw = mean + float(user_vector @ item_vector)
-        error = stars - raw
-        user_step = LR * (error * item_vector - REG * user_vector)
-        item_vector += LR * (error * user_vector - REG * item_vector)
-        user_vector += user_step
-        logic.seen += 1
-        logic.total += stars
-        return min(max(raw, MIN_STARS), MAX_STARS)
+    def user(self, user: int) -> np.ndarray:
+        row = self.users.get(user)
+        if row is None:
+            row = self.users[user] = np.empty(ROW_DIM)
+            row[:RANK] = np.random.default_rng([SEED, user]).normal(0.0, INIT_STD, RANK)
+            row[RANK:] = (0.0, 1.0)
+        return row
 
-    def run_batch(self, batch: Iterable[Rating], items: dict[int, np.ndarray]) -> list[tuple[float, float]]:
-        """Process ratings against local copies `items` (updated in place)."""
-        return [(self.step(user, stars, items[item]), stars) for user, item, stars in batch]
+    def step(self, user: int, stars: float, item: np.ndarray) -> float:
+        """Predict, then learn from the rating in place (`item` is a working row); the prediction's error."""
+        row = self.user(user)
+        mean = self.total / self.seen if self.seen else PRIOR_MEAN
+        raw = mean + float(row @ item)
+        err = stars - raw
+        scale, decay = LR * err, 1.0 - LR * REG
+        user_step = scale * item
+        item *= decay
+        item += scale * row
+        row *= decay
+        row += user_step
+        row[-1] = 1.0
+        item[ITEM_ONE] = 1.0
+        self.seen += 1
+        self.total += stars
+        return min(max(raw, MIN_STARS), MAX_STARS) - stars
 
 
-def tail_rmse(predictions: Sequence[tuple[float, float]], fraction: float = 0.1) -> float:
-    tail = predictions[-max(1, int(len(predictions) * fraction)) :]
-    return math.sqrt(sum((p - r) ** 2 for p, r in tail) / len(tail))
+class StreamMF(WorkerLogic[tuple[int, int, float], np.ndarray, float]):
+    """The job written the natural way for streamps.
+
+    on_recv parks the rating and pulls its item (a rating for an item already
+    on its way joins that wait); on_pull_recv trains the parked ratings against
+    the worker's copy of the item, outputs each error and pushes the item's delta.
+    """
+
+    def __init__(self) -> None:
+        self.learner = Learner()
+        self.waiting: dict[int, list[tuple[int, float]]] = {}
+
+    def on_recv(self, data: tuple[int, int, float], ps: Client) -> None:
+        user, item, stars = data
+        parked = self.waiting.get(item)
+        if parked is None:
+            self.waiting[item] = [(user, stars)]
+            ps.pull(item)
+        else:
+            parked.append((user, stars))
+
+    def on_pull_recv(self, param_id: Any, param_value: np.ndarray, ps: Client) -> None:
+        rows = item_rows(param_value[np.newaxis])
+        before = rows.copy()
+        step, row = self.learner.step, rows[0]
+        for user, stars in self.waiting.pop(param_id):
+            ps.output(step(user, stars, row))
+        ps.push(param_id, item_deltas(rows, before)[0])
 
 
-def partition_by_user(data: Sequence[Rating], workers: int) -> list[list[Rating]]:
-    from psclient.partition import key_bucket
+def stream_mf(pull_limit: int) -> WorkerLogic:
+    return with_pull_limit(StreamMF(), pull_limit)
 
-    parts: list[list[Rating]] = [[] for _ in range(workers)]
-    for rating in data:
-        parts[key_bucket(rating[0], workers)].append(rating)
-    return parts
+
+def rmse(errors: Sequence[float] | np.ndarray) -> float:
+    errors = np.asarray(errors, dtype=np.float64)
+    return math.sqrt(float(np.mean(errors * errors)))

@@ -1,1 +1,1 @@
-"""Other ways to run the row (c) workload, each the fairest version its users would write."""
+"""Other ways to run the bench_mf job, each as a careful user of that system would write it."""

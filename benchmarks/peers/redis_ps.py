@@ -1,13 +1,20 @@
 """A parameter server on Redis, as a careful Redis user would write one.
 
-Fairness: one redis-server (Debian's package) started on a free loopback port
-with persistence off. Item vectors are float32 bytes under `item:<id>`, created
-with the same init. Each of `num_workers` worker processes owns the users of
-its partition and works in batches of PEER_BATCH ratings: one pipelined MGET of
-the batch's items, the same per-rating SGD step on local copies, and one
-EVALSHA of a Lua script that adds the float32 deltas server-side (atomic, so
-two workers never lose each other's updates). Redis is single-threaded: there
-is one "shard", the usual deployment for a model this size.
+One redis-server (Debian's package) on a free 127.0.0.1 port, persistence
+off. Item parameters are packed float32 bytes under `i:<id>`, written with the
+same init at the start of the job. Each worker process (redis-py with the
+hiredis parser) owns the users of its partition and drives its ratings in
+windows of W: one MGET of the window's items, the same per-rating SGD on local
+copies, and one EVALSHA of a Lua script that adds the float32 deltas server
+side (atomic, so two workers never lose each other's updates). The push is
+not waited on: it goes out in the same pipeline as the next window's MGET,
+ahead of it, so that pull sees it and at most one window's push is ever in
+flight; the last push is waited for at the end. Redis runs commands on one
+thread: one server is the usual deployment for a model this size, so "2
+workers" has no shard count.
+
+Start-up (the server and the worker processes) is excluded from the timing;
+loading the initial parameters is timed, as creating them is for the others.
 """
 
 from __future__ import annotations
@@ -18,24 +25,29 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 
-from benchmarks.mf_common import PEER_BATCH, RANK, Learner, Rating, item_init, partition_by_user, tail_rmse
-from examples.synthetic_ratings import ITEMS
+from benchmarks.mf_common import PARAM_DIM, Learner, Ratings, item_deltas, item_init, item_rows, rmse
 
+# KEYS: the items; ARGV[1]: floats per vector; ARGV[1 + i]: the delta of KEYS[i], packed.
 ADD_VECTORS = """
+local n = tonumber(ARGV[1])
+local fmt = '<' .. string.rep('f', n)
 for i, key in ipairs(KEYS) do
-  local cur = redis.call('GET', key)
-  local delta = ARGV[i]
-  local out = {}
-  for j = 0, #delta / 4 - 1 do
-    out[j + 1] = struct.pack('<f', struct.unpack('<f', cur, j * 4 + 1) + struct.unpack('<f', delta, j * 4 + 1))
+  local value = {struct.unpack(fmt, redis.call('GET', key))}
+  local delta = {struct.unpack(fmt, ARGV[i + 1])}
+  for j = 1, n do
+    value[j] = value[j] + delta[j]
   end
-  redis.call('SET', key, table.concat(out))
+  redis.call('SET', key, struct.pack(fmt, unpack(value, 1, n)))
 end
 return #KEYS
 """
+START_TIMEOUT_S = 10.0
 
 
 def available() -> str | None:
@@ -45,8 +57,88 @@ def available() -> str | None:
     try:
         import redis  # noqa: F401
     except ImportError:
-        return "the redis Python package is not installed"
+        return "the redis Python package is not installed (pip install -e '.[bench]')"
     return None
+
+
+def _keys(items: np.ndarray) -> list[bytes]:
+    return [b"i:%d" % item for item in items.tolist()]
+
+
+def _worker(port: int, part: Ratings, window: int, go: Any, results: Any) -> None:
+    import redis
+
+    client = redis.Redis(host="127.0.0.1", port=port)
+    add = client.script_load(ADD_VECTORS)
+    step = Learner().step
+    users, items, stars = part.users.tolist(), part.items.tolist(), part.stars.tolist()
+    errors = np.empty(len(users))
+    go.wait()
+    pending: list[Any] = []  # the previous window's push, sent with this window's pull
+    for start in range(0, len(users), window):
+        end = min(start + window, len(users))
+        wanted = np.unique(part.items[start:end])
+        keys = _keys(wanted)
+        pipe = client.pipeline(transaction=False)
+        if pending:
+            pipe.evalsha(add, *pending)
+        pipe.mget(keys)
+        values = pipe.execute()[-1]
+        rows = item_rows(np.frombuffer(b"".join(values), dtype=np.float32).reshape(len(keys), PARAM_DIM))
+        before = rows.copy()
+        position = dict(zip(wanted.tolist(), range(len(keys)), strict=True))
+        for k in range(start, end):
+            errors[k] = step(users[k], stars[k], rows[position[items[k]]])
+        deltas = item_deltas(rows, before)
+        pending = [len(keys), *keys, PARAM_DIM, *(delta.tobytes() for delta in deltas)]
+    if pending:
+        client.evalsha(add, *pending)
+    results.put(errors)
+
+
+class RedisServer:
+    """A running redis-server; `run` times one job with fresh parameters."""
+
+    def __init__(self, port: int):
+        import redis
+
+        self.port = port
+        self.client = redis.Redis(host="127.0.0.1", port=port)
+
+    def run(self, data: Ratings, window: int, num_workers: int = 2) -> tuple[float, float]:
+        """(ratings per second, prequential RMSE); starting the worker processes is not timed."""
+        self.client.flushall()
+        context = multiprocessing.get_context("spawn")  # no fork of a process that may run Ray's threads
+        go, results = context.Event(), context.Queue()
+        workers = [
+            context.Process(target=_worker, args=(self.port, part, window, go, results))
+            for part in data.partition(num_workers)
+        ]
+        for worker in workers:
+            worker.start()
+        try:
+            _wait_clients(self.client, num_workers + 1)
+            start = time.perf_counter()
+            catalog = np.unique(data.items)
+            self.client.mset(dict(zip(_keys(catalog), (v.tobytes() for v in item_init(catalog)), strict=True)))
+            go.set()
+            errors = [results.get(timeout=600) for _ in workers]
+            elapsed = time.perf_counter() - start
+        finally:
+            for worker in workers:
+                worker.join(timeout=10)
+                if worker.is_alive():
+                    worker.kill()
+        return len(data) / elapsed, rmse(np.concatenate(errors))
+
+
+def _wait_clients(client: Any, count: int) -> None:
+    """Until `count` clients are connected (each worker connects, loads the script, then waits)."""
+    deadline = time.monotonic() + START_TIMEOUT_S * 3
+    while len(client.client_list()) < count:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"redis workers did not connect within {START_TIMEOUT_S * 3:.0f} s")
+        time.sleep(0.05)
 
 
 def _free_port() -> int:
@@ -55,68 +147,27 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _worker(port: int, ratings: list[Rating], results: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
-    import redis
-
-    client = redis.Redis(host="127.0.0.1", port=port)
-    add = client.register_script(ADD_VECTORS)
-    learner = Learner()
-    out: list[tuple[float, float]] = []
-    for start in range(0, len(ratings), PEER_BATCH):
-        batch = ratings[start : start + PEER_BATCH]
-        items = list(dict.fromkeys(r[1] for r in batch))
-        keys = [f"item:{i}" for i in items]
-        raw = client.mget(keys)
-        local = {i: np.frombuffer(b, dtype=np.float32).copy() for i, b in zip(items, raw, strict=True)}
-        before = {i: v.copy() for i, v in local.items()}
-        out.extend(learner.run_batch(batch, local))
-        add(keys=keys, args=[(local[i] - before[i]).astype(np.float32).tobytes() for i in items])
-    results.put(out)
-
-
-def run(data: list[Rating], num_workers: int = 2) -> tuple[float, float]:
+@contextmanager
+def server() -> Iterator[RedisServer]:
+    """redis-server on a free loopback port, persistence off; stopped on exit."""
     import redis
 
     port = _free_port()
     with tempfile.TemporaryDirectory() as tmp:
-        server = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                tmp,
-            ],
-            stdout=subprocess.DEVNULL,
-        )
+        argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        process = subprocess.Popen([*argv, "--dir", tmp], stdout=subprocess.DEVNULL)
         try:
             client = redis.Redis(host="127.0.0.1", port=port)
-            for _ in range(100):
+            deadline = time.monotonic() + START_TIMEOUT_S
+            while True:
                 try:
                     client.ping()
                     break
                 except redis.ConnectionError:
+                    if time.monotonic() > deadline or process.poll() is not None:
+                        raise RuntimeError(f"redis-server did not serve on 127.0.0.1:{port}") from None
                     time.sleep(0.05)
-            parts = partition_by_user(data, num_workers)
-            start = time.perf_counter()
-            values = np.asarray(item_init()(list(range(ITEMS))), dtype=np.float32).reshape(ITEMS, RANK)
-            client.mset({f"item:{i}": values[i].tobytes() for i in range(ITEMS)})
-            context = multiprocessing.get_context("fork")
-            results: multiprocessing.Queue = context.Queue()  # type: ignore[type-arg]
-            procs = [context.Process(target=_worker, args=(port, part, results)) for part in parts]
-            for proc in procs:
-                proc.start()
-            predictions = [p for _ in procs for p in results.get()]
-            for proc in procs:
-                proc.join()
-            elapsed = time.perf_counter() - start
-            return len(data) / elapsed, tail_rmse(predictions)
+            yield RedisServer(port)
         finally:
-            server.terminate()
-            server.wait()
+            process.terminate()
+            process.wait()

@@ -23,8 +23,9 @@ demo: $(STAMP)
 test: $(STAMP) proto-check lint
 	$(PY) -m pytest -q -rs $(PYTEST_ARGS)
 
-# Peers for the comparison: Ray and the Redis client from PyPI, redis-server from
-# Debian's packages (installed when missing and we may; skipped with a reason if not).
+# The bench extra (Ray, the Redis client with hiredis, psutil, py-spy) from PyPI, redis-server
+# from Debian's packages (installed when missing and we may; its rows say why if not), and
+# MovieLens 100K fetched once into data/. A few minutes on 2 cores; writes benchmarks/RESULTS.md.
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'
 	@command -v redis-server >/dev/null || { [ "$$(id -u)" = 0 ] && (apt-get update -qq && apt-get install -y -qq redis-server >/dev/null) || echo "redis-server unavailable: its row will say so"; }

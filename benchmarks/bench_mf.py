@@ -15,11 +15,12 @@ push in flight, all pushes awaited at the end); streamps runs
 `with_pull_limit(StreamMF(), W)`, which bounds the items in flight: a rating
 for an item already on its way waits with it, so streamps may hold more than W
 ratings in flight, the more so the longer a pull takes. The loop has no
-staleness. The W = 256 rows
-and the loop are the median of 3 runs (ratings/s and RMSE each), measured in
-rounds so that the machine's noise hits all of them alike; the other rows are
-one run. The ratio columns divide a row's ratings/s by the loop's and by the
-Ray and Redis rows at the same W.
+staleness.
+
+Every row is the median of 3 runs (ratings/s and RMSE each), measured in
+rounds that run every row once, so that the machine's noise hits all of them
+alike. The ratio columns divide a row's ratings/s by the loop's and by those
+of the Ray and Redis rows at the same W.
 
 Start-up is excluded for every implementation: streamps' shard and worker
 processes, Ray's runtime and actors, redis-server and the Redis worker
@@ -105,16 +106,14 @@ def _redis_round(measured: Measurements, data: Ratings, windows: tuple[int, ...]
 
 def measure_all(data: Ratings) -> Measurements:
     measured = Measurements()
-    for round_number in range(REPEATS):
-        # Every other W once, in the first round; each implementation's runs in a row,
-        # so that no runtime idles in the background of another's run.
-        windows = WINDOWS if round_number == 0 else (HEADLINE_WINDOW,)
+    for _ in range(REPEATS):
+        # Each implementation's runs in a row, so that no runtime idles in the background of another's run.
         measured.measure(LOOP, None, lambda: loop.run(data))
-        for window in windows:
+        for window in WINDOWS:
             measured.measure(STREAMPS_2X2, window, lambda w=window: streamps_mf.run(data, 2, 2, w))  # type: ignore[misc]
         measured.measure(STREAMPS_1X1, HEADLINE_WINDOW, lambda: streamps_mf.run(data, 1, 1, HEADLINE_WINDOW))
-        _redis_round(measured, data, windows)
-        _ray_round(measured, data, windows)
+        _redis_round(measured, data, WINDOWS)
+        _ray_round(measured, data, WINDOWS)
     return measured
 
 

@@ -4,10 +4,14 @@ For each shard count (1, 2), value size (1, 16, 128 float32) and batch size
 (1, 64, 1024, 16384): keys per second of a blocking pull, a blocking push
 (scatter-add), and a pull followed by a push of the same keys. The baseline
 does the same gathers and scatter-adds on a numpy table in this process: the
-limit any parameter server on this machine is measured against.
+limit any parameter server on this machine is measured against. The row of
+pull+push, 1 shard, batch 1024, dim 16 (a target) is the median of 3
+alternating measurements of each side.
 """
 
 from __future__ import annotations
+
+import statistics
 
 import numpy as np
 
@@ -52,6 +56,13 @@ def _baseline(dim: int, batch: int, min_seconds: float) -> dict[str, float]:
     return {name: rate(fn, min_seconds) for name, fn in (("pull", pull), ("push", push), ("pull+push", pull_push))}
 
 
+_ratios: dict[tuple[str, int, int, int], float] = {}
+# (op, shards, batch, dim) of the row a target is judged on, and the target
+TARGET = ("pull+push", 1, 1024, 16)
+TARGET_RATIO = 0.3
+TARGET_REPEATS = 3
+
+
 def run(min_seconds: float = 0.25) -> list[list[str]]:
     rows = []
     for dim in DIMS:
@@ -85,16 +96,18 @@ def run(min_seconds: float = 0.25) -> list[list[str]]:
                     for name, fn in (("pull", pull), ("push", push), ("pull+push", pull_push)):
                         ours = rate(fn, min_seconds)
                         base = baselines[batch][name]
+                        if (name, num_shards, batch, dim) == TARGET:
+                            # The row a target is judged on: both sides alternately, medians.
+                            ours_runs, base_runs = [ours], [base]
+                            for _ in range(TARGET_REPEATS - 1):
+                                base_runs.append(_baseline(dim, batch, min_seconds)[name])
+                                ours_runs.append(rate(fn, min_seconds))
+                            ours, base = statistics.median(ours_runs), statistics.median(base_runs)
                         rows.append(
                             [name, str(num_shards), str(batch), str(dim), si(ours), si(base), f"{ours / base:.3f}"]
                         )
                         _ratios[(name, num_shards, batch, dim)] = ours / base
     return rows
-
-
-_ratios: dict[tuple[str, int, int, int], float] = {}
-TARGET = ("pull+push", 1, 1024, 16)
-TARGET_RATIO = 0.3
 
 
 def targets() -> list[tuple[str, str, str, bool | None]]:

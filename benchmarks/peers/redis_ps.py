@@ -65,7 +65,7 @@ def _keys(items: np.ndarray) -> list[bytes]:
     return [b"i:%d" % item for item in items.tolist()]
 
 
-def _worker(port: int, part: Ratings, window: int, go: Any, results: Any) -> None:
+def _worker(port: int, part: Ratings, window: int, ready: Any, go: Any, results: Any) -> None:
     import redis
 
     client = redis.Redis(host="127.0.0.1", port=port)
@@ -73,6 +73,7 @@ def _worker(port: int, part: Ratings, window: int, go: Any, results: Any) -> Non
     step = Learner().step
     users, items, stars = part.users.tolist(), part.items.tolist(), part.stars.tolist()
     errors = np.empty(len(users))
+    ready.wait()
     go.wait()
     pending: list[Any] = []  # the previous window's push, sent with this window's pull
     for start in range(0, len(users), window):
@@ -109,15 +110,15 @@ class RedisServer:
         """(ratings per second, prequential RMSE); starting the worker processes is not timed."""
         self.client.flushall()
         context = multiprocessing.get_context("spawn")  # no fork of a process that may run Ray's threads
-        go, results = context.Event(), context.Queue()
+        ready, go, results = context.Barrier(num_workers + 1), context.Event(), context.Queue()
         workers = [
-            context.Process(target=_worker, args=(self.port, part, window, go, results))
+            context.Process(target=_worker, args=(self.port, part, window, ready, go, results))
             for part in data.partition(num_workers)
         ]
         for worker in workers:
             worker.start()
         try:
-            _wait_clients(self.client, num_workers + 1)
+            ready.wait(timeout=START_TIMEOUT_S * 3)  # every worker connected, its script loaded
             start = time.perf_counter()
             catalog = np.unique(data.items)
             self.client.mset(dict(zip(_keys(catalog), (v.tobytes() for v in item_init(catalog)), strict=True)))
@@ -130,15 +131,6 @@ class RedisServer:
                 if worker.is_alive():
                     worker.kill()
         return len(data) / elapsed, rmse(np.concatenate(errors))
-
-
-def _wait_clients(client: Any, count: int) -> None:
-    """Until `count` clients are connected (each worker connects, loads the script, then waits)."""
-    deadline = time.monotonic() + START_TIMEOUT_S * 3
-    while len(client.client_list()) < count:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"redis workers did not connect within {START_TIMEOUT_S * 3:.0f} s")
-        time.sleep(0.05)
 
 
 def _free_port() -> int:

@@ -101,12 +101,16 @@ class _Worker:
         return errors
 
 
+# The CPUs Ray may schedule on: the machine the benchmark is sized for.
+CPUS = 2
+
+
 class RayCluster:
     """A running Ray runtime; `run` times one job on fresh actors."""
 
     def __init__(self, ray: Any, num_workers: int, num_shards: int):
         self.ray, self.num_workers, self.num_shards = ray, num_workers, num_shards
-        share = 2 / (num_workers + num_shards)
+        share = CPUS / (num_workers + num_shards)
         self.shard_class = ray.remote(num_cpus=share)(_Shard)
         self.worker_class = ray.remote(num_cpus=share)(_Worker)
 
@@ -137,7 +141,7 @@ def cluster(num_workers: int = 2, num_shards: int = 2) -> Iterator[RayCluster]:
     import ray
 
     ray.init(
-        num_cpus=2,
+        num_cpus=CPUS,
         include_dashboard=False,
         log_to_driver=False,
         logging_level=logging.ERROR,

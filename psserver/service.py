@@ -175,56 +175,70 @@ class ShardServicer(shard_pb2_grpc.ParameterShardServicer):
                     grpc.StatusCode.FAILED_PRECONDITION, f"push seq {seq} of worker {worker_id} never arrived"
                 )
 
+    async def _answer_pull(
+        self, request: shard_pb2.PullRequest, context: grpc.aio.ServicerContext
+    ) -> shard_pb2.PullResponse:
+        labels = (self._label, "pull")
+        if request.after_seq and self._watermarks.get(request.worker_id, 0) < request.after_seq:
+            await self._await_push(request.worker_id, request.after_seq, context)
+        started = time.perf_counter()
+        try:
+            keys = self._decode(request.keys, with_values=False)
+            groups = self.store.pull_rows(keys.int_ids, keys.str_ids)
+            batches = encode_groups(groups)
+        except Exception as exc:
+            metrics.ERRORS.labels(*labels).inc()
+            await self._abort(context, exc)
+        self._pull_requests += 1
+        self._pulled_keys += len(keys)
+        self._observe(labels, started, len(keys), sum(len(b.values.data) for b in batches))
+        return shard_pb2.PullResponse(request_id=request.request_id, batches=batches)
+
+    async def _apply_push(self, request: shard_pb2.PushRequest, context: grpc.aio.ServicerContext) -> shard_pb2.PushAck:
+        labels = (self._label, "push")
+        if not request.worker_id or request.seq == 0:
+            metrics.ERRORS.labels(*labels).inc()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a push needs a worker_id and a seq >= 1")
+        if request.seq <= self._watermarks.get(request.worker_id, 0):
+            metrics.DUPLICATES.labels(self._label).inc()
+            return shard_pb2.PushAck(seq=request.seq, duplicate=True)
+        started = time.perf_counter()
+        try:
+            decoded = [self._decode(b, with_values=True) for b in request.batches]
+            self.store.push_rows([Rows(d.int_ids, d.str_ids, d.values) for d in decoded])  # type: ignore[arg-type]
+        except Exception as exc:
+            metrics.ERRORS.labels(*labels).inc()
+            await self._abort(context, exc)
+        self._watermarks[request.worker_id] = request.seq
+        self._push_requests += 1
+        self._pushed_keys += sum(len(d) for d in decoded)
+        self._observe(labels, started, sum(len(d) for d in decoded), sum(len(b.values.data) for b in request.batches))
+        async with self.pushed:
+            self.pushed.notify_all()
+        return shard_pb2.PushAck(seq=request.seq, duplicate=False)
+
     # -- RPCs ---------------------------------------------------------------
 
     async def Pull(
         self, request_iterator: AsyncIterator[shard_pb2.PullRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[shard_pb2.PullResponse]:
-        labels = (self._label, "pull")
         async for request in self._requests(request_iterator, context, "PullRequest"):
-            if request.after_seq and self._watermarks.get(request.worker_id, 0) < request.after_seq:
-                await self._await_push(request.worker_id, request.after_seq, context)
-            started = time.perf_counter()
-            try:
-                keys = self._decode(request.keys, with_values=False)
-                groups = self.store.pull_rows(keys.int_ids, keys.str_ids)
-                batches = encode_groups(groups)
-            except Exception as exc:
-                metrics.ERRORS.labels(*labels).inc()
-                await self._abort(context, exc)
-            self._pull_requests += 1
-            self._pulled_keys += len(keys)
-            self._observe(labels, started, len(keys), sum(len(b.values.data) for b in batches))
-            yield shard_pb2.PullResponse(request_id=request.request_id, batches=batches)
+            yield await self._answer_pull(request, context)
 
     async def Push(
         self, request_iterator: AsyncIterator[shard_pb2.PushRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[shard_pb2.PushAck]:
-        labels = (self._label, "push")
         async for request in self._requests(request_iterator, context, "PushRequest"):
-            if not request.worker_id or request.seq == 0:
-                metrics.ERRORS.labels(*labels).inc()
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a push needs a worker_id and a seq >= 1")
-            if request.seq <= self._watermarks.get(request.worker_id, 0):
-                metrics.DUPLICATES.labels(self._label).inc()
-                yield shard_pb2.PushAck(seq=request.seq, duplicate=True)
-                continue
-            started = time.perf_counter()
-            try:
-                decoded = [self._decode(b, with_values=True) for b in request.batches]
-                self.store.push_rows([Rows(d.int_ids, d.str_ids, d.values) for d in decoded])  # type: ignore[arg-type]
-            except Exception as exc:
-                metrics.ERRORS.labels(*labels).inc()
-                await self._abort(context, exc)
-            self._watermarks[request.worker_id] = request.seq
-            self._push_requests += 1
-            self._pushed_keys += sum(len(d) for d in decoded)
-            self._observe(
-                labels, started, sum(len(d) for d in decoded), sum(len(b.values.data) for b in request.batches)
-            )
-            async with self.pushed:
-                self.pushed.notify_all()
-            yield shard_pb2.PushAck(seq=request.seq, duplicate=False)
+            yield await self._apply_push(request, context)
+
+    async def Exchange(
+        self, request_iterator: AsyncIterator[shard_pb2.ExchangeRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[shard_pb2.ExchangeResponse]:
+        # One request at a time, push before pull: the order is the guarantee.
+        async for request in self._requests(request_iterator, context, "ExchangeRequest"):
+            ack = await self._apply_push(request.push, context) if request.HasField("push") else None
+            answer = await self._answer_pull(request.pull, context) if request.HasField("pull") else None
+            yield shard_pb2.ExchangeResponse(ack=ack, pull=answer)
 
     def _observe(self, labels: tuple[str, str], started: float, keys: int, nbytes: int) -> None:
         metrics.LATENCY.labels(*labels).observe(time.perf_counter() - started)

@@ -5,8 +5,9 @@ Threads of a worker process:
 - the logic thread (`WorkerRuntime.run`): takes pull answers and input records,
   calls the user's callbacks, buffers the pulls and pushes they issue, one
   buffer per shard, and flushes each buffer as one batch;
-- two reader threads per shard (pull answers, push acks), which decode and
-  hand over, never block on the logic thread;
+- one I/O thread running an asyncio event loop, on which every shard's
+  Exchange stream (grpc.aio) is written and read; it decodes answers and
+  hands them over, and never blocks on the logic thread;
 - feeders (a file reader, or Feed RPCs), which block while the input queue is
   full: that is the backpressure that reaches the data source.
 
@@ -17,9 +18,9 @@ cycle of waits: no deadlock, at any limit down to 1.
 
 Batching. A shard's buffer is flushed when it holds `max_batch` keys, when it
 has waited `linger_s`, or when the logic thread runs out of work, so the batch
-size follows the load. Pushes to a shard are flushed before pulls to it, and
-every pull names the last push seq sent to its shard (`after_seq`): the shard
-answers it only after applying that push, which gives read-your-writes.
+size follows the load. A flush sends a shard's pushes and pulls in one
+message on its one stream; the shard applies the pushes before it answers the
+pulls, and takes a stream's messages in order, which gives read-your-writes.
 
 Termination. A worker is finished when its input ended, `on_input_end`
 returned, no pull is unanswered or queued, no callback is pending, and every
@@ -42,10 +43,10 @@ from typing import Any
 import numpy as np
 
 from psclient._proto import shard_pb2
-from psclient.codec import ALLOWED_KINDS, decode_rows
+from psclient.codec import ALLOWED_KINDS, decode_rows, encode_keys, encode_values
 from psclient.errors import JobFailed, ShardError, StreampsError
 from psclient.partition import Id, check_id, shard_of
-from psclient.shard_client import DEFAULT_CONNECT_TIMEOUT_S, ShardConnection, check_layout
+from psclient.shard_client import DEFAULT_CONNECT_TIMEOUT_S, EventLoopThread, ShardConnection, check_layout
 from psworker.logic import WorkerLogic, pull_limit_of
 
 log = logging.getLogger("streamps.worker")
@@ -229,6 +230,7 @@ class WorkerRuntime:
         self._pulls_out = [0] * num_shards  # pull requests sent and not yet answered
         self._request_id = 0
         self._connections: list[ShardConnection] = []
+        self._io: EventLoopThread | None = None
 
         # Counters (read by Status from other threads; ints are updated atomically).
         self.started = time.monotonic()
@@ -279,22 +281,22 @@ class WorkerRuntime:
                 self._failure = message
             self._cond.notify_all()
 
-    # -- network callbacks (reader threads) ------------------------------------
+    # -- network callbacks (the I/O loop's thread) ------------------------------
 
-    def _on_pull(self, shard: int, response: shard_pb2.PullResponse) -> None:
-        try:
-            ids, values = decode_rows(response.batches)
-        except StreampsError as exc:
-            self.fail(f"worker {self.worker_index}: malformed pull answer: {exc}")
-            return
+    def _on_response(self, shard: int, response: shard_pb2.ExchangeResponse) -> None:
+        answer = None
+        if response.HasField("pull"):
+            try:
+                answer = decode_rows(response.pull.batches)
+            except StreampsError as exc:
+                self.fail(f"worker {self.worker_index}: malformed pull answer: {exc}")
+                return
         with self._cond:
-            self._answers.append((shard, ids, values))
-            self._cond.notify_all()
-
-    def _on_ack(self, shard: int, _ack: shard_pb2.PushAck) -> None:
-        with self._cond:
-            self._unacked -= 1
-            self._unacked_by_shard[shard] -= 1
+            if response.HasField("ack"):
+                self._unacked -= 1
+                self._unacked_by_shard[shard] -= 1
+            if answer is not None:
+                self._answers.append((shard, *answer))
             self._cond.notify_all()
 
     def _on_shard_error(self, shard: int, error: ShardError) -> None:
@@ -340,7 +342,9 @@ class WorkerRuntime:
     # -- batching ---------------------------------------------------------------
 
     def _flush_shard(self, shard: int) -> None:
-        connection = self._connections[shard]
+        # The push and the pulls leave in one message; the shard applies the push
+        # before it answers the pulls, which gives read-your-writes.
+        push = pull = None
         ids = self._push_ids[shard]
         if ids:
             deltas = self._push_deltas[shard]
@@ -349,13 +353,17 @@ class WorkerRuntime:
             with self._cond:
                 self._unacked += 1
                 self._unacked_by_shard[shard] += 1
-            connection.push(self.worker_id, self._seqs[shard], ids, deltas)
+            push = shard_pb2.PushRequest(
+                worker_id=self.worker_id, seq=self._seqs[shard], batches=encode_values(ids, deltas)
+            )
         pulls = self._pull_buffers[shard]
         if pulls:
             self._pull_buffers[shard] = []
             self._request_id += 1
             self._pulls_out[shard] += 1
-            connection.pull(self._request_id, pulls, worker_id=self.worker_id, after_seq=self._seqs[shard])
+            pull = shard_pb2.PullRequest(request_id=self._request_id, keys=encode_keys(pulls))
+        if push is not None or pull is not None:
+            self._connections[shard].send(shard_pb2.ExchangeRequest(push=push, pull=pull))
 
     def _flush_all(self) -> None:
         if self._buffered_since is not None:
@@ -501,24 +509,31 @@ class WorkerRuntime:
         """Open streams to every shard; ShardError names the one that is unreachable,
         or whose own index and count disagree with its place in --servers (before
         anything is sent, since such a shard would refuse some pushes only mid-job)."""
-        for shard, address in enumerate(self.servers):
-            self._connections.append(
-                ShardConnection(
-                    shard,
-                    address,
-                    on_pull=functools.partial(self._on_pull, shard),
-                    on_ack=functools.partial(self._on_ack, shard),
-                    on_error=functools.partial(self._on_shard_error, shard),
-                    connect_timeout=self.connect_timeout,
-                )
-            )
+        self._io = EventLoopThread(f"worker-{self.worker_index}-io")
         try:
+            for shard, address in enumerate(self.servers):
+                self._connections.append(
+                    ShardConnection(
+                        shard,
+                        address,
+                        self._io,
+                        on_response=functools.partial(self._on_response, shard),
+                        on_error=functools.partial(self._on_shard_error, shard),
+                        connect_timeout=self.connect_timeout,
+                    )
+                )
             check_layout(self.servers, [connection.info for connection in self._connections], "--servers")
-        except ShardError:
-            for connection in self._connections:
-                connection.close()
-            self._connections = []
+        except BaseException:
+            self._close_connections()
             raise
+
+    def _close_connections(self) -> None:
+        for connection in self._connections:
+            connection.close()
+        self._connections = []
+        if self._io is not None:
+            self._io.close()
+            self._io = None
 
     def run(self) -> None:
         """Run the logic to the end; raise JobFailed with a one-line message on failure."""
@@ -571,8 +586,7 @@ class WorkerRuntime:
                 self._failure = failure
             self.state = state
             self._cond.notify_all()
-        for connection in self._connections:
-            connection.close()
+        self._close_connections()
 
     @property
     def error(self) -> str | None:

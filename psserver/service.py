@@ -46,6 +46,23 @@ def encode_groups(groups: Sequence[Rows]) -> list[tensor_pb2.ParamBatch]:
     ]
 
 
+class _OpMetrics:
+    """The metrics of one operation (pull or push) of one shard."""
+
+    def __init__(self, shard: str, op: str):
+        self.latency = metrics.LATENCY.labels(shard, op)
+        self.requests = metrics.REQUESTS.labels(shard, op)
+        self.keys = metrics.KEYS.labels(shard, op)
+        self.bytes = metrics.BYTES.labels(shard, op)
+        self.errors = metrics.ERRORS.labels(shard, op)
+
+    def observe(self, started: float, keys: int, nbytes: int) -> None:
+        self.latency.observe(time.perf_counter() - started)
+        self.requests.inc()
+        self.keys.inc(keys)
+        self.bytes.inc(nbytes)
+
+
 class ShardServicer(shard_pb2_grpc.ParameterShardServicer):
     def __init__(self, store: ParameterStore, shard: int, num_shards: int):
         self.store = store
@@ -62,6 +79,11 @@ class ShardServicer(shard_pb2_grpc.ParameterShardServicer):
         # The tasks of Pull and Push streams that wait in this servicer (for a
         # request, or for a push a pull depends on): `stop_streams` wakes them.
         self._waiting: set[asyncio.Task[Any]] = set()
+        # Labelled metrics looked up once: a lookup per request costs as much as the update.
+        self._metrics = {op: _OpMetrics(self._label, op) for op in ("pull", "push")}
+        self._duplicates = metrics.DUPLICATES.labels(self._label)
+        # Read when Prometheus scrapes, not set on every request.
+        metrics.PARAMETERS.labels(self._label).set_function(lambda: len(self.store))
 
     @property
     def pushed(self) -> asyncio.Condition:
@@ -178,7 +200,7 @@ class ShardServicer(shard_pb2_grpc.ParameterShardServicer):
     async def _answer_pull(
         self, request: shard_pb2.PullRequest, context: grpc.aio.ServicerContext
     ) -> shard_pb2.PullResponse:
-        labels = (self._label, "pull")
+        op = self._metrics["pull"]
         if request.after_seq and self._watermarks.get(request.worker_id, 0) < request.after_seq:
             await self._await_push(request.worker_id, request.after_seq, context)
         started = time.perf_counter()
@@ -187,32 +209,32 @@ class ShardServicer(shard_pb2_grpc.ParameterShardServicer):
             groups = self.store.pull_rows(keys.int_ids, keys.str_ids)
             batches = encode_groups(groups)
         except Exception as exc:
-            metrics.ERRORS.labels(*labels).inc()
+            op.errors.inc()
             await self._abort(context, exc)
         self._pull_requests += 1
         self._pulled_keys += len(keys)
-        self._observe(labels, started, len(keys), sum(len(b.values.data) for b in batches))
+        op.observe(started, len(keys), sum(len(b.values.data) for b in batches))
         return shard_pb2.PullResponse(request_id=request.request_id, batches=batches)
 
     async def _apply_push(self, request: shard_pb2.PushRequest, context: grpc.aio.ServicerContext) -> shard_pb2.PushAck:
-        labels = (self._label, "push")
+        op = self._metrics["push"]
         if not request.worker_id or request.seq == 0:
-            metrics.ERRORS.labels(*labels).inc()
+            op.errors.inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a push needs a worker_id and a seq >= 1")
         if request.seq <= self._watermarks.get(request.worker_id, 0):
-            metrics.DUPLICATES.labels(self._label).inc()
+            self._duplicates.inc()
             return shard_pb2.PushAck(seq=request.seq, duplicate=True)
         started = time.perf_counter()
         try:
             decoded = [self._decode(b, with_values=True) for b in request.batches]
             self.store.push_rows([Rows(d.int_ids, d.str_ids, d.values) for d in decoded])  # type: ignore[arg-type]
         except Exception as exc:
-            metrics.ERRORS.labels(*labels).inc()
+            op.errors.inc()
             await self._abort(context, exc)
         self._watermarks[request.worker_id] = request.seq
         self._push_requests += 1
         self._pushed_keys += sum(len(d) for d in decoded)
-        self._observe(labels, started, sum(len(d) for d in decoded), sum(len(b.values.data) for b in request.batches))
+        op.observe(started, sum(len(d) for d in decoded), sum(len(b.values.data) for b in request.batches))
         async with self.pushed:
             self.pushed.notify_all()
         return shard_pb2.PushAck(seq=request.seq, duplicate=False)
@@ -239,13 +261,6 @@ class ShardServicer(shard_pb2_grpc.ParameterShardServicer):
             ack = await self._apply_push(request.push, context) if request.HasField("push") else None
             answer = await self._answer_pull(request.pull, context) if request.HasField("pull") else None
             yield shard_pb2.ExchangeResponse(ack=ack, pull=answer)
-
-    def _observe(self, labels: tuple[str, str], started: float, keys: int, nbytes: int) -> None:
-        metrics.LATENCY.labels(*labels).observe(time.perf_counter() - started)
-        metrics.REQUESTS.labels(*labels).inc()
-        metrics.KEYS.labels(*labels).inc(keys)
-        metrics.BYTES.labels(*labels).inc(nbytes)
-        metrics.PARAMETERS.labels(self._label).set(len(self.store))
 
     async def Snapshot(
         self, request: shard_pb2.SnapshotRequest, context: grpc.aio.ServicerContext

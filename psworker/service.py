@@ -16,6 +16,9 @@ from psclient.serving import BoundServer, build_server
 from psworker.runtime import State, WorkerRuntime
 
 OUTPUT_CHUNK = 1_024
+# How long the Outputs stream lets a partial chunk fill before it sends it: one
+# message per output would cost the worker more than the outputs themselves.
+OUTPUT_LINGER_S = 0.005
 
 
 class OutputBuffer:
@@ -33,7 +36,8 @@ class OutputBuffer:
         data = pack(out)  # raises WireError inside the user's callback: a clear message
         with self._cond:
             self._items.append(data)
-            if len(self._items) == 1:
+            count = len(self._items)
+            if count == 1 or count == OUTPUT_CHUNK:
                 self._cond.notify_all()
 
     def close(self) -> None:
@@ -46,6 +50,8 @@ class OutputBuffer:
         with self._cond:
             if not self._items and not self._closed:
                 self._cond.wait(timeout)
+            if self._items and len(self._items) < OUTPUT_CHUNK and not self._closed:
+                self._cond.wait(OUTPUT_LINGER_S)  # woken early by a full chunk or by close
             if not self._items:
                 return None if self._closed else []
             count = min(len(self._items), OUTPUT_CHUNK)

@@ -38,6 +38,10 @@ _EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]  # the stubs predate it
 T = TypeVar("T")
 # How long closing a stream waits for the answers to what was sent on it.
 CLOSE_TIMEOUT_S = 5.0
+# What grpc.aio reports for a write to a stream its peer has just ended, and how
+# long to wait for the peer's own status to replace it.
+_WRITE_FAILED = "Internal error from Core"
+PEER_STATUS_WAIT_S = 1.0
 
 
 class _RequestStream:
@@ -236,6 +240,10 @@ class EventLoopThread:
             future.cancel()
             raise
 
+    def on_loop(self) -> bool:
+        """Whether the caller runs on the loop's thread."""
+        return threading.get_ident() == self._thread.ident
+
     def close(self) -> None:
         if self.loop.is_closed():
             return
@@ -243,6 +251,18 @@ class EventLoopThread:
         self._thread.join(timeout=5.0)
         if not self._thread.is_alive():
             self.loop.close()
+
+
+class _Status(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(details)
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
 
 
 class ShardConnection:
@@ -300,6 +320,9 @@ class ShardConnection:
 
     def _put(self, request: Any) -> None:
         self._outbox.append(request)
+        if self._io.on_loop():
+            self._wake.set()
+            return
         # One wake-up of the loop per burst of sends: the flag is cleared on the
         # loop just before it drains the queue, and it is read after the append,
         # so a request is never left behind.
@@ -337,7 +360,7 @@ class ShardConnection:
             return
         except grpc.RpcError as exc:
             if not self._closing:
-                self._on_error(stream_error(self.describe(), exc))
+                self._on_error(stream_error(self.describe(), await self._peer_status(exc)))
             return
         except Exception as exc:  # a bug in a callback must still surface
             self._on_error(ShardError(f"{self.describe()}: {type(exc).__name__}: {exc}"))
@@ -345,16 +368,36 @@ class ShardConnection:
         if not self._closing:
             self._on_error(ShardError(f"{self.describe()} closed its stream"))
 
+    async def _peer_status(self, exc: grpc.RpcError) -> Any:
+        """The status the shard ended the stream with, rather than the one gRPC makes up.
+
+        A write that fails because the shard just ended the stream (a shard that
+        stops, say) makes gRPC set the call's status to INTERNAL "Internal error
+        from Core", which the read may report before the shard's own status
+        arrives and replaces it.
+        """
+        if exc.code() != grpc.StatusCode.INTERNAL or exc.details() != _WRITE_FAILED:
+            return exc
+        deadline = time.monotonic() + PEER_STATUS_WAIT_S
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+            if await self._call.code() != grpc.StatusCode.INTERNAL:
+                return _Status(await self._call.code(), await self._call.details())
+        return exc
+
     def close(self) -> None:
-        """End the stream after what was sent (waiting briefly for its answers), then drop the channel."""
+        """End the stream after what was sent (waiting briefly for its answers), then
+        drop the channel. Call from outside the loop; on it, await `aclose`."""
+        if self._closing:
+            return
+        with contextlib.suppress(Exception):  # the loop is gone or stuck: nothing left to release in order
+            self._io.run(self.aclose(), timeout=CLOSE_TIMEOUT_S + 1.0)
+
+    async def aclose(self) -> None:
         if self._closing:
             return
         self._closing = True
         self._put(_END)
-        with contextlib.suppress(Exception):  # the loop is gone or stuck: nothing left to release in order
-            self._io.run(self._close(), timeout=CLOSE_TIMEOUT_S + 1.0)
-
-    async def _close(self) -> None:
         with contextlib.suppress(TimeoutError, asyncio.CancelledError):
             await asyncio.wait_for(asyncio.shield(self._reader), CLOSE_TIMEOUT_S)
         self._call.cancel()

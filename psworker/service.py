@@ -22,7 +22,7 @@ OUTPUT_LINGER_S = 0.005
 
 
 class OutputBuffer:
-    """Encoded outputs waiting for the Outputs stream. Unbounded: the logic thread
+    """Encoded outputs waiting for the Outputs stream. Unbounded: the logic
     never blocks on a slow (or absent) subscriber."""
 
     def __init__(self) -> None:

@@ -33,11 +33,15 @@ class OutputBuffer:
         self.subscription = threading.Lock()  # held by the one Outputs stream reading
 
     def put(self, out: object) -> None:
+        """Queue one output; called from one thread only (the logic's)."""
         data = pack(out)  # raises WireError inside the user's callback: a clear message
-        with self._cond:
-            self._items.append(data)
-            count = len(self._items)
-            if count == 1 or count == OUTPUT_CHUNK:
+        items = self._items
+        # No lock for the append: with one putter, the reader (which checks under
+        # the lock before it waits) is woken whenever it may be waiting for this.
+        items.append(data)
+        count = len(items)
+        if count == 1 or count == OUTPUT_CHUNK:
+            with self._cond:
                 self._cond.notify_all()
 
     def close(self) -> None:

@@ -253,6 +253,17 @@ class EventLoopThread:
             self.loop.close()
 
 
+def _now(coroutine: Coroutine[Any, Any, T]) -> T | None:
+    """The result of a coroutine that finishes without waiting, else None (a call's
+    code() and details() once it is done)."""
+    try:
+        coroutine.send(None)
+    except StopIteration as stop:
+        return stop.value
+    coroutine.close()
+    return None
+
+
 class _Status(grpc.RpcError):
     def __init__(self, code: grpc.StatusCode, details: str):
         super().__init__(details)
@@ -308,6 +319,8 @@ class ShardConnection:
         self._wake = asyncio.Event()
         stub: Any = shard_pb2_grpc.ParameterShardStub(self._channel)  # typed for blocking channels
         self._call = stub.Exchange(metadata=security.call_metadata())
+        self._first_status: _Status | None = None
+        self._call.add_done_callback(self._on_done)
         self._writer = asyncio.create_task(self._write())
         self._reader = asyncio.create_task(self._read())
 
@@ -368,16 +381,25 @@ class ShardConnection:
         if not self._closing:
             self._on_error(ShardError(f"{self.describe()} closed its stream"))
 
+    def _on_done(self, call: Any) -> None:
+        # The call's first status, kept before a failing write can replace it.
+        code = _now(call.code())
+        if code is not None:
+            self._first_status = _Status(code, _now(call.details()) or "")
+
     async def _peer_status(self, exc: grpc.RpcError) -> Any:
         """The status the shard ended the stream with, rather than the one gRPC makes up.
 
         A write that fails because the shard just ended the stream (a shard that
-        stops, say) makes gRPC set the call's status to INTERNAL "Internal error
-        from Core", which the read may report before the shard's own status
-        arrives and replaces it.
+        stops, or dies) makes gRPC set the call's status to INTERNAL "Internal
+        error from Core": over the shard's own status if that came first (kept
+        by `_on_done`), or before it, which then replaces it.
         """
         if exc.code() != grpc.StatusCode.INTERNAL or exc.details() != _WRITE_FAILED:
             return exc
+        first = self._first_status
+        if first is not None and first.code() != grpc.StatusCode.INTERNAL:
+            return first
         deadline = time.monotonic() + PEER_STATUS_WAIT_S
         while time.monotonic() < deadline:
             await asyncio.sleep(0.02)

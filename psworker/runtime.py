@@ -51,7 +51,13 @@ from psclient._proto import shard_pb2
 from psclient.codec import ALLOWED_KINDS, decode_rows, encode_keys, encode_values
 from psclient.errors import JobFailed, ShardError, StreampsError
 from psclient.partition import Id, check_id, shard_of
-from psclient.shard_client import DEFAULT_CONNECT_TIMEOUT_S, EventLoopThread, ShardConnection, check_layout
+from psclient.shard_client import (
+    CLOSE_TIMEOUT_S,
+    DEFAULT_CONNECT_TIMEOUT_S,
+    EventLoopThread,
+    ShardConnection,
+    check_layout,
+)
 from psworker.logic import WorkerLogic, pull_limit_of
 
 log = logging.getLogger("streamps.worker")
@@ -593,11 +599,14 @@ class WorkerRuntime:
                     self.state = State.FAILED
                 raise JobFailed(self._failure) from exc
         assert self._io is not None
+        done = asyncio.run_coroutine_threadsafe(self._run(), self._io.loop)
         try:
-            self._io.run(self._run())
+            done.result()
         except BaseException as exc:
-            if not isinstance(exc, JobFailed):
+            if not done.done():  # this thread was interrupted (KeyboardInterrupt): stop the logic
                 self.fail(f"worker {self.worker_index}: runtime stopped: {type(exc).__name__}: {exc}")
+                with contextlib.suppress(BaseException):  # it delivers the pushes made so far, then ends
+                    done.result(timeout=DRAIN_TIMEOUT_S + CLOSE_TIMEOUT_S)
             raise
         finally:
             self._close_connections()

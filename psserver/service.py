@@ -32,8 +32,9 @@ from psserver.store import ParameterStore, Rows
 log = logging.getLogger("streamps.shard")
 
 # A pull that names after_seq waits this long for that push to arrive on the
-# worker's Push stream. The worker sends the push first, so only a failed or
+# client's Push stream. The client sends the push first, so only a failed or
 # rejected push stream makes it wait: then the pull fails instead of hanging.
+# (Workers use Exchange, where the order of one stream does this without a wait.)
 AFTER_SEQ_TIMEOUT_S = 60.0
 MAX_IDS_PER_BATCH = 1 << 20
 DEFAULT_SNAPSHOT_ROWS = 16_384
@@ -76,7 +77,7 @@ class ShardServicer(shard_pb2_grpc.ParameterShardServicer):
         self._push_requests = self._pushed_keys = 0
         self._stopping = False
         self._open_streams = 0
-        # The tasks of Pull and Push streams that wait in this servicer (for a
+        # The tasks of Pull, Push and Exchange streams that wait in this servicer (for a
         # request, or for a push a pull depends on): `stop_streams` wakes them.
         self._waiting: set[asyncio.Task[Any]] = set()
         # Labelled metrics looked up once: a lookup per request costs as much as the update.
@@ -95,7 +96,7 @@ class ShardServicer(shard_pb2_grpc.ParameterShardServicer):
     # -- stopping -----------------------------------------------------------
 
     def stop_streams(self) -> int:
-        """End every open Pull and Push stream with UNAVAILABLE; return how many are open.
+        """End every open Pull, Push and Exchange stream with UNAVAILABLE; return how many are open.
 
         A stream waiting for its next request is woken by cancelling its task at
         that await (`_requests` turns it into the status); a stream busy with a

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -37,6 +38,8 @@ FEED_BATCH = 512
 # slow streams are not held back waiting for a full batch.
 FEED_LINGER_S = 0.05
 FEED_QUEUE_MESSAGES = 8
+# Records read ahead of the router, at most.
+SOURCE_READ_AHEAD = 4 * FEED_BATCH
 # After a worker failed, how long to wait for the feeder to report its own error.
 FEEDER_JOIN_S = 5.0
 _END = object()
@@ -49,6 +52,59 @@ class WorkerReported(JobFailed):
 class _Failure:
     def __init__(self, error: BaseException):
         self.error = error
+
+
+class _Source:
+    """The records of an iterable, read ahead on a thread of their own and taken in runs.
+
+    The thread lets the router time silence (a source may block between
+    records) and linger partial batches. Records pass through a deque, taken
+    all at once by the router, rather than one by one through a queue whose
+    lock and wake-up would cost more than the record's encoding.
+    """
+
+    def __init__(self, records: Iterable[Any]):
+        self._pending: deque[Any] = deque()
+        self._ready = threading.Event()  # set when records may be pending
+        self._room = threading.Condition()  # the reader waits here while the deque is full
+        self._stopped = False
+        threading.Thread(target=self._read, args=(records,), name="record-reader", daemon=True).start()
+
+    def _read(self, records: Iterable[Any]) -> None:
+        pending, ready = self._pending, self._ready
+        try:
+            for record in records:
+                pending.append(record)
+                if not ready.is_set():
+                    ready.set()
+                if len(pending) >= SOURCE_READ_AHEAD:
+                    with self._room:
+                        self._room.wait_for(lambda: len(pending) < SOURCE_READ_AHEAD or self._stopped)
+                    if self._stopped:
+                        return
+            pending.append(_END)
+        except BaseException as exc:
+            pending.append(_Failure(exc))
+        ready.set()
+
+    def take(self, timeout: float) -> list[Any]:
+        """Every record read so far (possibly ending in _END or a _Failure); [] after
+        `timeout` without one."""
+        pending = self._pending
+        if not pending:
+            self._ready.clear()
+            # A record appended before the clear is seen here; one appended after it sets the event.
+            if not pending and not self._ready.wait(timeout):
+                return []
+        taken = [pending.popleft() for _ in range(len(pending))]
+        with self._room:
+            self._room.notify()
+        return taken
+
+    def stop(self) -> None:
+        with self._room:
+            self._stopped = True
+            self._room.notify()
 
 
 class Cluster:
@@ -245,17 +301,7 @@ class Cluster:
     ) -> int:
         num_workers = len(sender_queues)
         batches: list[list[bytes]] = [[] for _ in range(num_workers)]
-        source: queue.Queue[Any] = queue.Queue(maxsize=4 * FEED_BATCH)
-
-        def read() -> None:  # a thread, so that silence can be timed and batches lingered
-            try:
-                for record in records:
-                    source.put(record)
-                source.put(_END)
-            except BaseException as exc:
-                source.put(_Failure(exc))
-
-        threading.Thread(target=read, name="record-reader", daemon=True).start()
+        source = _Source(records)
 
         def flush(index: int) -> None:
             if batches[index]:
@@ -265,13 +311,14 @@ class Cluster:
         try:
             return self._route_loop(source, batches, flush, partition_by, iteration_wait_time, failures)
         finally:
+            source.stop()
             # Records taken before an error of the iterator still reach their worker.
             for index in range(num_workers):
                 flush(index)
 
     @staticmethod
     def _route_loop(
-        source: queue.Queue[Any],
+        source: _Source,
         batches: list[list[bytes]],
         flush: Callable[[int], None],
         partition_by: Callable[[Any], Hashable] | None,
@@ -282,9 +329,8 @@ class Cluster:
         count = 0
         silence = 0.0
         while not failures:
-            try:
-                record = source.get(timeout=FEED_LINGER_S)
-            except queue.Empty:
+            taken = source.take(FEED_LINGER_S)
+            if not taken:
                 silence += FEED_LINGER_S
                 for index in range(num_workers):
                     flush(index)
@@ -292,15 +338,17 @@ class Cluster:
                     break
                 continue
             silence = 0.0
-            if record is _END:
-                break
-            if isinstance(record, _Failure):
-                raise record.error
-            index = count % num_workers if partition_by is None else key_bucket(partition_by(record), num_workers)
-            batches[index].append(pack(record))
-            count += 1
-            if len(batches[index]) >= FEED_BATCH:
-                flush(index)
+            for record in taken:
+                if record is _END:
+                    return count
+                if isinstance(record, _Failure):
+                    raise record.error
+                index = count % num_workers if partition_by is None else key_bucket(partition_by(record), num_workers)
+                batch = batches[index]
+                batch.append(pack(record))
+                count += 1
+                if len(batch) >= FEED_BATCH:
+                    flush(index)
         return count
 
     def outputs(self) -> Iterator[Any]:

@@ -1,21 +1,25 @@
 """Client side of the ParameterShard service.
 
-`ShardConnection` keeps one Pull and one Push stream open to one shard and
-hands every answer to a callback on its own reader thread: the asynchronous
-core the worker runtime builds on. `ShardGroup` wraps one connection per shard
+`ShardConnection` keeps one Exchange stream open to one shard on a shared
+event loop (`EventLoopThread`) and hands every response to a callback there:
+the asynchronous core the worker runtime builds on. `ShardGroup` wraps one connection per shard
 into a blocking batch API (pull a list of ids, push a list of deltas), slicing
 each batch by owning shard and sending the slices concurrently.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import contextlib
 import itertools
 import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from collections import deque
+from collections.abc import Callable, Coroutine, Iterator, Sequence
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -26,9 +30,18 @@ from psclient.codec import INT_IDS_DTYPE, decode_batch, decode_rows, encode_keys
 from psclient.errors import ShardError
 from psclient.partition import Id, check_id, shards_of_ints, split_by_shard
 from psclient.security import Security
-from psclient.serving import DEFAULT_CONNECT_TIMEOUT_S, open_channel
+from psclient.security import current as current_security
+from psclient.serving import CHANNEL_OPTIONS, DEFAULT_CONNECT_TIMEOUT_S, open_channel
 
 _END = object()
+_EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]  # the stubs predate it
+T = TypeVar("T")
+# How long closing a stream waits for the answers to what was sent on it.
+CLOSE_TIMEOUT_S = 5.0
+# What grpc.aio reports for a write to a stream its peer has just ended, and how
+# long to wait for the peer's own status to replace it.
+_WRITE_FAILED = "Internal error from Core"
+PEER_STATUS_WAIT_S = 1.0
 
 
 class _RequestStream:
@@ -205,93 +218,213 @@ def check_layout(servers: Sequence[str], infos: Sequence[shard_pb2.InfoResponse]
         raise ShardError(problems[0][1])
 
 
-class ShardConnection:
-    """Streams to one shard. Callbacks run on this connection's reader threads.
+class EventLoopThread:
+    """An asyncio event loop on its own daemon thread: where a process's shard streams live.
 
-    `info` is the shard's Info as it was on connect: its index and count, which
-    the caller checks against the server list (check_layout).
+    Every stream of a worker shares it, so all of the worker's network I/O runs
+    on one thread, with no thread per stream and no consumer thread per request
+    iterator (each of which took the GIL for every message).
+    """
+
+    def __init__(self, name: str = "shard-io"):
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self._thread.start()
+
+    def run(self, coroutine: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Run `coroutine` on the loop and wait for its result (from another thread)."""
+        future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise
+
+    def on_loop(self) -> bool:
+        """Whether the caller runs on the loop's thread."""
+        return threading.get_ident() == self._thread.ident
+
+    def close(self) -> None:
+        if self.loop.is_closed():
+            return
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=5.0)
+        if not self._thread.is_alive():
+            self.loop.close()
+
+
+def _now(coroutine: Coroutine[Any, Any, T]) -> T | None:
+    """The result of a coroutine that finishes without waiting, else None (a call's
+    code() and details() once it is done)."""
+    try:
+        coroutine.send(None)
+    except StopIteration as stop:
+        return stop.value
+    coroutine.close()
+    return None
+
+
+class _Status(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(details)
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+class ShardConnection:
+    """One Exchange stream to one shard, run on an `EventLoopThread`.
+
+    `send` queues a request and returns at once; call it from one thread. Each
+    response goes to `on_response` and a failure of the stream to `on_error`,
+    both called on the loop's thread: they must not block. `info` is the
+    shard's Info as it was on connect: its index and count, which the caller
+    checks against the server list (check_layout).
     """
 
     def __init__(
         self,
         shard: int,
         address: str,
+        io: EventLoopThread,
         *,
-        on_pull: Callable[[shard_pb2.PullResponse], None],
-        on_ack: Callable[[shard_pb2.PushAck], None],
+        on_response: Callable[[shard_pb2.ExchangeResponse], None],
         on_error: Callable[[ShardError], None],
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
+        security: Security | None = None,
     ):
         self.shard = shard
         self.address = address
-        self._on_pull, self._on_ack, self._on_error = on_pull, on_ack, on_error
-        self._closing = threading.Event()
-        self._channel = ready_channel(address, self.describe(), connect_timeout)
+        self._io = io
+        self._on_response, self._on_error = on_response, on_error
+        security = security or current_security()
+        # Reachability, TLS and the layout are checked on a blocking channel, whose
+        # errors name the cause; the stream then gets its own channel on the loop.
+        channel = ready_channel(address, self.describe(), connect_timeout, security)
         try:
-            self.info = fetch_info(self._channel, self.describe(), connect_timeout)
-        except ShardError:
-            self._channel.close()
-            raise
-        stub = shard_pb2_grpc.ParameterShardStub(self._channel)
-        self._pulls, self._pushes = _RequestStream(), _RequestStream()
-        self._pull_call = stub.Pull(iter(self._pulls))
-        self._push_call = stub.Push(iter(self._pushes))
-        self._readers = [
-            threading.Thread(
-                target=self._read, args=(self._pull_call, on_pull), name=f"pull-reader-{shard}", daemon=True
-            ),
-            threading.Thread(
-                target=self._read, args=(self._push_call, on_ack), name=f"ack-reader-{shard}", daemon=True
-            ),
-        ]
-        for reader in self._readers:
-            reader.start()
+            self.info = fetch_info(channel, self.describe(), connect_timeout)
+        finally:
+            channel.close()
+        self._outbox: deque[Any] = deque()
+        self._kick_pending = False
+        self._closing = False
+        io.run(self._open(security), timeout=connect_timeout)
+
+    async def _open(self, security: Security) -> None:
+        self._channel = security.aio_channel(self.address, CHANNEL_OPTIONS)
+        self._wake = asyncio.Event()
+        stub: Any = shard_pb2_grpc.ParameterShardStub(self._channel)  # typed for blocking channels
+        self._call = stub.Exchange(metadata=security.call_metadata())
+        self._first_status: _Status | None = None
+        self._call.add_done_callback(self._on_done)
+        self._writer = asyncio.create_task(self._write())
+        self._reader = asyncio.create_task(self._read())
 
     def describe(self) -> str:
         return f"shard {self.shard} at {self.address}"
 
-    def _read(self, call: Iterator[Any], deliver: Callable[[Any], None]) -> None:
+    def send(self, request: shard_pb2.ExchangeRequest) -> None:
+        """Queue `request`; it is written after every request queued before it."""
+        self._put(request)
+
+    def _put(self, request: Any) -> None:
+        self._outbox.append(request)
+        if self._io.on_loop():
+            self._wake.set()
+            return
+        # One wake-up of the loop per burst of sends: the flag is cleared on the
+        # loop just before it drains the queue, and it is read after the append,
+        # so a request is never left behind.
+        if not self._kick_pending:
+            self._kick_pending = True
+            self._io.loop.call_soon_threadsafe(self._kick)
+
+    def _kick(self) -> None:
+        self._kick_pending = False
+        self._wake.set()
+
+    async def _write(self) -> None:
+        call, outbox, wake = self._call, self._outbox, self._wake
         try:
-            for response in call:
-                deliver(response)
+            while True:
+                await wake.wait()
+                wake.clear()
+                while outbox:
+                    request = outbox.popleft()
+                    if request is _END:
+                        await call.done_writing()
+                        return
+                    await call.write(request)
+        except (grpc.RpcError, asyncio.InvalidStateError):
+            pass  # the stream failed: its reader reports why
+
+    async def _read(self) -> None:
+        call = self._call
+        try:
+            while (response := await call.read()) is not _EOF:
+                self._on_response(response)
+        except asyncio.CancelledError:
+            if not self._closing:
+                self._on_error(ShardError(f"{self.describe()}: the stream was cancelled"))
+            return
         except grpc.RpcError as exc:
-            if not self._closing.is_set():
-                self._on_error(stream_error(self.describe(), exc))
+            if not self._closing:
+                self._on_error(stream_error(self.describe(), await self._peer_status(exc)))
+            return
         except Exception as exc:  # a bug in a callback must still surface
             self._on_error(ShardError(f"{self.describe()}: {type(exc).__name__}: {exc}"))
-        else:
-            if not self._closing.is_set():
-                self._on_error(ShardError(f"{self.describe()} closed its stream"))
+            return
+        if not self._closing:
+            self._on_error(ShardError(f"{self.describe()} closed its stream"))
 
-    def pull(self, request_id: int, ids: Sequence[Id], *, worker_id: str = "", after_seq: int = 0) -> None:
-        self._pulls.put(
-            shard_pb2.PullRequest(
-                request_id=request_id, keys=encode_keys(ids), worker_id=worker_id, after_seq=after_seq
-            )
-        )
+    def _on_done(self, call: Any) -> None:
+        # The call's first status, kept before a failing write can replace it.
+        code = _now(call.code())
+        if code is not None:
+            self._first_status = _Status(code, _now(call.details()) or "")
 
-    def pull_packed(self, request_id: int, int_ids: bytes, *, worker_id: str = "", after_seq: int = 0) -> None:
-        keys = tensor_pb2.ParamBatch(int_ids=int_ids)
-        self._pulls.put(
-            shard_pb2.PullRequest(request_id=request_id, keys=keys, worker_id=worker_id, after_seq=after_seq)
-        )
+    async def _peer_status(self, exc: grpc.RpcError) -> Any:
+        """The status the shard ended the stream with, rather than the one gRPC makes up.
 
-    def push(self, worker_id: str, seq: int, ids: Sequence[Id], deltas: Sequence[Any]) -> None:
-        self.push_batches(worker_id, seq, encode_values(ids, deltas))
-
-    def push_batches(self, worker_id: str, seq: int, batches: list[tensor_pb2.ParamBatch]) -> None:
-        self._pushes.put(shard_pb2.PushRequest(worker_id=worker_id, seq=seq, batches=batches))
+        A write that fails because the shard just ended the stream (a shard that
+        stops, or dies) makes gRPC set the call's status to INTERNAL "Internal
+        error from Core": over the shard's own status if that came first (kept
+        by `_on_done`), or before it, which then replaces it.
+        """
+        if exc.code() != grpc.StatusCode.INTERNAL or exc.details() != _WRITE_FAILED:
+            return exc
+        first = self._first_status
+        if first is not None and first.code() != grpc.StatusCode.INTERNAL:
+            return first
+        deadline = time.monotonic() + PEER_STATUS_WAIT_S
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+            if await self._call.code() != grpc.StatusCode.INTERNAL:
+                return _Status(await self._call.code(), await self._call.details())
+        return exc
 
     def close(self) -> None:
-        """End both streams after what was sent, then drop the channel."""
-        self._closing.set()
-        self._pulls.close()
-        self._pushes.close()
-        for reader in self._readers:
-            reader.join(timeout=5.0)
-        self._pull_call.cancel()
-        self._push_call.cancel()
-        self._channel.close()
+        """End the stream after what was sent (waiting briefly for its answers), then
+        drop the channel. Call from outside the loop; on it, await `aclose`."""
+        if self._closing:
+            return
+        with contextlib.suppress(Exception):  # the loop is gone or stuck: nothing left to release in order
+            self._io.run(self.aclose(), timeout=CLOSE_TIMEOUT_S + 1.0)
+
+    async def aclose(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self._put(_END)
+        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+            await asyncio.wait_for(asyncio.shield(self._reader), CLOSE_TIMEOUT_S)
+        self._call.cancel()
+        self._writer.cancel()
+        await self._channel.close(None)
 
 
 class _BlockingStreams:

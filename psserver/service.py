@@ -32,8 +32,9 @@ from psserver.store import ParameterStore, Rows
 log = logging.getLogger("streamps.shard")
 
 # A pull that names after_seq waits this long for that push to arrive on the
-# worker's Push stream. The worker sends the push first, so only a failed or
+# client's Push stream. The client sends the push first, so only a failed or
 # rejected push stream makes it wait: then the pull fails instead of hanging.
+# (Workers use Exchange, where the order of one stream does this without a wait.)
 AFTER_SEQ_TIMEOUT_S = 60.0
 MAX_IDS_PER_BATCH = 1 << 20
 DEFAULT_SNAPSHOT_ROWS = 16_384
@@ -44,6 +45,23 @@ def encode_groups(groups: Sequence[Rows]) -> list[tensor_pb2.ParamBatch]:
         tensor_pb2.ParamBatch(int_ids=rows.int_ids.tobytes(), str_ids=rows.str_ids, values=encode_tensor(rows.values))
         for rows in groups
     ]
+
+
+class _OpMetrics:
+    """The metrics of one operation (pull or push) of one shard."""
+
+    def __init__(self, shard: str, op: str):
+        self.latency = metrics.LATENCY.labels(shard, op)
+        self.requests = metrics.REQUESTS.labels(shard, op)
+        self.keys = metrics.KEYS.labels(shard, op)
+        self.bytes = metrics.BYTES.labels(shard, op)
+        self.errors = metrics.ERRORS.labels(shard, op)
+
+    def observe(self, started: float, keys: int, nbytes: int) -> None:
+        self.latency.observe(time.perf_counter() - started)
+        self.requests.inc()
+        self.keys.inc(keys)
+        self.bytes.inc(nbytes)
 
 
 class ShardServicer(shard_pb2_grpc.ParameterShardServicer):
@@ -59,9 +77,14 @@ class ShardServicer(shard_pb2_grpc.ParameterShardServicer):
         self._push_requests = self._pushed_keys = 0
         self._stopping = False
         self._open_streams = 0
-        # The tasks of Pull and Push streams that wait in this servicer (for a
+        # The tasks of Pull, Push and Exchange streams that wait in this servicer (for a
         # request, or for a push a pull depends on): `stop_streams` wakes them.
         self._waiting: set[asyncio.Task[Any]] = set()
+        # Labelled metrics looked up once: a lookup per request costs as much as the update.
+        self._metrics = {op: _OpMetrics(self._label, op) for op in ("pull", "push")}
+        self._duplicates = metrics.DUPLICATES.labels(self._label)
+        # Read when Prometheus scrapes, not set on every request.
+        metrics.PARAMETERS.labels(self._label).set_function(lambda: len(self.store))
 
     @property
     def pushed(self) -> asyncio.Condition:
@@ -73,7 +96,7 @@ class ShardServicer(shard_pb2_grpc.ParameterShardServicer):
     # -- stopping -----------------------------------------------------------
 
     def stop_streams(self) -> int:
-        """End every open Pull and Push stream with UNAVAILABLE; return how many are open.
+        """End every open Pull, Push and Exchange stream with UNAVAILABLE; return how many are open.
 
         A stream waiting for its next request is woken by cancelling its task at
         that await (`_requests` turns it into the status); a stream busy with a
@@ -175,63 +198,70 @@ class ShardServicer(shard_pb2_grpc.ParameterShardServicer):
                     grpc.StatusCode.FAILED_PRECONDITION, f"push seq {seq} of worker {worker_id} never arrived"
                 )
 
+    async def _answer_pull(
+        self, request: shard_pb2.PullRequest, context: grpc.aio.ServicerContext
+    ) -> shard_pb2.PullResponse:
+        op = self._metrics["pull"]
+        if request.after_seq and self._watermarks.get(request.worker_id, 0) < request.after_seq:
+            await self._await_push(request.worker_id, request.after_seq, context)
+        started = time.perf_counter()
+        try:
+            keys = self._decode(request.keys, with_values=False)
+            groups = self.store.pull_rows(keys.int_ids, keys.str_ids)
+            batches = encode_groups(groups)
+        except Exception as exc:
+            op.errors.inc()
+            await self._abort(context, exc)
+        self._pull_requests += 1
+        self._pulled_keys += len(keys)
+        op.observe(started, len(keys), sum(len(b.values.data) for b in batches))
+        return shard_pb2.PullResponse(request_id=request.request_id, batches=batches)
+
+    async def _apply_push(self, request: shard_pb2.PushRequest, context: grpc.aio.ServicerContext) -> shard_pb2.PushAck:
+        op = self._metrics["push"]
+        if not request.worker_id or request.seq == 0:
+            op.errors.inc()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a push needs a worker_id and a seq >= 1")
+        if request.seq <= self._watermarks.get(request.worker_id, 0):
+            self._duplicates.inc()
+            return shard_pb2.PushAck(seq=request.seq, duplicate=True)
+        started = time.perf_counter()
+        try:
+            decoded = [self._decode(b, with_values=True) for b in request.batches]
+            self.store.push_rows([Rows(d.int_ids, d.str_ids, d.values) for d in decoded])  # type: ignore[arg-type]
+        except Exception as exc:
+            op.errors.inc()
+            await self._abort(context, exc)
+        self._watermarks[request.worker_id] = request.seq
+        self._push_requests += 1
+        self._pushed_keys += sum(len(d) for d in decoded)
+        op.observe(started, sum(len(d) for d in decoded), sum(len(b.values.data) for b in request.batches))
+        async with self.pushed:
+            self.pushed.notify_all()
+        return shard_pb2.PushAck(seq=request.seq, duplicate=False)
+
     # -- RPCs ---------------------------------------------------------------
 
     async def Pull(
         self, request_iterator: AsyncIterator[shard_pb2.PullRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[shard_pb2.PullResponse]:
-        labels = (self._label, "pull")
         async for request in self._requests(request_iterator, context, "PullRequest"):
-            if request.after_seq and self._watermarks.get(request.worker_id, 0) < request.after_seq:
-                await self._await_push(request.worker_id, request.after_seq, context)
-            started = time.perf_counter()
-            try:
-                keys = self._decode(request.keys, with_values=False)
-                groups = self.store.pull_rows(keys.int_ids, keys.str_ids)
-                batches = encode_groups(groups)
-            except Exception as exc:
-                metrics.ERRORS.labels(*labels).inc()
-                await self._abort(context, exc)
-            self._pull_requests += 1
-            self._pulled_keys += len(keys)
-            self._observe(labels, started, len(keys), sum(len(b.values.data) for b in batches))
-            yield shard_pb2.PullResponse(request_id=request.request_id, batches=batches)
+            yield await self._answer_pull(request, context)
 
     async def Push(
         self, request_iterator: AsyncIterator[shard_pb2.PushRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[shard_pb2.PushAck]:
-        labels = (self._label, "push")
         async for request in self._requests(request_iterator, context, "PushRequest"):
-            if not request.worker_id or request.seq == 0:
-                metrics.ERRORS.labels(*labels).inc()
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a push needs a worker_id and a seq >= 1")
-            if request.seq <= self._watermarks.get(request.worker_id, 0):
-                metrics.DUPLICATES.labels(self._label).inc()
-                yield shard_pb2.PushAck(seq=request.seq, duplicate=True)
-                continue
-            started = time.perf_counter()
-            try:
-                decoded = [self._decode(b, with_values=True) for b in request.batches]
-                self.store.push_rows([Rows(d.int_ids, d.str_ids, d.values) for d in decoded])  # type: ignore[arg-type]
-            except Exception as exc:
-                metrics.ERRORS.labels(*labels).inc()
-                await self._abort(context, exc)
-            self._watermarks[request.worker_id] = request.seq
-            self._push_requests += 1
-            self._pushed_keys += sum(len(d) for d in decoded)
-            self._observe(
-                labels, started, sum(len(d) for d in decoded), sum(len(b.values.data) for b in request.batches)
-            )
-            async with self.pushed:
-                self.pushed.notify_all()
-            yield shard_pb2.PushAck(seq=request.seq, duplicate=False)
+            yield await self._apply_push(request, context)
 
-    def _observe(self, labels: tuple[str, str], started: float, keys: int, nbytes: int) -> None:
-        metrics.LATENCY.labels(*labels).observe(time.perf_counter() - started)
-        metrics.REQUESTS.labels(*labels).inc()
-        metrics.KEYS.labels(*labels).inc(keys)
-        metrics.BYTES.labels(*labels).inc(nbytes)
-        metrics.PARAMETERS.labels(self._label).set(len(self.store))
+    async def Exchange(
+        self, request_iterator: AsyncIterator[shard_pb2.ExchangeRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[shard_pb2.ExchangeResponse]:
+        # One request at a time, push before pull: the order is the guarantee.
+        async for request in self._requests(request_iterator, context, "ExchangeRequest"):
+            ack = await self._apply_push(request.push, context) if request.HasField("push") else None
+            answer = await self._answer_pull(request.pull, context) if request.HasField("pull") else None
+            yield shard_pb2.ExchangeResponse(ack=ack, pull=answer)
 
     async def Snapshot(
         self, request: shard_pb2.SnapshotRequest, context: grpc.aio.ServicerContext

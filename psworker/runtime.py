@@ -1,25 +1,29 @@
-"""The worker runtime: one thread runs every user callback, the network runs beside it.
+"""The worker runtime: every user callback and every shard stream share one event loop.
 
 Threads of a worker process:
 
-- the logic thread (`WorkerRuntime.run`): takes pull answers and input records,
-  calls the user's callbacks, buffers the pulls and pushes they issue, one
-  buffer per shard, and flushes each buffer as one batch;
-- two reader threads per shard (pull answers, push acks), which decode and
-  hand over, never block on the logic thread;
+- the I/O thread, running an asyncio event loop. On it run every shard's
+  Exchange stream (grpc.aio) and the logic (`WorkerRuntime._steps`), which
+  takes pull answers and input records, calls the user's callbacks, buffers
+  the pulls and pushes they issue, one buffer per shard, and flushes each
+  buffer as one message. An answer is decoded and handed to on_pull_recv on
+  that one thread: no hand-over between threads, no lock on the way. The logic
+  lets the streams run after it sends and at least every `YIELD_S`;
+- the thread that called `run`, which only waits for the end;
 - feeders (a file reader, or Feed RPCs), which block while the input queue is
-  full: that is the backpressure that reaches the data source.
+  full: that is the backpressure that reaches the data source. They wake the
+  loop when they add input.
 
 Flow control. At most `pull_limit` pulls are unanswered; further pulls wait in a
 queue and no input record is taken while the limit is reached. Answers are
-always taken first, and their readers never wait for anything, so there is no
-cycle of waits: no deadlock, at any limit down to 1.
+always taken first, and the streams' readers never wait for anything, so there
+is no cycle of waits: no deadlock, at any limit down to 1.
 
 Batching. A shard's buffer is flushed when it holds `max_batch` keys, when it
-has waited `linger_s`, or when the logic thread runs out of work, so the batch
-size follows the load. Pushes to a shard are flushed before pulls to it, and
-every pull names the last push seq sent to its shard (`after_seq`): the shard
-answers it only after applying that push, which gives read-your-writes.
+has waited `linger_s`, or when the logic runs out of work, so the batch
+size follows the load. A flush sends a shard's pushes and pulls in one
+message on its one stream; the shard applies the pushes before it answers the
+pulls, and takes a stream's messages in order, which gives read-your-writes.
 
 Termination. A worker is finished when its input ended, `on_input_end`
 returned, no pull is unanswered or queued, no callback is pending, and every
@@ -28,6 +32,8 @@ push is acknowledged.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import enum
 import functools
 import logging
@@ -42,10 +48,16 @@ from typing import Any
 import numpy as np
 
 from psclient._proto import shard_pb2
-from psclient.codec import ALLOWED_KINDS, decode_rows
+from psclient.codec import ALLOWED_KINDS, decode_rows, encode_keys, encode_values
 from psclient.errors import JobFailed, ShardError, StreampsError
 from psclient.partition import Id, check_id, shard_of
-from psclient.shard_client import DEFAULT_CONNECT_TIMEOUT_S, ShardConnection, check_layout
+from psclient.shard_client import (
+    CLOSE_TIMEOUT_S,
+    DEFAULT_CONNECT_TIMEOUT_S,
+    EventLoopThread,
+    ShardConnection,
+    check_layout,
+)
 from psworker.logic import WorkerLogic, pull_limit_of
 
 log = logging.getLogger("streamps.worker")
@@ -61,6 +73,10 @@ RECORD_REPR_LIMIT = 160
 # After a failure, how long acknowledgements of the last pushes are awaited
 # (from the shards whose streams still work: a failed one sends none).
 DRAIN_TIMEOUT_S = 10.0
+# The logic lets the loop run its streams at least this often while it is busy.
+YIELD_S = 0.001
+# How long an idle logic sleeps when nothing it waits for has a deadline.
+IDLE_WAIT_S = 1.0
 
 
 class State(enum.Enum):
@@ -215,7 +231,7 @@ class WorkerRuntime:
         self._failure: str | None = None
         self.state = State.RUNNING
 
-        # Logic thread only.
+        # The loop thread only (the logic and the stream callbacks).
         self._chunk: list[tuple[int, Any]] = []
         self._chunk_pos = 0
         self._input_end_called = False
@@ -229,6 +245,9 @@ class WorkerRuntime:
         self._pulls_out = [0] * num_shards  # pull requests sent and not yet answered
         self._request_id = 0
         self._connections: list[ShardConnection] = []
+        self._io: EventLoopThread | None = None
+        self._wakeup = asyncio.Event()  # set on the loop when there is news for the logic
+        self._sent = False  # a request was queued since the logic last let the loop run
 
         # Counters (read by Status from other threads; ints are updated atomically).
         self.started = time.monotonic()
@@ -260,12 +279,13 @@ class WorkerRuntime:
             if self._input_closed:
                 raise JobFailed(f"worker {self.worker_index}: input already ended")
             self._chunks.append(chunk)
-            self._cond.notify_all()
+        self._wake_threadsafe()
 
     def end_input(self) -> None:
         with self._cond:
             self._input_closed = True
             self._cond.notify_all()
+        self._wake_threadsafe()
 
     def input_error(self, message: str) -> None:
         """A record could not be read. It takes its place in the input order: the
@@ -278,31 +298,36 @@ class WorkerRuntime:
             if self._failure is None:
                 self._failure = message
             self._cond.notify_all()
+        self._wake_threadsafe()
 
-    # -- network callbacks (reader threads) ------------------------------------
+    def _wake_threadsafe(self) -> None:
+        """Wake the logic, from any thread."""
+        io = self._io
+        if io is not None:
+            with contextlib.suppress(RuntimeError):  # the loop already closed: nobody to wake
+                io.loop.call_soon_threadsafe(self._wakeup.set)
 
-    def _on_pull(self, shard: int, response: shard_pb2.PullResponse) -> None:
-        try:
-            ids, values = decode_rows(response.batches)
-        except StreampsError as exc:
-            self.fail(f"worker {self.worker_index}: malformed pull answer: {exc}")
-            return
-        with self._cond:
+    # -- network callbacks (on the loop, between two steps of the logic) --------
+
+    def _on_response(self, shard: int, response: shard_pb2.ExchangeResponse) -> None:
+        if response.HasField("pull"):
+            try:
+                ids, values = decode_rows(response.pull.batches)
+            except StreampsError as exc:
+                self.fail(f"worker {self.worker_index}: malformed pull answer: {exc}")
+                return
             self._answers.append((shard, ids, values))
-            self._cond.notify_all()
-
-    def _on_ack(self, shard: int, _ack: shard_pb2.PushAck) -> None:
-        with self._cond:
+        if response.HasField("ack"):
             self._unacked -= 1
             self._unacked_by_shard[shard] -= 1
-            self._cond.notify_all()
+        self._wakeup.set()
 
     def _on_shard_error(self, shard: int, error: ShardError) -> None:
         with self._cond:
             self._failed_shards.add(shard)
         self.fail(f"worker {self.worker_index}: {error}")
 
-    # -- the ParameterServerClient calls (logic thread) ------------------------
+    # -- the ParameterServerClient calls (on the loop) ------------------------
 
     def pull(self, param_id: Id) -> None:
         self.pulls += 1
@@ -340,22 +365,28 @@ class WorkerRuntime:
     # -- batching ---------------------------------------------------------------
 
     def _flush_shard(self, shard: int) -> None:
-        connection = self._connections[shard]
+        # The push and the pulls leave in one message; the shard applies the push
+        # before it answers the pulls, which gives read-your-writes.
+        push = pull = None
         ids = self._push_ids[shard]
         if ids:
             deltas = self._push_deltas[shard]
             self._push_ids[shard], self._push_deltas[shard] = [], []
             self._seqs[shard] += 1
-            with self._cond:
-                self._unacked += 1
-                self._unacked_by_shard[shard] += 1
-            connection.push(self.worker_id, self._seqs[shard], ids, deltas)
+            self._unacked += 1
+            self._unacked_by_shard[shard] += 1
+            push = shard_pb2.PushRequest(
+                worker_id=self.worker_id, seq=self._seqs[shard], batches=encode_values(ids, deltas)
+            )
         pulls = self._pull_buffers[shard]
         if pulls:
             self._pull_buffers[shard] = []
             self._request_id += 1
             self._pulls_out[shard] += 1
-            connection.pull(self._request_id, pulls, worker_id=self.worker_id, after_seq=self._seqs[shard])
+            pull = shard_pb2.PullRequest(request_id=self._request_id, keys=encode_keys(pulls))
+        if push is not None or pull is not None:
+            self._connections[shard].send(shard_pb2.ExchangeRequest(push=push, pull=pull))
+            self._sent = True
 
     def _flush_all(self) -> None:
         if self._buffered_since is not None:
@@ -364,7 +395,7 @@ class WorkerRuntime:
                 self._flush_shard(shard)
 
     def _flush_idle(self) -> float | None:
-        """Flush what should leave now that the logic thread has nothing to do.
+        """Flush what should leave now that the logic has nothing to do.
 
         Nagle's rule, per shard: buffers go out at once to a shard with nothing
         outstanding; a shard still answering earlier requests gets them when
@@ -400,7 +431,7 @@ class WorkerRuntime:
         if since is not None and time.monotonic() - since >= self.linger_s:
             self._flush_all()
 
-    # -- the logic thread -------------------------------------------------------
+    # -- the logic (on the loop) -------------------------------------------------------
 
     def _call_user(
         self, name: str, fn: Callable[..., None], *args: Any, position: int | None = None, record: Any = None
@@ -461,13 +492,14 @@ class WorkerRuntime:
             and self._unacked == 0
         )
 
-    def _step(self) -> bool:
-        """Do one unit of work; return True when the worker is finished."""
+    def _step(self) -> bool | float:
+        """Do one unit of work. Return True when the worker is finished, False after
+        some work, or how long to wait for news (an answer, input, a failure) when
+        there is nothing to do."""
         if self._failure:
             raise JobFailed(self._failure)
         if self._answers:
-            with self._cond:
-                answers, self._answers = self._answers, deque()
+            answers, self._answers = self._answers, deque()
             self._deliver(answers)
             return False
         if self._input_may_flow():
@@ -494,54 +526,111 @@ class WorkerRuntime:
                 or self._failure
                 or (self._input_may_flow() and (self._chunks or (self._input_closed and not self._input_end_called)))
             ):
-                self._cond.wait(timeout=1.0 if linger_left is None else linger_left)
+                return IDLE_WAIT_S if linger_left is None else linger_left
         return False
+
+    async def _steps(self) -> None:
+        """Step the logic until it is finished, letting the streams move in between."""
+        wakeup = self._wakeup
+        last_yield = time.monotonic()
+        while True:
+            wakeup.clear()  # set again by any news that arrives from here on
+            result = self._step()
+            if result is True:
+                return
+            if result is False:
+                # Requests leave, and answers come in, only while the loop runs
+                # the streams: let it after a send, and at least every YIELD_S.
+                now = time.monotonic()
+                if self._sent or now - last_yield >= YIELD_S:
+                    self._sent = False
+                    last_yield = now
+                    await asyncio.sleep(0)
+                continue
+            self._sent = False
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(result):
+                    await wakeup.wait()
+            last_yield = time.monotonic()
 
     def connect(self) -> None:
         """Open streams to every shard; ShardError names the one that is unreachable,
         or whose own index and count disagree with its place in --servers (before
         anything is sent, since such a shard would refuse some pushes only mid-job)."""
-        for shard, address in enumerate(self.servers):
-            self._connections.append(
-                ShardConnection(
-                    shard,
-                    address,
-                    on_pull=functools.partial(self._on_pull, shard),
-                    on_ack=functools.partial(self._on_ack, shard),
-                    on_error=functools.partial(self._on_shard_error, shard),
-                    connect_timeout=self.connect_timeout,
-                )
-            )
+        self._io = EventLoopThread(f"worker-{self.worker_index}-io")
         try:
+            for shard, address in enumerate(self.servers):
+                self._connections.append(
+                    ShardConnection(
+                        shard,
+                        address,
+                        self._io,
+                        on_response=functools.partial(self._on_response, shard),
+                        on_error=functools.partial(self._on_shard_error, shard),
+                        connect_timeout=self.connect_timeout,
+                    )
+                )
             check_layout(self.servers, [connection.info for connection in self._connections], "--servers")
-        except ShardError:
-            for connection in self._connections:
-                connection.close()
-            self._connections = []
+        except BaseException:
+            self._close_connections()
             raise
+
+    def _close_connections(self) -> None:
+        for connection in self._connections:
+            connection.close()
+        self._connections = []
+        if self._io is not None:
+            self._io.close()
+            self._io = None
 
     def run(self) -> None:
-        """Run the logic to the end; raise JobFailed with a one-line message on failure."""
-        try:
-            if not self._connections:
+        """Run the logic to the end; raise JobFailed with a one-line message on failure.
+
+        The logic runs on the I/O loop's thread, beside the shard streams: an
+        answer reaches on_pull_recv with no hand-over between threads. This
+        thread only waits.
+        """
+        if not self._connections:
+            try:
                 self.connect()
+            except ShardError as exc:
+                with self._cond:
+                    self._failure = self._failure or f"worker {self.worker_index}: {exc}"
+                    self.state = State.FAILED
+                raise JobFailed(self._failure) from exc
+        assert self._io is not None
+        done = asyncio.run_coroutine_threadsafe(self._run(), self._io.loop)
+        try:
+            done.result()
+        except BaseException as exc:
+            if not done.done():  # this thread was interrupted (KeyboardInterrupt): stop the logic
+                self.fail(f"worker {self.worker_index}: runtime stopped: {type(exc).__name__}: {exc}")
+                with contextlib.suppress(BaseException):  # it delivers the pushes made so far, then ends
+                    done.result(timeout=DRAIN_TIMEOUT_S + CLOSE_TIMEOUT_S)
+            raise
+        finally:
+            self._close_connections()
+
+    async def _run(self) -> None:
+        try:
             self._call_user("open", self.logic.open)
-            while not self._step():
-                pass
+            await self._steps()
             self._call_user("close", self.logic.close)
         except ShardError as exc:
-            self._finish(State.FAILED, f"worker {self.worker_index}: {exc}")
+            await self._finish(State.FAILED, f"worker {self.worker_index}: {exc}")
             raise JobFailed(self._failure) from exc
         except JobFailed as exc:
-            self._drain_pushes()
-            self._finish(State.FAILED, str(exc))
+            await self._drain_pushes()
+            await self._finish(State.FAILED, str(exc))
             raise
         except BaseException as exc:
-            self._finish(State.FAILED, f"worker {self.worker_index}: runtime stopped: {type(exc).__name__}: {exc}")
+            await self._finish(
+                State.FAILED, f"worker {self.worker_index}: runtime stopped: {type(exc).__name__}: {exc}"
+            )
             raise
-        self._finish(State.FINISHED, None)
+        await self._finish(State.FINISHED, None)
 
-    def _drain_pushes(self) -> None:
+    async def _drain_pushes(self) -> None:
         """On a failure in user code or input, still deliver the pushes of the records
         processed before it, so the model reflects exactly those records."""
         shards = range(len(self._connections))
@@ -555,8 +644,12 @@ class WorkerRuntime:
                     failed = shard in self._failed_shards
                 if not failed:
                     self._push_only(shard)
-            with self._cond:
-                self._cond.wait_for(drained, timeout=DRAIN_TIMEOUT_S)
+            deadline = time.monotonic() + DRAIN_TIMEOUT_S
+            while not drained() and (left := deadline - time.monotonic()) > 0:
+                self._wakeup.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(left):
+                        await self._wakeup.wait()
         except Exception:  # the shards may be the reason for the failure
             log.debug("draining pushes after a failure failed", exc_info=True)
 
@@ -565,14 +658,14 @@ class WorkerRuntime:
         self._flush_shard(shard)
         self._pull_buffers[shard] = pulls
 
-    def _finish(self, state: State, failure: str | None) -> None:
+    async def _finish(self, state: State, failure: str | None) -> None:
         with self._cond:
             if failure and not self._failure:
                 self._failure = failure
             self.state = state
             self._cond.notify_all()
         for connection in self._connections:
-            connection.close()
+            await connection.aclose()
 
     @property
     def error(self) -> str | None:

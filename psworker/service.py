@@ -16,10 +16,13 @@ from psclient.serving import BoundServer, build_server
 from psworker.runtime import State, WorkerRuntime
 
 OUTPUT_CHUNK = 1_024
+# How long the Outputs stream lets a partial chunk fill before it sends it: one
+# message per output would cost the worker more than the outputs themselves.
+OUTPUT_LINGER_S = 0.005
 
 
 class OutputBuffer:
-    """Encoded outputs waiting for the Outputs stream. Unbounded: the logic thread
+    """Encoded outputs waiting for the Outputs stream. Unbounded: the logic
     never blocks on a slow (or absent) subscriber."""
 
     def __init__(self) -> None:
@@ -30,10 +33,15 @@ class OutputBuffer:
         self.subscription = threading.Lock()  # held by the one Outputs stream reading
 
     def put(self, out: object) -> None:
+        """Queue one output; called from one thread only (the logic's)."""
         data = pack(out)  # raises WireError inside the user's callback: a clear message
-        with self._cond:
-            self._items.append(data)
-            if len(self._items) == 1:
+        items = self._items
+        # No lock for the append: with one putter, the reader (which checks under
+        # the lock before it waits) is woken whenever it may be waiting for this.
+        items.append(data)
+        count = len(items)
+        if count == 1 or count == OUTPUT_CHUNK:
+            with self._cond:
                 self._cond.notify_all()
 
     def close(self) -> None:
@@ -46,6 +54,8 @@ class OutputBuffer:
         with self._cond:
             if not self._items and not self._closed:
                 self._cond.wait(timeout)
+            if self._items and len(self._items) < OUTPUT_CHUNK and not self._closed:
+                self._cond.wait(OUTPUT_LINGER_S)  # woken early by a full chunk or by close
             if not self._items:
                 return None if self._closed else []
             count = min(len(self._items), OUTPUT_CHUNK)

@@ -47,3 +47,22 @@ def test_a_worker_at_its_pull_limit_coalesces_pulls_to_every_shard(start_shards:
     assert pulled_keys == RECORDS
     # One key per request would be 20,000 requests; batching keeps it a small fraction.
     assert pull_requests <= RECORDS // 5, f"{pull_requests} pull requests for {RECORDS} keys"
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_runs_its_shard_streams_without_a_thread_per_stream(start_shards: StartShards) -> None:
+    servers = start_shards(4, init="const:0")
+    before = threading.active_count()
+    runtime = WorkerRuntime(PullThenPush(), servers, 0, 1, emit=lambda _: None, pull_limit=64)
+    runtime.connect()
+    during = threading.active_count()
+    runtime.feed(list(range(2_000)))
+    runtime.end_input()
+    runtime.run()
+    with connect(servers) as cluster:
+        model = dict(cluster.snapshot())
+
+    assert model == {key: 2 for key in range(KEYS)}
+    # One event loop carries every stream (gRPC may add a poller thread of its own);
+    # a thread or two per stream would be 8 or more for 4 shards.
+    assert during - before <= 2, f"{during - before} threads for the streams to 4 shards"

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 from conftest import StartShards
+from logics import Exactness
 
-from psclient import connect
+from psclient import Left, connect, transform
 
 
 @pytest.mark.timeout(120)
@@ -58,3 +63,22 @@ def test_a_50_mb_parameter_pulls_and_pushes_exactly(start_shards: StartShards) -
     assert initial.shape == (1, size) and initial.dtype == np.float32 and not initial.any()
     assert after.shape == (2, size) and after.dtype == np.float32  # float64 ones added in place, as += does
     assert (after[0] == 2.0).all() and (after[1] == 1.0).all()
+
+
+@pytest.mark.timeout(120)
+def test_a_silent_source_ends_the_input_after_iteration_wait_time() -> None:
+    release = threading.Event()
+
+    def records() -> Iterator[int]:
+        yield from range(700)  # more than one feed batch
+        release.wait(60)  # then silence, as an endless stream may fall
+        yield from range(700, 710)
+
+    started = time.monotonic()
+    try:
+        items = list(transform(records(), Exactness(), "const:0", "add", 2, 1, iteration_wait_time=1.0))
+    finally:
+        release.set()
+
+    assert sorted(item.value[1] for item in items if isinstance(item, Left)) == list(range(700))
+    assert time.monotonic() - started < 50

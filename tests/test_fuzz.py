@@ -8,6 +8,7 @@ stored parameters must stay exactly as they were.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import sys
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ import grpc
 import numpy as np
 import pytest
 from conftest import Processes, psserver_argv
+from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -87,8 +89,8 @@ def push_request(batch: tensor_pb2.ParamBatch) -> shard_pb2.PushRequest:
 
 @given(payload=st.binary(min_size=1, max_size=256))
 @FUZZ
-def test_random_bytes_on_pull_and_push(target: Target, payload: bytes) -> None:
-    for method in ("Pull", "Push"):
+def test_random_bytes_on_pull_push_and_exchange(target: Target, payload: bytes) -> None:
+    for method in ("Pull", "Push", "Exchange"):
         try:
             call = target.shard_channel.stream_stream(
                 f"/streamps.v1.ParameterShard/{method}",
@@ -202,6 +204,9 @@ def test_worker_feed_rejects_undecodable_records_and_keeps_serving(target: Targe
 @given(payload=st.binary(min_size=1, max_size=128))
 @FUZZ
 def test_random_bytes_on_every_worker_rpc(target: Target, payload: bytes) -> None:
+    with contextlib.suppress(DecodeError):
+        if worker_pb2.FeedRequest.FromString(payload).end_of_input:
+            return  # a well-formed request to end the input, which would end the worker for good
     for method, kind in (("Feed", "stream_unary"), ("Outputs", "unary_stream"), ("Status", "unary_unary")):
         call = getattr(target.worker_channel, kind)(
             f"/streamps.v1.Worker/{method}", request_serializer=lambda b: b, response_deserializer=lambda b: b

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import queue
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from typing import Any, ClassVar
 
+import grpc
 import numpy as np
 import pytest
 from conftest import StartShards
@@ -14,8 +16,9 @@ from logics import Exactness, FailOnX, InputEnd, KeyedEcho, PullChain, ReadYourW
 
 import psclient.local
 from psclient import JobFailed, Left, LocalCluster, Right, StreampsError, transform
-from psclient.codec import decode_rows
-from psclient.shard_client import ShardConnection, ShardGroup
+from psclient._proto import shard_pb2, shard_pb2_grpc
+from psclient.codec import decode_rows, encode_keys, encode_values
+from psclient.shard_client import ShardGroup
 from psworker import WorkerLogic, with_pull_limit
 
 # -- read-your-writes -----------------------------------------------------------
@@ -54,26 +57,86 @@ def test_shard_group_push_then_pull_sees_each_push(start_shards: StartShards) ->
 
 
 @pytest.mark.timeout(120)
-def test_pull_sent_before_its_push_on_the_other_stream_waits_for_it(start_shards: StartShards) -> None:
-    (server,) = start_shards(1, init="zeros:2")
-    answers: queue.Queue[Any] = queue.Queue()
-    acks: queue.Queue[Any] = queue.Queue()
-    errors: queue.Queue[Any] = queue.Queue()
-    connection = ShardConnection(0, server, on_pull=answers.put, on_ack=acks.put, on_error=errors.put)
-
+def test_pull_sent_before_its_push_on_the_other_stream_waits_for_it(
+    shard_stub: Callable[..., shard_pb2_grpc.ParameterShardStub],
+) -> None:
+    stub = shard_stub(init="zeros:2")
+    pulls: queue.Queue[Any] = queue.Queue()
+    pushes: queue.Queue[Any] = queue.Queue()
+    pull_call = stub.Pull(iter(pulls.get, None), timeout=60)
+    push_call = stub.Push(iter(pushes.get, None), timeout=60)
     try:
-        connection.pull(1, [7], worker_id="ryw", after_seq=1)
-        connection.push("ryw", 1, [7], [np.array([2.5, -1.0], dtype=np.float32)])
-        answer = answers.get(timeout=60)
-        ack = acks.get(timeout=60)
+        pulls.put(shard_pb2.PullRequest(request_id=1, keys=encode_keys([7]), worker_id="ryw", after_seq=1))
+        pushes.put(
+            shard_pb2.PushRequest(
+                worker_id="ryw", seq=1, batches=encode_values([7], [np.array([2.5, -1.0], dtype=np.float32)])
+            )
+        )
+        answer = next(pull_call)
+        ack = next(push_call)
     finally:
-        connection.close()
+        pulls.put(None)
+        pushes.put(None)
 
     ids, values = decode_rows(answer.batches)
     assert ids == [7]
     np.testing.assert_array_equal(values[0], np.array([2.5, -1.0], dtype=np.float32))
     assert (ack.seq, ack.duplicate) == (1, False)
-    assert errors.empty()
+
+
+def _exchange(worker_id: str, seq: int, push: dict[Any, Any], request_id: int, pull: list[Any]) -> Any:
+    return shard_pb2.ExchangeRequest(
+        push=shard_pb2.PushRequest(worker_id=worker_id, seq=seq, batches=encode_values(list(push), list(push.values())))
+        if push
+        else None,
+        pull=shard_pb2.PullRequest(request_id=request_id, keys=encode_keys(pull)) if pull else None,
+    )
+
+
+@pytest.mark.timeout(120)
+def test_exchange_applies_each_push_before_the_pull_it_carries_and_answers_in_order(
+    shard_stub: Callable[..., shard_pb2_grpc.ParameterShardStub],
+) -> None:
+    stub = shard_stub(init="zeros:2")
+    one = np.array([1.0, 2.0], dtype=np.float32)
+    requests = [
+        _exchange("w", 1, {3: one, "a": one}, 1, [3, "a", 4]),
+        _exchange("w", 2, {3: one}, 0, []),  # push only
+        _exchange("w", 0, {}, 2, [3]),  # pull only
+        _exchange("w", 2, {3: one}, 3, [3]),  # a repeated seq: acknowledged, not applied
+    ]
+
+    responses = list(stub.Exchange(iter(requests), timeout=60))
+
+    assert [(r.HasField("ack"), r.HasField("pull")) for r in responses] == [
+        (True, True),
+        (True, False),
+        (False, True),
+        (True, True),
+    ]
+    assert [(r.ack.seq, r.ack.duplicate) for r in responses if r.HasField("ack")] == [(1, False), (2, False), (2, True)]
+    assert [r.pull.request_id for r in responses if r.HasField("pull")] == [1, 2, 3]
+    pulled = [dict(zip(*decode_rows(r.pull.batches), strict=True)) for r in responses if r.HasField("pull")]
+    np.testing.assert_array_equal(pulled[0][3], one)
+    np.testing.assert_array_equal(pulled[0]["a"], one)
+    np.testing.assert_array_equal(pulled[0][4], np.zeros(2, dtype=np.float32))
+    np.testing.assert_array_equal(pulled[1][3], 2 * one)
+    np.testing.assert_array_equal(pulled[2][3], 2 * one)
+
+
+@pytest.mark.timeout(120)
+def test_exchange_refuses_a_malformed_push_and_keeps_the_values(
+    shard_stub: Callable[..., shard_pb2_grpc.ParameterShardStub],
+) -> None:
+    stub = shard_stub(init="zeros:2")
+    bad = _exchange("w", 1, {5: np.array([1.0, 2.0, 3.0], dtype=np.float32)}, 1, [5])
+
+    with pytest.raises(grpc.RpcError) as raised:
+        list(stub.Exchange(iter([bad]), timeout=60))
+
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    (answer,) = list(stub.Pull(iter([shard_pb2.PullRequest(request_id=1, keys=encode_keys([5]))]), timeout=60))
+    np.testing.assert_array_equal(decode_rows(answer.batches)[1][0], np.zeros(2, dtype=np.float32))
 
 
 # -- flow control and termination ------------------------------------------------

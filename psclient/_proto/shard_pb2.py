@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from psclient._proto import tensor_pb2 as psclient_dot___proto_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpsclient/_proto/shard.proto\x12\x0bstreamps.v1\x1a\x1cpsclient/_proto/tensor.proto\"n\n\x0bPullRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12%\n\x04keys\x18\x02 \x01(\x0b\x32\x17.streamps.v1.ParamBatch\x12\x11\n\tworker_id\x18\x03 \x01(\t\x12\x11\n\tafter_seq\x18\x04 \x01(\x04\"L\n\x0cPullResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12(\n\x07\x62\x61tches\x18\x02 \x03(\x0b\x32\x17.streamps.v1.ParamBatch\"W\n\x0bPushRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12(\n\x07\x62\x61tches\x18\x03 \x03(\x0b\x32\x17.streamps.v1.ParamBatch\")\n\x07PushAck\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"-\n\x0fSnapshotRequest\x12\x1a\n\x12max_rows_per_chunk\x18\x01 \x01(\r\"9\n\rSnapshotChunk\x12(\n\x07\x62\x61tches\x18\x01 \x03(\x0b\x32\x17.streamps.v1.ParamBatch\"\r\n\x0bInfoRequest\"\xcf\x02\n\x0cInfoResponse\x12\r\n\x05shard\x18\x01 \x01(\r\x12\x12\n\nnum_shards\x18\x02 \x01(\r\x12\x12\n\nnum_params\x18\x03 \x01(\x04\x12\x11\n\tinit_spec\x18\x04 \x01(\t\x12\x13\n\x0bupdate_spec\x18\x05 \x01(\t\x12=\n\nwatermarks\x18\x06 \x03(\x0b\x32).streamps.v1.InfoResponse.WatermarksEntry\x12\x15\n\rpull_requests\x18\x07 \x01(\x04\x12\x13\n\x0bpulled_keys\x18\x08 \x01(\x04\x12\x15\n\rpush_requests\x18\t \x01(\x04\x12\x13\n\x0bpushed_keys\x18\n \x01(\x04\x12\x16\n\x0euptime_seconds\x18\x0b \x01(\x01\x1a\x31\n\x0fWatermarksEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x32\x92\x02\n\x0eParameterShard\x12?\n\x04Pull\x12\x18.streamps.v1.PullRequest\x1a\x19.streamps.v1.PullResponse(\x01\x30\x01\x12:\n\x04Push\x12\x18.streamps.v1.PushRequest\x1a\x14.streamps.v1.PushAck(\x01\x30\x01\x12\x46\n\x08Snapshot\x12\x1c.streamps.v1.SnapshotRequest\x1a\x1a.streamps.v1.SnapshotChunk0\x01\x12;\n\x04Info\x12\x18.streamps.v1.InfoRequest\x1a\x19.streamps.v1.InfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpsclient/_proto/shard.proto\x12\x0bstreamps.v1\x1a\x1cpsclient/_proto/tensor.proto\"n\n\x0bPullRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12%\n\x04keys\x18\x02 \x01(\x0b\x32\x17.streamps.v1.ParamBatch\x12\x11\n\tworker_id\x18\x03 \x01(\t\x12\x11\n\tafter_seq\x18\x04 \x01(\x04\"L\n\x0cPullResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12(\n\x07\x62\x61tches\x18\x02 \x03(\x0b\x32\x17.streamps.v1.ParamBatch\"W\n\x0bPushRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12(\n\x07\x62\x61tches\x18\x03 \x03(\x0b\x32\x17.streamps.v1.ParamBatch\")\n\x07PushAck\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"a\n\x0f\x45xchangeRequest\x12&\n\x04push\x18\x01 \x01(\x0b\x32\x18.streamps.v1.PushRequest\x12&\n\x04pull\x18\x02 \x01(\x0b\x32\x18.streamps.v1.PullRequest\"^\n\x10\x45xchangeResponse\x12!\n\x03\x61\x63k\x18\x01 \x01(\x0b\x32\x14.streamps.v1.PushAck\x12\'\n\x04pull\x18\x02 \x01(\x0b\x32\x19.streamps.v1.PullResponse\"-\n\x0fSnapshotRequest\x12\x1a\n\x12max_rows_per_chunk\x18\x01 \x01(\r\"9\n\rSnapshotChunk\x12(\n\x07\x62\x61tches\x18\x01 \x03(\x0b\x32\x17.streamps.v1.ParamBatch\"\r\n\x0bInfoRequest\"\xcf\x02\n\x0cInfoResponse\x12\r\n\x05shard\x18\x01 \x01(\r\x12\x12\n\nnum_shards\x18\x02 \x01(\r\x12\x12\n\nnum_params\x18\x03 \x01(\x04\x12\x11\n\tinit_spec\x18\x04 \x01(\t\x12\x13\n\x0bupdate_spec\x18\x05 \x01(\t\x12=\n\nwatermarks\x18\x06 \x03(\x0b\x32).streamps.v1.InfoResponse.WatermarksEntry\x12\x15\n\rpull_requests\x18\x07 \x01(\x04\x12\x13\n\x0bpulled_keys\x18\x08 \x01(\x04\x12\x15\n\rpush_requests\x18\t \x01(\x04\x12\x13\n\x0bpushed_keys\x18\n \x01(\x04\x12\x16\n\x0euptime_seconds\x18\x0b \x01(\x01\x1a\x31\n\x0fWatermarksEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x32\xdf\x02\n\x0eParameterShard\x12?\n\x04Pull\x12\x18.streamps.v1.PullRequest\x1a\x19.streamps.v1.PullResponse(\x01\x30\x01\x12:\n\x04Push\x12\x18.streamps.v1.PushRequest\x1a\x14.streamps.v1.PushAck(\x01\x30\x01\x12K\n\x08\x45xchange\x12\x1c.streamps.v1.ExchangeRequest\x1a\x1d.streamps.v1.ExchangeResponse(\x01\x30\x01\x12\x46\n\x08Snapshot\x12\x1c.streamps.v1.SnapshotRequest\x1a\x1a.streamps.v1.SnapshotChunk0\x01\x12;\n\x04Info\x12\x18.streamps.v1.InfoRequest\x1a\x19.streamps.v1.InfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,16 +42,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PUSHREQUEST']._serialized_end=351
   _globals['_PUSHACK']._serialized_start=353
   _globals['_PUSHACK']._serialized_end=394
-  _globals['_SNAPSHOTREQUEST']._serialized_start=396
-  _globals['_SNAPSHOTREQUEST']._serialized_end=441
-  _globals['_SNAPSHOTCHUNK']._serialized_start=443
-  _globals['_SNAPSHOTCHUNK']._serialized_end=500
-  _globals['_INFOREQUEST']._serialized_start=502
-  _globals['_INFOREQUEST']._serialized_end=515
-  _globals['_INFORESPONSE']._serialized_start=518
-  _globals['_INFORESPONSE']._serialized_end=853
-  _globals['_INFORESPONSE_WATERMARKSENTRY']._serialized_start=804
-  _globals['_INFORESPONSE_WATERMARKSENTRY']._serialized_end=853
-  _globals['_PARAMETERSHARD']._serialized_start=856
-  _globals['_PARAMETERSHARD']._serialized_end=1130
+  _globals['_EXCHANGEREQUEST']._serialized_start=396
+  _globals['_EXCHANGEREQUEST']._serialized_end=493
+  _globals['_EXCHANGERESPONSE']._serialized_start=495
+  _globals['_EXCHANGERESPONSE']._serialized_end=589
+  _globals['_SNAPSHOTREQUEST']._serialized_start=591
+  _globals['_SNAPSHOTREQUEST']._serialized_end=636
+  _globals['_SNAPSHOTCHUNK']._serialized_start=638
+  _globals['_SNAPSHOTCHUNK']._serialized_end=695
+  _globals['_INFOREQUEST']._serialized_start=697
+  _globals['_INFOREQUEST']._serialized_end=710
+  _globals['_INFORESPONSE']._serialized_start=713
+  _globals['_INFORESPONSE']._serialized_end=1048
+  _globals['_INFORESPONSE_WATERMARKSENTRY']._serialized_start=999
+  _globals['_INFORESPONSE_WATERMARKSENTRY']._serialized_end=1048
+  _globals['_PARAMETERSHARD']._serialized_start=1051
+  _globals['_PARAMETERSHARD']._serialized_end=1402
 # @@protoc_insertion_point(module_scope)

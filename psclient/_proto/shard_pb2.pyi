@@ -142,6 +142,62 @@ class PushAck(_message.Message):
 Global___PushAck: _TypeAlias = PushAck  # noqa: Y015
 
 @_typing.final
+class ExchangeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PUSH_FIELD_NUMBER: _builtins.int
+    PULL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def push(self) -> Global___PushRequest:
+        """The push to apply, if any."""
+
+    @_builtins.property
+    def pull(self) -> Global___PullRequest:
+        """The pull to answer once the push is applied, if any."""
+
+    def __init__(
+        self,
+        *,
+        push: Global___PushRequest | None = ...,
+        pull: Global___PullRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["pull", b"pull", "push", b"push"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pull", b"pull", "push", b"push"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExchangeRequest: _TypeAlias = ExchangeRequest  # noqa: Y015
+
+@_typing.final
+class ExchangeResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACK_FIELD_NUMBER: _builtins.int
+    PULL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def ack(self) -> Global___PushAck:
+        """Set when the request carried a push: its acknowledgement."""
+
+    @_builtins.property
+    def pull(self) -> Global___PullResponse:
+        """Set when the request carried a pull: its answer."""
+
+    def __init__(
+        self,
+        *,
+        ack: Global___PushAck | None = ...,
+        pull: Global___PullResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "pull", b"pull"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "pull", b"pull"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExchangeResponse: _TypeAlias = ExchangeResponse  # noqa: Y015
+
+@_typing.final
 class SnapshotRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -44,6 +44,11 @@ class ParameterShardStub:
                 request_serializer=psclient_dot___proto_dot_shard__pb2.PushRequest.SerializeToString,
                 response_deserializer=psclient_dot___proto_dot_shard__pb2.PushAck.FromString,
                 _registered_method=True)
+        self.Exchange = channel.stream_stream(
+                '/streamps.v1.ParameterShard/Exchange',
+                request_serializer=psclient_dot___proto_dot_shard__pb2.ExchangeRequest.SerializeToString,
+                response_deserializer=psclient_dot___proto_dot_shard__pb2.ExchangeResponse.FromString,
+                _registered_method=True)
         self.Snapshot = channel.unary_stream(
                 '/streamps.v1.ParameterShard/Snapshot',
                 request_serializer=psclient_dot___proto_dot_shard__pb2.SnapshotRequest.SerializeToString,
@@ -81,6 +86,20 @@ class ParameterShardServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Exchange(self, request_iterator, context):
+        """Pushes and pulls of one client on one stream, in order: what a worker
+        sends when it flushes its batch for this shard. Each ExchangeRequest
+        carries a push, a pull, or both, and is answered by exactly one
+        ExchangeResponse, in request order. The push is applied first, then the
+        pull answered, so a pull sees every push sent before it on this stream
+        (read-your-writes without after_seq). A push follows Push's rules (seq
+        watermarks, duplicates acknowledged, a malformed batch ends the stream
+        with INVALID_ARGUMENT); a pull follows Pull's.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Snapshot(self, request, context):
         """Streams every parameter the shard holds, in chunks. Read-only; the view is
         consistent per chunk, not across chunks taken while pushes still arrive.
@@ -108,6 +127,11 @@ def add_ParameterShardServicer_to_server(servicer, server):
                     servicer.Push,
                     request_deserializer=psclient_dot___proto_dot_shard__pb2.PushRequest.FromString,
                     response_serializer=psclient_dot___proto_dot_shard__pb2.PushAck.SerializeToString,
+            ),
+            'Exchange': grpc.stream_stream_rpc_method_handler(
+                    servicer.Exchange,
+                    request_deserializer=psclient_dot___proto_dot_shard__pb2.ExchangeRequest.FromString,
+                    response_serializer=psclient_dot___proto_dot_shard__pb2.ExchangeResponse.SerializeToString,
             ),
             'Snapshot': grpc.unary_stream_rpc_method_handler(
                     servicer.Snapshot,
@@ -174,6 +198,33 @@ class ParameterShard:
             '/streamps.v1.ParameterShard/Push',
             psclient_dot___proto_dot_shard__pb2.PushRequest.SerializeToString,
             psclient_dot___proto_dot_shard__pb2.PushAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Exchange(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/streamps.v1.ParameterShard/Exchange',
+            psclient_dot___proto_dot_shard__pb2.ExchangeRequest.SerializeToString,
+            psclient_dot___proto_dot_shard__pb2.ExchangeResponse.FromString,
             options,
             channel_credentials,
             insecure,

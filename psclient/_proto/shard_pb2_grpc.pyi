@@ -51,6 +51,16 @@ class ParameterShardStub:
     batch (bad dtype, shape or size) ends the stream with INVALID_ARGUMENT and
     leaves every stored value as it was.
     """
+    Exchange: _grpc.StreamStreamMultiCallable[_shard_pb2.ExchangeRequest, _shard_pb2.ExchangeResponse]
+    """Pushes and pulls of one client on one stream, in order: what a worker
+    sends when it flushes its batch for this shard. Each ExchangeRequest
+    carries a push, a pull, or both, and is answered by exactly one
+    ExchangeResponse, in request order. The push is applied first, then the
+    pull answered, so a pull sees every push sent before it on this stream
+    (read-your-writes without after_seq). A push follows Push's rules (seq
+    watermarks, duplicates acknowledged, a malformed batch ends the stream
+    with INVALID_ARGUMENT); a pull follows Pull's.
+    """
     Snapshot: _grpc.UnaryStreamMultiCallable[_shard_pb2.SnapshotRequest, _shard_pb2.SnapshotChunk]
     """Streams every parameter the shard holds, in chunks. Read-only; the view is
     consistent per chunk, not across chunks taken while pushes still arrive.
@@ -74,6 +84,16 @@ class ParameterShardAsyncStub(ParameterShardStub):
     for that worker is acknowledged again and not applied twice. A malformed
     batch (bad dtype, shape or size) ends the stream with INVALID_ARGUMENT and
     leaves every stored value as it was.
+    """
+    Exchange: _aio.StreamStreamMultiCallable[_shard_pb2.ExchangeRequest, _shard_pb2.ExchangeResponse]  # type: ignore[assignment]
+    """Pushes and pulls of one client on one stream, in order: what a worker
+    sends when it flushes its batch for this shard. Each ExchangeRequest
+    carries a push, a pull, or both, and is answered by exactly one
+    ExchangeResponse, in request order. The push is applied first, then the
+    pull answered, so a pull sees every push sent before it on this stream
+    (read-your-writes without after_seq). A push follows Push's rules (seq
+    watermarks, duplicates acknowledged, a malformed batch ends the stream
+    with INVALID_ARGUMENT); a pull follows Pull's.
     """
     Snapshot: _aio.UnaryStreamMultiCallable[_shard_pb2.SnapshotRequest, _shard_pb2.SnapshotChunk]  # type: ignore[assignment]
     """Streams every parameter the shard holds, in chunks. Read-only; the view is
@@ -107,6 +127,22 @@ class ParameterShardServicer(metaclass=_abc_1.ABCMeta):
         for that worker is acknowledged again and not applied twice. A malformed
         batch (bad dtype, shape or size) ends the stream with INVALID_ARGUMENT and
         leaves every stored value as it was.
+        """
+
+    @_abc_1.abstractmethod
+    def Exchange(
+        self,
+        request_iterator: _MaybeAsyncIterator[_shard_pb2.ExchangeRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_shard_pb2.ExchangeResponse], _abc.AsyncIterator[_shard_pb2.ExchangeResponse]]:
+        """Pushes and pulls of one client on one stream, in order: what a worker
+        sends when it flushes its batch for this shard. Each ExchangeRequest
+        carries a push, a pull, or both, and is answered by exactly one
+        ExchangeResponse, in request order. The push is applied first, then the
+        pull answered, so a pull sees every push sent before it on this stream
+        (read-your-writes without after_seq). A push follows Push's rules (seq
+        watermarks, duplicates acknowledged, a malformed batch ends the stream
+        with INVALID_ARGUMENT); a pull follows Pull's.
         """
 
     @_abc_1.abstractmethod

@@ -84,15 +84,14 @@ class WindowedSparseLR(WorkerLogic[Record, float, list[int]]):
 
     def open(self) -> None:
         self.local = np.zeros(1 << BITS)  # a scratch table: only the window's buckets are meaningful
-        self.buffer: list[tuple[np.ndarray, np.ndarray, int]] = []
-        self.window: list[tuple[np.ndarray, np.ndarray, int]] | None = None
+        self.buffer: list[Record] = []
+        self.window: tuple[np.ndarray, np.ndarray, list[int]] | None = None
         self.window_ids = np.empty(0, dtype=np.int64)
         self.missing = 0
         self.input_ended = False
 
     def on_recv(self, data: Record, ps: Any) -> None:
-        ids, x, y = data
-        self.buffer.append((np.asarray(ids, dtype=np.int64), np.asarray(x), y))
+        self.buffer.append(data)  # made arrays a window at a time: one conversion for 256 records
         if self.window is None and len(self.buffer) >= WINDOW:
             self._start(ps)
 
@@ -102,8 +101,10 @@ class WindowedSparseLR(WorkerLogic[Record, float, list[int]]):
             self._start(ps)
 
     def _start(self, ps: Any) -> None:
-        self.window, self.buffer = self.buffer[:WINDOW], self.buffer[WINDOW:]
-        self.window_ids = np.unique(np.concatenate([ids for ids, _, _ in self.window]))
+        records, self.buffer = self.buffer[:WINDOW], self.buffer[WINDOW:]
+        ids = np.asarray([record[0] for record in records], dtype=np.int64)
+        self.window = (ids, np.asarray([record[1] for record in records]), [record[2] for record in records])
+        self.window_ids = np.unique(ids)
         self.missing = len(self.window_ids)
         ps.pull_many(self.window_ids)
 
@@ -116,9 +117,10 @@ class WindowedSparseLR(WorkerLogic[Record, float, list[int]]):
         if self.missing or self.window is None:
             return
         pulled = self.local[self.window_ids]
-        hits = sum(sgd_step(self.local, record_ids, x, y) for record_ids, x, y in self.window)
+        window_ids, xs, ys = self.window
+        hits = sum(sgd_step(self.local, record_ids, x, y) for record_ids, x, y in zip(window_ids, xs, ys, strict=True))
         ps.push_many(self.window_ids, self.local[self.window_ids] - pulled)
-        ps.output([len(self.window), int(hits)])
+        ps.output([len(ys), int(hits)])
         self.window = None
         if len(self.buffer) >= WINDOW or (self.input_ended and self.buffer):
             self._start(ps)

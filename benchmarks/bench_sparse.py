@@ -8,12 +8,14 @@ L2 on the record's buckets (eta 0.05, alpha 1e-5):
     p = w[ids] . x;   w[ids] += eta y / (1 + exp(y p)) x - eta alpha w[ids]
 
 The baseline is that loop in one process on a dense numpy array. On streamps
-each worker takes its records in windows of WINDOW: one `pull_many` of the
+each worker takes its records in windows of W (64, 256, 1,024: the staleness
+bound, as the peers' windows in the MF benchmark): one `pull_many` of the
 window's distinct buckets, the same per-record loop on a local copy when they
 are answered (`on_pull_recv_many`), one `push_many` of the window's change, and
 outputs its prequential hits. Timed from the first record fed to the last
-worker finished (start-up and the final snapshot excluded); accuracy is
-prequential (each record predicted before it is learned).
+worker finished (process start-up and the final snapshot excluded), and net of
+the job's start and end: from the first window's output to the last one's.
+Accuracy is prequential (each record predicted before it is learned).
 """
 
 from __future__ import annotations
@@ -37,14 +39,15 @@ BITS = 16
 HOT = 1_000
 ETA = 0.05
 ALPHA = 1e-5
-WINDOW = 256
+# Records per pull: the staleness bound, as the peers' windows in the MF benchmark.
+WINDOWS = (64, 256, 1_024)
 SEED = 7
 
-Record = tuple[list[int], list[float], int]
+Record = tuple[np.ndarray, np.ndarray, int]
 
 
 def make_records(count: int = RECORDS, seed: int = SEED) -> list[Record]:
-    """(bucket ids, values, label) per record, as plain lists (what a Feed carries)."""
+    """(bucket ids as int64, values as float64, label) per record: arrays travel as raw bytes in a Feed."""
     rng = np.random.default_rng(seed)
     buckets = 1 << BITS
     truth = rng.normal(size=buckets)
@@ -57,7 +60,7 @@ def make_records(count: int = RECORDS, seed: int = SEED) -> list[Record]:
     x = rng.normal(size=(count, FEATURES)) / np.sqrt(FEATURES)
     margin = np.einsum("ij,ij->i", truth[ids], x)
     labels = np.where(rng.random(count) < 1.0 / (1.0 + np.exp(-3.0 * margin)), 1, -1)
-    return list(zip(ids.tolist(), x.tolist(), labels.tolist(), strict=True))
+    return list(zip(list(ids), list(x), labels.tolist(), strict=True))
 
 
 def sgd_step(w: np.ndarray, ids: np.ndarray, x: np.ndarray, y: int) -> bool:
@@ -72,15 +75,17 @@ def sgd_step(w: np.ndarray, ids: np.ndarray, x: np.ndarray, y: int) -> bool:
 
 def numpy_loop(records: list[Record]) -> tuple[float, float]:
     """(records per second, prequential accuracy) of the loop in this process."""
-    arrays = [(np.asarray(ids, dtype=np.int64), np.asarray(x), y) for ids, x, y in records]
     w = np.zeros(1 << BITS)
     start = time.perf_counter()
-    hits = sum(sgd_step(w, ids, x, y) for ids, x, y in arrays)
+    hits = sum(sgd_step(w, ids, x, y) for ids, x, y in records)
     return len(records) / (time.perf_counter() - start), hits / len(records)
 
 
 class WindowedSparseLR(WorkerLogic[Record, float, list[int]]):
-    """Windows of WINDOW records: one pull_many, the loop on a local copy, one push_many."""
+    """Windows of `window` records: one pull_many, the loop on a local copy, one push_many."""
+
+    def __init__(self, window: int):
+        self.window_size = window
 
     def open(self) -> None:
         self.local = np.zeros(1 << BITS)  # a scratch table: only the window's buckets are meaningful
@@ -91,8 +96,8 @@ class WindowedSparseLR(WorkerLogic[Record, float, list[int]]):
         self.input_ended = False
 
     def on_recv(self, data: Record, ps: Any) -> None:
-        self.buffer.append(data)  # made arrays a window at a time: one conversion for 256 records
-        if self.window is None and len(self.buffer) >= WINDOW:
+        self.buffer.append(data)
+        if self.window is None and len(self.buffer) >= self.window_size:
             self._start(ps)
 
     def on_input_end(self, ps: Any) -> None:
@@ -101,9 +106,9 @@ class WindowedSparseLR(WorkerLogic[Record, float, list[int]]):
             self._start(ps)
 
     def _start(self, ps: Any) -> None:
-        records, self.buffer = self.buffer[:WINDOW], self.buffer[WINDOW:]
-        ids = np.asarray([record[0] for record in records], dtype=np.int64)
-        self.window = (ids, np.asarray([record[1] for record in records]), [record[2] for record in records])
+        records, self.buffer = self.buffer[: self.window_size], self.buffer[self.window_size :]
+        ids = np.stack([record[0] for record in records])
+        self.window = (ids, np.stack([record[1] for record in records]), [record[2] for record in records])
         self.window_ids = np.unique(ids)
         self.missing = len(self.window_ids)
         ps.pull_many(self.window_ids)
@@ -122,42 +127,51 @@ class WindowedSparseLR(WorkerLogic[Record, float, list[int]]):
         ps.push_many(self.window_ids, self.local[self.window_ids] - pulled)
         ps.output([len(ys), int(hits)])
         self.window = None
-        if len(self.buffer) >= WINDOW or (self.input_ended and self.buffer):
+        if len(self.buffer) >= self.window_size or (self.input_ended and self.buffer):
             self._start(ps)
 
 
-def streamps(records: list[Record], workers: int, shards: int) -> tuple[float, float]:
-    """(records per second, prequential accuracy) on `workers` x `shards`."""
+def streamps(records: list[Record], workers: int, shards: int, window: int) -> tuple[float, float, float]:
+    """(records per second, the same net of start and end, prequential accuracy) on `workers` x
+    `shards`, windows of `window` records. Net: records learned between the first window's
+    output and the last one's, over that time."""
     with tempfile.TemporaryDirectory() as tmp:
-        cluster = LocalCluster(ship(WindowedSparseLR(), Path(tmp), "logic"), "const:0.0", "add", workers, shards)
+        logic = ship(WindowedSparseLR(window), Path(tmp), "logic")
+        cluster = LocalCluster(logic, "const:0.0", "add", workers, shards)
         with cluster, Cluster(cluster.servers, cluster.workers) as client:
             seen = hits = 0
-            elapsed = None
+            elapsed = first = last = None
+            first_seen = 0
             start = time.perf_counter()
             for item in client.stream(records):
                 if isinstance(item, Left):
+                    last = time.perf_counter()
+                    if first is None:
+                        first, first_seen = last, item.value[0]
                     seen += item.value[0]
                     hits += item.value[1]
                 elif isinstance(item, Right) and elapsed is None:
                     elapsed = time.perf_counter() - start
     assert seen == len(records), f"{seen} of {len(records)} records learned"
-    assert elapsed is not None
-    return len(records) / elapsed, hits / seen
+    assert elapsed is not None and first is not None and last is not None
+    net = (seen - first_seen) / (last - first) if last > first else float("nan")
+    return len(records) / elapsed, net, hits / seen
 
 
 def run() -> list[list[str]]:
     records = make_records()
     base, base_accuracy = numpy_loop(records)
     rows = []
-    for workers, shards in ((1, 1), (2, 2)):
-        speed, accuracy = streamps(records, workers, shards)
+    runs = [(1, 1, 256)] + [(2, 2, window) for window in WINDOWS]
+    for workers, shards, window in runs:
+        speed, net, accuracy = streamps(records, workers, shards, window)
         rows.append(
             [
                 f"{workers} x {shards}",
-                str(WINDOW),
-                f"{speed:,.0f}",
+                f"{window:,}",
+                f"{speed:,.0f} ({net:,.0f} net)",
                 f"{base:,.0f}",
-                f"{speed / base:.2f}",
+                f"{speed / base:.2f} ({net / base:.2f} net)",
                 f"{accuracy:.4f}",
                 f"{base_accuracy:.4f}",
             ]

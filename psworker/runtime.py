@@ -53,9 +53,9 @@ from psclient.codec import (
     INT_IDS_DTYPE,
     DecodedBatch,
     decode_batch,
+    decode_rows,
     encode_tensor,
     encode_values,
-    row_values,
 )
 from psclient.errors import JobFailed, ShardError, StreampsError
 from psclient.partition import Id, check_id, shard_of, shards_of_ints, split_by_shard
@@ -305,7 +305,9 @@ class WorkerRuntime:
         # Shared with feeders and readers: guarded by _cond.
         self._cond = threading.Condition()
         self._chunks: deque[list[tuple[int, Any]]] = deque()
-        self._answers: deque[tuple[int, list[DecodedBatch]]] = deque()
+        # (shard, ids, values) per answer, decoded by the reader: lists of ids and of
+        # user-facing values, or for a logic with on_pull_recv_many, ids None and the batches.
+        self._answers: deque[tuple[int, list[Id] | None, list[Any]]] = deque()
         self._unacked = 0
         self._unacked_by_shard = [0] * num_shards
         self._failed_shards: set[int] = set()
@@ -389,12 +391,15 @@ class WorkerRuntime:
 
     def _on_pull(self, shard: int, response: shard_pb2.PullResponse) -> None:
         try:
-            batches = [decode_batch(batch, with_values=True) for batch in response.batches]
+            if self._receives_many:
+                ids, values = None, [decode_batch(batch, with_values=True) for batch in response.batches]
+            else:
+                ids, values = decode_rows(response.batches)
         except StreampsError as exc:
             self.fail(f"worker {self.worker_index}: malformed pull answer: {exc}")
             return
         with self._cond:
-            self._answers.append((shard, batches))
+            self._answers.append((shard, ids, values))
             self._cond.notify_all()
 
     def _on_ack(self, shard: int, _ack: shard_pb2.PushAck) -> None:
@@ -653,27 +658,27 @@ class WorkerRuntime:
         self._chunk_pos += 1
         return item
 
-    def _deliver(self, answers: deque[tuple[int, list[DecodedBatch]]]) -> None:
+    def _deliver(self, answers: deque[tuple[int, list[Id] | None, list[Any]]]) -> None:
         if self._receives_many:
             self._deliver_many(answers)
             return
         on_pull_recv, client = self.logic.on_pull_recv, self.client
-        for shard, batches in answers:
+        for shard, ids, values in answers:
             self._pulls_out[shard] -= 1
-            for batch in batches:
-                assert batch.values is not None
-                for param_id, value in zip(batch.ids(), row_values(batch.values), strict=True):
-                    self._in_flight -= 1
-                    if self._queued_pulls:
-                        self._release_queued(1)
-                    self._call_user("on_pull_recv", on_pull_recv, param_id, value, client)
+            assert ids is not None
+            for param_id, value in zip(ids, values, strict=True):
+                self._in_flight -= 1
+                if self._queued_pulls:
+                    self._release_queued(1)
+                self._call_user("on_pull_recv", on_pull_recv, param_id, value, client)
             self._flush_if_lingering()
 
-    def _deliver_many(self, answers: deque[tuple[int, list[DecodedBatch]]]) -> None:
+    def _deliver_many(self, answers: deque[tuple[int, list[Id] | None, list[Any]]]) -> None:
         """One on_pull_recv_many call per answered batch (two when it holds ints and strs)."""
         on_pull_recv_many, client = self.logic.on_pull_recv_many, self.client
-        for shard, batches in answers:
+        for shard, _, batches in answers:
             self._pulls_out[shard] -= 1
+            batch: DecodedBatch
             for batch in batches:
                 assert batch.values is not None
                 count = len(batch)

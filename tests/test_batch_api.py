@@ -296,3 +296,23 @@ def test_ids_of_a_batch_call_become_int_and_str_chunks() -> None:
         id_groups([1, True])
     with pytest.raises(ValueError, match="does not fit in signed 64 bits"):
         id_groups(np.array([2**63], dtype=np.uint64))
+
+
+class Interleaved(WorkerLogic):
+    """Single pushes and push_many to one id, alternating: with `replace`, the last one made wins."""
+
+    def on_recv(self, data: Any, ps: Any) -> None:
+        ps.push(7, float(data * 10 + 1))
+        ps.push_many(np.array([7, 8], dtype=np.int64), np.array([data * 10 + 2, data], dtype=np.float64))
+        ps.push(7, float(data * 10 + 3))
+        ps.push_many([7], [float(data * 10 + 4)])
+
+    def on_pull_recv(self, param_id: Any, param_value: Any, ps: Any) -> None:
+        raise AssertionError("never pulls")
+
+
+@pytest.mark.timeout(120)
+def test_single_pushes_and_push_many_reach_the_shard_in_the_order_they_were_made() -> None:
+    items = list(transform(range(100), Interleaved(), "const:0.0", "replace", 1, 1))
+
+    assert dict(item.value for item in items if isinstance(item, Right)) == {7: 994.0, 8: 99.0}

@@ -10,8 +10,8 @@ multiclass (one-vs-rest) model. The model never needs to know the feature names
 in advance, and its size is fixed at `2**bits` whatever the data.
 
 The data flow is the one of examples/passive_aggressive.py (SparseLinearLearner):
-for each record `(features, label)` the worker pulls the weights of its buckets,
-parks the record until they are all answered, outputs
+for each record `(features, label)` the worker pulls the weights of its buckets
+(one `ps.pull_many`), parks the record until they are all answered, outputs
 `(epoch, label, predicted label)` before learning (prequential in the first
 pass), then takes one SGD step on the log loss, as scikit-learn's SGDClassifier
 does with a constant learning rate: with y in {-1, +1} and p = w.x + b,
@@ -20,10 +20,10 @@ does with a constant learning rate: with y in {-1, +1} and p = w.x + b,
     w_j += g x_j - eta * alpha * w_j                 (for the buckets of x)
     b   += g                                         (the intercept: no L2)
 
-and pushes the changes as deltas. scikit-learn shrinks every weight at every
-step (its L2 term is dense); here only the weights of the record's buckets
-shrink, since the others are not even pulled (the usual sparse L2). On data
-where every record has every feature the two are the same.
+and pushes the changes as deltas (one `ps.push_many`). scikit-learn shrinks
+every weight at every step (its L2 term is dense); here only the weights of the
+record's buckets shrink, since the others are not even pulled (the usual sparse
+L2). On data where every record has every feature the two are the same.
 
 Run on scikit-learn's breast_cancer and digits and river's phishing data, on 2
 workers x 2 shards, next to SGDClassifier(loss="log_loss", penalty="l2") with

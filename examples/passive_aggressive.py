@@ -7,11 +7,12 @@ dict `{feature_id: value}` or a pair `(indices, values)` (lists or numpy
 arrays); feature ids are ints or strs. Zero values are skipped: only the
 features present in a record travel.
 
-For each record the worker pulls the weights of its features and parks the
-record until every pull is answered; then it predicts, outputs
+For each record the worker pulls the weights of its features (one
+`ps.pull_many`, answered in `on_pull_recv_many`) and parks the record until
+every pull is answered; then it predicts, outputs
 `(epoch, label, predicted label)` (made before learning from the record: in the
 first pass, a prequential evaluation), computes the PA step tau and pushes
-`tau * y * x` as deltas. With `y` in {-1, +1}, the margin loss
+`tau * y * x` as deltas (one `ps.push_many`). With `y` in {-1, +1}, the margin loss
 `l = max(0, 1 - y w.x)` and `s = ||x||^2`:
 
     PA      tau = l / s
@@ -412,13 +413,27 @@ class SparseLinearLearner(WorkerLogic[Record, Any, Prediction]):
         self._pump(ps)
 
     def on_pull_recv(self, param_id: Any, param_value: Any, ps: Client) -> None:
-        self._weights[param_id] = param_value
-        ready = []
+        ready: list[int] = []
+        self._answered(param_id, param_value, ready)
+        self._learn_ready(ready, ps)
+
+    def on_pull_recv_many(self, ids: Any, values: np.ndarray, ps: Client) -> None:
+        """A batch of answers: the records they complete learn, oldest first, once the batch is in."""
+        ready: list[int] = []
+        rows = values.tolist() if values.ndim == 1 else values
+        for param_id, value in zip(ids.tolist() if isinstance(ids, np.ndarray) else ids, rows, strict=True):
+            self._answered(param_id, value, ready)
+        self._learn_ready(ready, ps)
+
+    def _answered(self, param_id: Id, value: Any, ready: list[int]) -> None:
+        self._weights[param_id] = value
         for rid in self._waiting.pop(param_id):
             record = self._in_flight[rid]
             record.missing -= 1
             if record.missing == 0:
                 ready.append(rid)
+
+    def _learn_ready(self, ready: list[int], ps: Client) -> None:
         for rid in sorted(ready):  # oldest first
             self._learn(self._in_flight.pop(rid), ps)
         self._pump(ps)
@@ -441,16 +456,19 @@ class SparseLinearLearner(WorkerLogic[Record, Any, Prediction]):
             rid = self._next_rid
             self._next_rid += 1
             record = _InFlight(place, epoch, ids, x, label, 0)
+            pulls: list[Id] = []
             for param_id in ids:
                 self._refs[param_id] = self._refs.get(param_id, 0) + 1
                 if param_id in self._weights:
                     continue
-                self._wait_for(param_id, rid, ps)
+                self._wait_for(param_id, rid, pulls)
                 record.missing += 1
             for param_id in clocks:  # always a fresh read: never from the cache
                 self._refs[param_id] = self._refs.get(param_id, 0) + 1
-                self._wait_for(param_id, rid, ps)
+                self._wait_for(param_id, rid, pulls)
                 record.missing += 1
+            if pulls:  # the record's weights in one call: split by shard and packed by the runtime
+                ps.pull_many(pulls)
             if record.missing:
                 self._in_flight[rid] = record
             else:  # every weight is already here (window > 1)
@@ -464,16 +482,20 @@ class SparseLinearLearner(WorkerLogic[Record, Any, Prediction]):
         """Pull the other workers' clocks alone; `_learn` looks at them when they arrive."""
         rid = self._next_rid
         self._next_rid += 1
+        pulls: list[Id] = []
         for param_id in self._clocks(ps):
             self._refs[param_id] = self._refs.get(param_id, 0) + 1
-            self._wait_for(param_id, rid, ps)
+            self._wait_for(param_id, rid, pulls)
+        if pulls:
+            ps.pull_many(pulls)
         self._in_flight[rid] = _InFlight(-1, 0, [], np.empty(0), None, len(self._clocks(ps)), probe=True)
 
-    def _wait_for(self, param_id: Id, rid: int, ps: Client) -> None:
+    def _wait_for(self, param_id: Id, rid: int, pulls: list[Id]) -> None:
+        """Record `rid` waits for `param_id`; it joins `pulls` unless a pull of it is already out."""
         waiting = self._waiting.get(param_id)
         if waiting is None:
             self._waiting[param_id] = [rid]
-            ps.pull(param_id)
+            pulls.append(param_id)
         else:
             waiting.append(rid)
 
@@ -521,14 +543,14 @@ class SparseLinearLearner(WorkerLogic[Record, Any, Prediction]):
         deltas = self.update(record.x, weights, scores, record.label)
         self._learned += 1
         if deltas is not None:
-            rows = list(deltas) if self.multiclass else deltas.tolist()
-            for param_id, old, delta in zip(ids, current, rows, strict=True):
-                if self.multiclass:
-                    delta = delta.astype(old.dtype, copy=False)
-                self._weights[param_id] = old + delta
-                ps.push(param_id, delta)
-                if self.average:
-                    ps.push(average_id(param_id), step * delta)
+            if self.multiclass:  # the parameters' own dtype, as pulled
+                deltas = deltas.astype(np.result_type(*current), copy=False)
+            updated = weights + deltas
+            for param_id, value in zip(ids, updated.tolist() if not self.multiclass else updated, strict=True):
+                self._weights[param_id] = value
+            ps.push_many(ids, deltas)
+            if self.average:
+                ps.push_many([average_id(param_id) for param_id in ids], step * deltas)
         if clocks:
             ps.push(clock_id(ps.worker_index), self._clock_unit)
         self._release(ids)
@@ -676,6 +698,15 @@ class InProcessPS:
     def push(self, param_id: Id, delta: Any) -> None:
         self.values[param_id] = self._value(param_id) + delta
 
+    def pull_many(self, ids: Sequence[Id]) -> None:
+        self._pulls.extend(ids.tolist() if isinstance(ids, np.ndarray) else ids)
+
+    def push_many(self, ids: Sequence[Id], deltas: Any) -> None:
+        deltas = np.asarray(deltas)
+        rows = deltas.tolist() if deltas.ndim == 1 else list(deltas)
+        for param_id, delta in zip(ids.tolist() if isinstance(ids, np.ndarray) else ids, rows, strict=True):
+            self.push(param_id, delta)
+
     def output(self, out: Any) -> None:
         self.outputs.append(out)
 
@@ -812,6 +843,12 @@ class _ModelClient:
     def push(self, param_id: Id, delta: Any) -> None:
         self._ps.push(namespaced_id(param_id, self.model, self.models), delta)
 
+    def pull_many(self, ids: Sequence[Id]) -> None:
+        self._ps.pull_many([namespaced_id(param_id, self.model, self.models) for param_id in ids])
+
+    def push_many(self, ids: Sequence[Id], deltas: Any) -> None:
+        self._ps.push_many([namespaced_id(param_id, self.model, self.models) for param_id in ids], deltas)
+
     def output(self, out: Any) -> None:
         self._ps.output((self.model, out))
 
@@ -844,6 +881,17 @@ class SideBySide(WorkerLogic[Any, Any, tuple[int, Any]]):
     def on_pull_recv(self, param_id: Any, param_value: Any, ps: Any) -> None:
         model, original = split_namespaced_id(param_id, len(self.learners))
         self.learners[model].on_pull_recv(original, param_value, self._for(ps)[model])
+
+    def on_pull_recv_many(self, ids: Any, values: np.ndarray, ps: Any) -> None:
+        """Each learner gets its share of the batch, in one call."""
+        shares: dict[int, tuple[list[Id], list[int]]] = {}
+        for row, param_id in enumerate(ids.tolist() if isinstance(ids, np.ndarray) else ids):
+            model, original = split_namespaced_id(param_id, len(self.learners))
+            share = shares.setdefault(model, ([], []))
+            share[0].append(original)
+            share[1].append(row)
+        for model, (originals, rows) in shares.items():
+            self.learners[model].on_pull_recv_many(originals, values[rows], self._for(ps)[model])
 
     def on_input_end(self, ps: Any) -> None:
         for learner, client in zip(self.learners, self._for(ps), strict=True):

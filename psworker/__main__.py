@@ -157,7 +157,7 @@ def env(name: str) -> dict[str, Any]:
     type=click.Choice(["fail", "skip"]),
     default="fail",
     **env("ON_ERROR"),
-    help="On a malformed record or an exception in on_recv/on_pull_recv: stop the job, or log, count and go on.",
+    help="On a malformed record or an exception in on_recv or on_pull_recv[_many]: stop the job, or log, count, go on.",
 )
 @click.option(
     "--connect-timeout",

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Generic, Protocol, TypeVar
+from collections.abc import Sequence
+from typing import Any, Generic, Protocol, TypeVar
+
+import numpy as np
 
 from psclient.partition import Id
 
@@ -35,6 +38,25 @@ class ParameterServerClient(Protocol[P_contra, WOut_contra]):
         """Fold `delta` into a parameter with the shard's update function."""
         ...
 
+    def pull_many(self, ids: np.ndarray | Sequence[Id]) -> None:
+        """Pull every id of `ids` (an int array, or a sequence of str ids) at once.
+
+        The same as `pull` of each id, in order (n ids count as n pulls
+        against the pull limit), without Python work per int id: the ids are
+        split by shard and packed as arrays. Answers arrive in
+        `on_pull_recv_many` (by default: `on_pull_recv` per id).
+        """
+        ...
+
+    def push_many(self, ids: np.ndarray | Sequence[Id], deltas: Any) -> None:
+        """Push `deltas[i]` to `ids[i]`: the same as `push` of each pair, in order.
+
+        `deltas` is a numeric array whose first axis has one row per id (a
+        1-D array for scalar parameters). The whole call is refused, and
+        nothing of it sent, when a row is not finite or the shapes disagree.
+        """
+        ...
+
     def output(self, out: WOut_contra) -> None:
         """Emit a result: it reaches the client as `Left(out)`."""
         ...
@@ -46,7 +68,8 @@ class WorkerLogic(Generic[T, P, WOut]):
     `on_recv` and `on_pull_recv` are required. `open`, `on_input_end` and
     `close` are optional hooks with do-nothing defaults: most online learners
     have nothing to set up, nothing left to do when the input ends, and nothing
-    to release.
+    to release. `on_pull_recv_many` is optional too: its default hands every
+    answer to `on_pull_recv`, which is all a per-key logic needs.
     """
 
     def open(self) -> None:
@@ -59,6 +82,24 @@ class WorkerLogic(Generic[T, P, WOut]):
     def on_pull_recv(self, param_id: Id, param_value: P, ps: ParameterServerClient[P, WOut]) -> None:
         """Called once per answered pull, with the parameter's current value."""
         raise NotImplementedError(f"{type(self).__name__} must implement on_pull_recv")
+
+    def on_pull_recv_many(
+        self, ids: np.ndarray | list[str], values: np.ndarray, ps: ParameterServerClient[P, WOut]
+    ) -> None:
+        """Called with a batch of answered pulls: `values[i]` is the value of `ids[i]`.
+
+        Optional: the default calls `on_pull_recv` per id. A logic that
+        defines it gets every answer here, those of `pull` too, one call per
+        answered batch: `ids` an int64 array or a list of str ids (a batch
+        holding both kinds comes in two calls), `values` one writable array
+        whose first axis follows `ids` (a 1-D array for scalar parameters;
+        values of different dtypes or shapes come in separate calls). Define
+        it to vectorize what the logic does with the answers of `pull_many`.
+        """
+        scalars = values.ndim == 1
+        rows = values.tolist() if scalars else values
+        for param_id, value in zip(ids.tolist() if isinstance(ids, np.ndarray) else ids, rows, strict=True):
+            self.on_pull_recv(param_id, value, ps)
 
     def on_input_end(self, ps: ParameterServerClient[P, WOut]) -> None:
         """Called once, when this worker's input is exhausted. May pull and push
@@ -84,6 +125,11 @@ class _PullLimited(WorkerLogic[T, P, WOut]):
     def on_pull_recv(self, param_id: Id, param_value: P, ps: ParameterServerClient[P, WOut]) -> None:
         self.inner.on_pull_recv(param_id, param_value, ps)
 
+    def on_pull_recv_many(
+        self, ids: np.ndarray | list[str], values: np.ndarray, ps: ParameterServerClient[P, WOut]
+    ) -> None:
+        self.inner.on_pull_recv_many(ids, values, ps)
+
     def on_input_end(self, ps: ParameterServerClient[P, WOut]) -> None:
         self.inner.on_input_end(ps)
 
@@ -105,3 +151,10 @@ def with_pull_limit(logic: WorkerLogic[T, P, WOut], limit: int) -> WorkerLogic[T
 
 def pull_limit_of(logic: WorkerLogic) -> int | None:
     return getattr(logic, "pull_limit", None)
+
+
+def receives_many(logic: WorkerLogic) -> bool:
+    """Whether `logic` defines its own `on_pull_recv_many` (else answers go to `on_pull_recv` one by one)."""
+    while isinstance(logic, _PullLimited):
+        logic = logic.inner
+    return type(logic).on_pull_recv_many is not WorkerLogic.on_pull_recv_many

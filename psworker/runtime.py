@@ -19,6 +19,12 @@ queue and no input record is taken while the limit is reached. Answers are
 always taken first, and the streams' readers never wait for anything, so there
 is no cycle of waits: no deadlock, at any limit down to 1.
 
+Batch calls. `pull_many` and `push_many` take arrays of ids: they are split by
+shard with numpy and sit in the shard buffers as array chunks next to the
+single pulls and pushes, so that a flush still sends one message per shard, in
+the order the logic made its calls. A logic that defines `on_pull_recv_many`
+gets each answered batch in one call, as arrays.
+
 Batching. A shard's buffer is flushed when it holds `max_batch` keys, when it
 has waited `linger_s`, or when the logic runs out of work, so the batch
 size follows the load. A flush sends a shard's pushes and pulls in one
@@ -47,10 +53,19 @@ from typing import Any
 
 import numpy as np
 
-from psclient._proto import shard_pb2
-from psclient.codec import ALLOWED_KINDS, decode_rows, encode_keys, encode_values
+from psclient._proto import shard_pb2, tensor_pb2
+from psclient.codec import (
+    ALLOWED_KINDS,
+    INT_IDS_DTYPE,
+    DecodedBatch,
+    decode_batch,
+    decode_rows,
+    encode_keys,
+    encode_tensor,
+    encode_values,
+)
 from psclient.errors import JobFailed, ShardError, StreampsError
-from psclient.partition import Id, check_id, shard_of
+from psclient.partition import Id, check_id, shard_of, shards_of_ints, split_by_shard
 from psclient.shard_client import (
     CLOSE_TIMEOUT_S,
     DEFAULT_CONNECT_TIMEOUT_S,
@@ -58,7 +73,7 @@ from psclient.shard_client import (
     ShardConnection,
     check_layout,
 )
-from psworker.logic import WorkerLogic, pull_limit_of
+from psworker.logic import WorkerLogic, pull_limit_of, receives_many
 
 log = logging.getLogger("streamps.worker")
 
@@ -157,6 +172,83 @@ def _non_finite(param_id: Id, delta: Any) -> InvalidDelta:
     )
 
 
+def check_deltas(ids: Any, deltas: Any, count: int) -> np.ndarray:
+    """`deltas` as an array with one numeric, finite row per id, or InvalidDelta.
+
+    The `push_many` form of `check_delta`: whole-array checks; the message
+    names the first id whose row is not finite.
+    """
+    try:
+        array = deltas if type(deltas) is np.ndarray else np.asarray(deltas)
+    except (TypeError, ValueError):  # ragged rows, or objects numpy cannot take
+        array = None
+    if array is None or array.dtype.kind not in ALLOWED_KINDS:
+        raise InvalidDelta(
+            f"push_many of {short_repr(deltas)} ({_what(deltas)}) to {count} ids: "
+            "the deltas must be a numeric numpy array"
+        )
+    if array.ndim == 0 or array.shape[0] != count:
+        raise InvalidDelta(f"push_many of deltas of shape {array.shape} to {count} ids: the deltas need one row per id")
+    if array.dtype.kind in "fc":
+        finite = np.isfinite(array)
+        if not finite.all():
+            row = int(np.flatnonzero(~finite.reshape(count, -1).all(axis=1))[0])
+            param_id = ids[row]
+            if isinstance(param_id, np.generic):
+                param_id = param_id.item()
+            raise InvalidDelta(
+                f"push_many of {short_repr(array[row])} (row {row} of {count}) to id {param_id!r}: "
+                "a delta must be finite (NaN and Inf are refused)"
+            )
+    return array
+
+
+def _int_ids(array: np.ndarray) -> np.ndarray:
+    if array.dtype.kind == "u" and array.size and int(array.max()) > _INT64_END - 1:
+        raise ValueError(f"int parameter id {int(array.max())} does not fit in signed 64 bits")
+    return np.ascontiguousarray(array, dtype=INT_IDS_DTYPE)
+
+
+def id_groups(ids: Any) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """The ids of a `pull_many`/`push_many` as (chunk, rows) pairs.
+
+    A chunk is an int64 array, or an object array of str ids (str ids need a
+    hash each, int ids need no Python work at all); `rows` are the positions of
+    the chunk's ids in `ids`, None for all of them in order. A sequence mixing
+    ints and strs gives one chunk of each. Raises TypeError or ValueError for
+    what is not an id.
+    """
+    if isinstance(ids, np.ndarray):
+        if ids.ndim != 1:
+            raise ValueError(f"ids must be one-dimensional, got shape {ids.shape}")
+        if ids.dtype.kind in "iu":
+            return [(_int_ids(ids), None)] if len(ids) else []
+        if ids.dtype.kind not in "UO":
+            raise TypeError(f"parameter ids are int or str, not {ids.dtype}")
+        ids = ids.tolist()
+    elif isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+        raise TypeError(f"pull_many and push_many take an array or a sequence of ids, not {type(ids).__name__}")
+    if not ids:
+        return []
+    types = set(map(type, ids))
+    if types == {str}:
+        return [(np.array(ids, dtype=object), None)]
+    if str not in types:
+        try:
+            array = np.asarray(ids) if types <= {int, np.int64, np.int32} else None
+        except OverflowError:
+            array = None
+        if array is None or array.dtype.kind not in "iu":  # bools, floats, ints past 64 bits: say which
+            array = np.asarray([check_id(i) for i in ids], dtype=INT_IDS_DTYPE)
+        return [(_int_ids(array), None)]
+    checked = [check_id(i) for i in ids]
+    is_str = np.fromiter((type(i) is str for i in checked), dtype=bool, count=len(checked))
+    int_rows, str_rows = np.flatnonzero(~is_str), np.flatnonzero(is_str)
+    ints = np.asarray([checked[r] for r in int_rows.tolist()], dtype=INT_IDS_DTYPE)
+    strs = np.array([checked[r] for r in str_rows.tolist()], dtype=object)
+    return [(ints, int_rows), (strs, str_rows)]
+
+
 class _Unreadable:
     """Stands in the input queue where a record could not be read."""
 
@@ -182,6 +274,12 @@ class _Client:
 
     def push(self, param_id: Id, delta: Any) -> None:
         self._runtime.push(check_id(param_id), delta)
+
+    def pull_many(self, ids: Any) -> None:
+        self._runtime.pull_many(ids)
+
+    def push_many(self, ids: Any, deltas: Any) -> None:
+        self._runtime.push_many(ids, deltas)
 
     def output(self, out: Any) -> None:
         self._runtime.output(out)
@@ -217,13 +315,16 @@ class WorkerRuntime:
         self.linger_s = linger_s
         self.connect_timeout = connect_timeout
         self._emit = emit
+        self._receives_many = receives_many(logic)
         self.client = _Client(self)
         num_shards = len(self.servers)
 
         # Shared with feeders and readers: guarded by _cond.
         self._cond = threading.Condition()
         self._chunks: deque[list[tuple[int, Any]]] = deque()
-        self._answers: deque[tuple[int, list[Id], list[Any]]] = deque()
+        # (shard, ids, values) per answer, decoded by the reader: lists of ids and of
+        # user-facing values, or for a logic with on_pull_recv_many, ids None and the batches.
+        self._answers: deque[tuple[int, list[Id] | None, list[Any]]] = deque()
         self._unacked = 0
         self._unacked_by_shard = [0] * num_shards
         self._failed_shards: set[int] = set()
@@ -236,8 +337,16 @@ class WorkerRuntime:
         self._chunk_pos = 0
         self._input_end_called = False
         self._in_flight = 0
-        self._queued_pulls: deque[Id] = deque()
+        # Single ids, and chunks of pull_many (int64 or object arrays: slices are views).
+        self._queued_pulls: deque[Id | np.ndarray] = deque()
+        self._queued_count = 0
         self._pull_buffers: list[list[Id]] = [[] for _ in range(num_shards)]
+        self._pull_chunks: list[list[np.ndarray]] = [[] for _ in range(num_shards)]
+        self._pull_chunk_keys = [0] * num_shards
+        # A shard's pushes, in call order: encoded batches (push_many chunks, and the
+        # single pushes made before them), then the single pushes since.
+        self._push_batches: list[list[tensor_pb2.ParamBatch]] = [[] for _ in range(num_shards)]
+        self._push_batch_keys = [0] * num_shards
         self._push_ids: list[list[Id]] = [[] for _ in range(num_shards)]
         self._push_deltas: list[list[Any]] = [[] for _ in range(num_shards)]
         self._buffered_since: float | None = None
@@ -312,7 +421,10 @@ class WorkerRuntime:
     def _on_response(self, shard: int, response: shard_pb2.ExchangeResponse) -> None:
         if response.HasField("pull"):
             try:
-                ids, values = decode_rows(response.pull.batches)
+                if self._receives_many:
+                    ids, values = None, [decode_batch(batch, with_values=True) for batch in response.pull.batches]
+                else:
+                    ids, values = decode_rows(response.pull.batches)
             except StreampsError as exc:
                 self.fail(f"worker {self.worker_index}: malformed pull answer: {exc}")
                 return
@@ -336,6 +448,74 @@ class WorkerRuntime:
             self._buffer_pull(param_id)
         else:
             self._queued_pulls.append(param_id)
+            self._queued_count += 1
+
+    def pull_many(self, ids: Any) -> None:
+        for chunk, _ in id_groups(ids):
+            count = len(chunk)
+            self.pulls += count
+            room = self.pull_limit - self._in_flight
+            if room <= 0 or self._queued_pulls:
+                self._queued_pulls.append(chunk)
+                self._queued_count += count
+                continue
+            if count > room:  # the rest waits for answers, as single pulls do
+                self._queued_pulls.append(chunk[room:])
+                self._queued_count += count - room
+                chunk = chunk[:room]
+            self._in_flight += len(chunk)
+            self._buffer_pull_chunk(chunk)
+
+    def _release_queued(self, slots: int) -> None:
+        """Send up to `slots` queued pulls, oldest first (answers freed their slots)."""
+        queue = self._queued_pulls
+        while slots > 0 and queue:
+            head = queue[0]
+            if not isinstance(head, np.ndarray):
+                queue.popleft()
+                taken = 1
+                self._buffer_pull(head)
+            elif slots == 1:  # the common case at a small limit: no array work for one id
+                taken = 1
+                if len(head) == 1:
+                    queue.popleft()
+                else:
+                    queue[0] = head[1:]
+                self._buffer_pull(head[0].item())
+            else:
+                taken = min(slots, len(head))
+                if taken == len(head):
+                    queue.popleft()
+                else:
+                    queue[0] = head[taken:]
+                self._buffer_pull_chunk(head[:taken])
+            slots -= taken
+            self._in_flight += taken
+            self._queued_count -= taken
+
+    def _shard_positions(self, chunk: np.ndarray) -> list[tuple[int, np.ndarray | None]]:
+        """(shard, positions in chunk) of every shard owning some of `chunk`; None: all of it."""
+        num_shards = len(self._pull_buffers)
+        if num_shards == 1:
+            return [(0, None)]
+        if chunk.dtype == object:
+            split = split_by_shard(chunk.tolist(), num_shards)
+            return [(shard, np.asarray(positions, dtype=np.intp)) for shard, positions in enumerate(split) if positions]
+        owners = shards_of_ints(chunk, num_shards)
+        return [(shard, positions) for shard in range(num_shards) if len(positions := np.flatnonzero(owners == shard))]
+
+    def _buffer_pull_chunk(self, chunk: np.ndarray) -> None:
+        if self._buffered_since is None:
+            self._buffered_since = time.monotonic()
+        for shard, positions in self._shard_positions(chunk):
+            part = chunk if positions is None else chunk[positions]
+            while len(part):
+                room = self.max_batch - len(self._pull_buffers[shard]) - self._pull_chunk_keys[shard]
+                self._pull_chunks[shard].append(part[:room])
+                self._pull_chunk_keys[shard] += min(room, len(part))
+                part = part[room:]
+                if self._pull_chunk_keys[shard] + len(self._pull_buffers[shard]) >= self.max_batch:
+                    self._flush_shard(shard)
 
     def _buffer_pull(self, param_id: Id) -> None:
         shard = shard_of(param_id, len(self._pull_buffers))
@@ -355,8 +535,40 @@ class WorkerRuntime:
         self._push_deltas[shard].append(delta)
         if self._buffered_since is None:
             self._buffered_since = time.monotonic()
-        if len(ids) >= self.max_batch:
+        if len(ids) + self._push_batch_keys[shard] >= self.max_batch:
             self._flush_shard(shard)
+
+    def push_many(self, ids: Any, deltas: Any) -> None:
+        groups = id_groups(ids)
+        count = sum(len(chunk) for chunk, _ in groups)
+        array = check_deltas(ids, deltas, len(ids))
+        self.pushes += count
+        if self._buffered_since is None and count:
+            self._buffered_since = time.monotonic()
+        for chunk, rows in groups:
+            chunk_deltas = array if rows is None else array[rows]
+            for shard, positions in self._shard_positions(chunk):
+                part_ids = chunk if positions is None else chunk[positions]
+                part_deltas = chunk_deltas if positions is None else chunk_deltas[positions]
+                while len(part_ids):
+                    room = self.max_batch - len(self._push_ids[shard]) - self._push_batch_keys[shard]
+                    self._buffer_push_chunk(shard, part_ids[:room], part_deltas[:room])
+                    part_ids, part_deltas = part_ids[room:], part_deltas[room:]
+                    if len(self._push_ids[shard]) + self._push_batch_keys[shard] >= self.max_batch:
+                        self._flush_shard(shard)
+
+    def _buffer_push_chunk(self, shard: int, ids: np.ndarray, deltas: np.ndarray) -> None:
+        batches = self._push_batches[shard]
+        singles = self._push_ids[shard]
+        if singles:  # encoded first: the shard applies a flush's pushes in the order they were made
+            batches.extend(encode_values(singles, self._push_deltas[shard]))
+            self._push_batch_keys[shard] += len(singles)
+            self._push_ids[shard], self._push_deltas[shard] = [], []
+        if ids.dtype == object:
+            batches.append(tensor_pb2.ParamBatch(str_ids=ids.tolist(), values=encode_tensor(deltas)))
+        else:
+            batches.append(tensor_pb2.ParamBatch(int_ids=ids.tobytes(), values=encode_tensor(deltas)))
+        self._push_batch_keys[shard] += len(ids)
 
     def output(self, out: Any) -> None:
         self._emit(out)
@@ -368,22 +580,28 @@ class WorkerRuntime:
         # The push and the pulls leave in one message; the shard applies the push
         # before it answers the pulls, which gives read-your-writes.
         push = pull = None
-        ids = self._push_ids[shard]
-        if ids:
+        ids, batches = self._push_ids[shard], self._push_batches[shard]
+        if ids or batches:
             deltas = self._push_deltas[shard]
             self._push_ids[shard], self._push_deltas[shard] = [], []
+            self._push_batches[shard], self._push_batch_keys[shard] = [], 0
             self._seqs[shard] += 1
             self._unacked += 1
             self._unacked_by_shard[shard] += 1
-            push = shard_pb2.PushRequest(
-                worker_id=self.worker_id, seq=self._seqs[shard], batches=encode_values(ids, deltas)
-            )
-        pulls = self._pull_buffers[shard]
-        if pulls:
-            self._pull_buffers[shard] = []
+            if ids:  # single pushes made after the last push_many (earlier ones are in batches)
+                batches.extend(encode_values(ids, deltas))
+            push = shard_pb2.PushRequest(worker_id=self.worker_id, seq=self._seqs[shard], batches=batches)
+        pulls, chunks = self._pull_buffers[shard], self._pull_chunks[shard]
+        if pulls or chunks:
+            self._pull_buffers[shard], self._pull_chunks[shard], self._pull_chunk_keys[shard] = [], [], 0
             self._request_id += 1
             self._pulls_out[shard] += 1
-            pull = shard_pb2.PullRequest(request_id=self._request_id, keys=encode_keys(pulls))
+            if chunks and all(chunk.dtype != object for chunk in chunks) and not any(type(i) is str for i in pulls):
+                packed = np.concatenate([*chunks, np.asarray(pulls, dtype=INT_IDS_DTYPE)]).tobytes()
+                keys = tensor_pb2.ParamBatch(int_ids=packed)
+            else:
+                keys = encode_keys(pulls + [param_id for chunk in chunks for param_id in chunk.tolist()])
+            pull = shard_pb2.PullRequest(request_id=self._request_id, keys=keys)
         if push is not None or pull is not None:
             self._connections[shard].send(shard_pb2.ExchangeRequest(push=push, pull=pull))
             self._sent = True
@@ -413,8 +631,8 @@ class WorkerRuntime:
             return None
         waiting = False
         for shard in range(len(self._connections)):
-            has_pulls = bool(self._pull_buffers[shard])
-            if not has_pulls and not self._push_ids[shard]:
+            has_pulls = bool(self._pull_buffers[shard] or self._pull_chunks[shard])
+            if not has_pulls and not (self._push_ids[shard] or self._push_batches[shard]):
                 continue
             idle_shard = self._pulls_out[shard] == 0 if has_pulls else self._unacked_by_shard[shard] == 0
             if idle_shard:
@@ -442,7 +660,7 @@ class WorkerRuntime:
             where = "" if position is None else f" ({self.position_name} {position}: {short_repr(record)})"
             what = str(exc) if isinstance(exc, InvalidDelta) else f"{type(exc).__name__}: {exc}"
             message = f"worker {self.worker_index} failed in {name}: {what}{where}"
-            if self.on_error == "skip" and name in ("on_recv", "on_pull_recv"):
+            if self.on_error == "skip" and name in ("on_recv", "on_pull_recv", "on_pull_recv_many"):
                 self.records_failed += 1
                 log.warning("%s; skipped", message, exc_info=True)
                 return
@@ -467,16 +685,40 @@ class WorkerRuntime:
         self._chunk_pos += 1
         return item
 
-    def _deliver(self, answers: deque[tuple[int, list[Id], list[Any]]]) -> None:
+    def _deliver(self, answers: deque[tuple[int, list[Id] | None, list[Any]]]) -> None:
+        if self._receives_many:
+            self._deliver_many(answers)
+            return
         on_pull_recv, client = self.logic.on_pull_recv, self.client
         for shard, ids, values in answers:
             self._pulls_out[shard] -= 1
+            assert ids is not None
             for param_id, value in zip(ids, values, strict=True):
                 self._in_flight -= 1
                 if self._queued_pulls:
-                    self._in_flight += 1
-                    self._buffer_pull(self._queued_pulls.popleft())
+                    self._release_queued(1)
                 self._call_user("on_pull_recv", on_pull_recv, param_id, value, client)
+            self._flush_if_lingering()
+
+    def _deliver_many(self, answers: deque[tuple[int, list[Id] | None, list[Any]]]) -> None:
+        """One on_pull_recv_many call per answered batch (two when it holds ints and strs)."""
+        on_pull_recv_many, client = self.logic.on_pull_recv_many, self.client
+        for shard, _, batches in answers:
+            self._pulls_out[shard] -= 1
+            batch: DecodedBatch
+            for batch in batches:
+                assert batch.values is not None
+                count = len(batch)
+                self._in_flight -= count
+                if self._queued_pulls:
+                    self._release_queued(count)
+                values = np.array(batch.values)  # writable, and no longer tied to the message
+                ints = len(batch.int_ids)
+                if ints:
+                    int_values = values[:ints] if batch.str_ids else values
+                    self._call_user("on_pull_recv_many", on_pull_recv_many, batch.int_ids.copy(), int_values, client)
+                if batch.str_ids:
+                    self._call_user("on_pull_recv_many", on_pull_recv_many, batch.str_ids, values[ints:], client)
             self._flush_if_lingering()
 
     def _input_may_flow(self) -> bool:
@@ -655,8 +897,9 @@ class WorkerRuntime:
 
     def _push_only(self, shard: int) -> None:
         pulls, self._pull_buffers[shard] = self._pull_buffers[shard], []
+        chunks, self._pull_chunks[shard] = self._pull_chunks[shard], []
         self._flush_shard(shard)
-        self._pull_buffers[shard] = pulls
+        self._pull_buffers[shard], self._pull_chunks[shard] = pulls, chunks
 
     async def _finish(self, state: State, failure: str | None) -> None:
         with self._cond:
@@ -689,6 +932,6 @@ class WorkerRuntime:
         with self._cond:
             return {
                 "pulls_in_flight": self._in_flight,
-                "pulls_queued": len(self._queued_pulls),
+                "pulls_queued": self._queued_count,
                 "pushes_unacked": self._unacked,
             }

@@ -364,6 +364,12 @@ class _RecordingClient:
     def push(self, param_id: Any, delta: Any) -> None:
         self.calls.append(("push", param_id))
 
+    def pull_many(self, ids: Any) -> None:
+        self.calls.extend(("pull", param_id) for param_id in list(ids))
+
+    def push_many(self, ids: Any, deltas: Any) -> None:
+        self.calls.extend(("push", param_id) for param_id in list(ids))
+
     def output(self, out: Any) -> None:
         self.calls.append(("output", out))
 

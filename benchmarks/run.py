@@ -12,8 +12,6 @@ written by hand (py-spy summaries): they are carried over as they are.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import os
 import sys
 import time
@@ -23,30 +21,21 @@ from types import ModuleType
 if __package__ in (None, ""):  # run as a script: make `benchmarks` and `examples` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import bench_logic, bench_memory, bench_mf, bench_raw
+from benchmarks import bench_logic, bench_memory, bench_mf, bench_raw, bench_sparse
 from benchmarks.common import format_table, machine_facts
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 KEPT_HEADING = "## Profile"
-SPARSE_MODULE = "benchmarks.bench_sparse"
-SPARSE_TARGET = "sparse logistic regression, 50 hashed features a record, push_many / single-process numpy loop"
 
 
 def sections() -> list[tuple[str, ModuleType]]:
-    found: list[tuple[str, ModuleType]] = [
+    return [
         ("a. Raw shard path: SDK batch pull/push against an in-process numpy table", bench_raw),
         ("b. WorkerLogic path: pull -> on_pull_recv -> push round trips", bench_logic),
         ("c. Online matrix factorization on MovieLens 100K: streamps, a numpy loop, Ray, Redis", bench_mf),
+        ("d. Sparse logistic regression, 50 hashed features a record, through push_many", bench_sparse),
+        ("e. Shard memory holding 1,000,000 parameters of 16 float32", bench_memory),
     ]
-    # The sparse benchmark is optional: its section appears once the module exists.
-    if importlib.util.find_spec(SPARSE_MODULE) is not None:
-        sparse = importlib.import_module(SPARSE_MODULE)
-        title = getattr(sparse, "TITLE", None) or (sparse.__doc__ or "Sparse models").strip().splitlines()[0]
-        found.append((f"d. {title.rstrip('.')}", sparse))
-    found.append(
-        (f"{chr(ord('a') + len(found))}. Shard memory holding 1,000,000 parameters of 16 float32", bench_memory)
-    )
-    return found
 
 
 def kept_sections(text: str) -> list[str]:
@@ -76,10 +65,6 @@ def main() -> None:
         print(table, flush=True)
         done.append((title, module, table))
     targets = [row for _, module, _ in done if hasattr(module, "targets") for row in module.targets()]
-    sparse = next((title for title, module, _ in done if module.__name__ == SPARSE_MODULE), None)
-    if sparse is None or not hasattr(sys.modules[SPARSE_MODULE], "targets"):
-        where = f"see section {sparse[0]}" if sparse else "not measured: no benchmarks/bench_sparse.py"
-        targets.append((SPARSE_TARGET, where, ">= 0.5x", None))
     target_table = format_table(
         ["target", "measured", "goal", "met"],
         [[what, got, goal, "-" if met is None else ("yes" if met else "NO")] for what, got, goal, met in targets],

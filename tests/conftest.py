@@ -174,3 +174,22 @@ def push_once(stub: shard_pb2_grpc.ParameterShardStub, request: shard_pb2.PushRe
     """Send one PushRequest on a fresh Push stream and return its ack (or raise grpc.RpcError)."""
     (ack,) = list(stub.Push(iter([request]), timeout=30))
     return ack
+
+
+PSWORKER_RUN_TIMEOUT_S = 120
+
+
+def run_psworker(procs: Processes, *args: str, servers: str = "127.0.0.1:1") -> tuple[int, list[str], list[str]]:
+    """Run psworker to its end; return (exit code, stdout lines, stderr lines)."""
+    argv = [sys.executable, "-m", "psworker", "--servers", servers, "--log-level", "WARNING", *args]
+    process, stderr_path = procs.popen(argv)
+    stdout, _ = process.communicate(timeout=PSWORKER_RUN_TIMEOUT_S)
+    return process.returncode, stdout.splitlines(), stderr_path.read_text(encoding="utf-8").splitlines()
+
+
+def error_line(stderr: list[str]) -> str:
+    """The one `psworker: error:` line, which must end stderr."""
+    errors = [line for line in stderr if line.startswith("psworker: error:")]
+    assert len(errors) == 1, stderr
+    assert stderr[-1] == errors[0], stderr
+    return errors[0]

@@ -12,7 +12,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from conftest import Processes, StartShards, push_once
+from conftest import Processes, StartShards, error_line, push_once, run_psworker
 from logics import FailOnX
 
 from psclient import Cluster, JobFailed, LocalCluster, transform
@@ -181,25 +181,9 @@ def test_same_worker_and_seq_twice_is_applied_once(shard_stub: Any) -> None:
 # -- psworker: logic that cannot be loaded, malformed lines, exceptions in user code ----
 
 
-def psworker(procs: Processes, *args: str, servers: str = "127.0.0.1:1") -> tuple[int, list[str], list[str]]:
-    """Run psworker to its end; return (exit code, stdout lines, stderr lines)."""
-    argv = [sys.executable, "-m", "psworker", "--servers", servers, "--log-level", "WARNING", *args]
-    process, stderr_path = procs.popen(argv)
-    stdout, _ = process.communicate(timeout=RUN_TIMEOUT_S)
-    return process.returncode, stdout.splitlines(), stderr_path.read_text(encoding="utf-8").splitlines()
-
-
-def error_line(stderr: list[str]) -> str:
-    """The one `psworker: error:` line, which must end stderr."""
-    errors = [line for line in stderr if line.startswith("psworker: error:")]
-    assert len(errors) == 1, stderr
-    assert stderr[-1] == errors[0], stderr
-    return errors[0]
-
-
 @pytest.mark.timeout(120)
 def test_unknown_logic_module_exits_2_with_one_line(procs: Processes) -> None:
-    code, stdout, stderr = psworker(procs, "--logic", "nosuch:Thing", "--worker-index", "0", "--num-workers", "1")
+    code, stdout, stderr = run_psworker(procs, "--logic", "nosuch:Thing", "--worker-index", "0", "--num-workers", "1")
 
     assert code == 2
     assert stdout == []
@@ -208,7 +192,7 @@ def test_unknown_logic_module_exits_2_with_one_line(procs: Processes) -> None:
 
 @pytest.mark.timeout(120)
 def test_unknown_logic_attribute_exits_2_with_one_line(procs: Processes) -> None:
-    code, _, stderr = psworker(procs, "--logic", "logics:NoSuch", "--worker-index", "0", "--num-workers", "1")
+    code, _, stderr = run_psworker(procs, "--logic", "logics:NoSuch", "--worker-index", "0", "--num-workers", "1")
 
     assert code == 2
     assert len(stderr) == 1
@@ -230,7 +214,7 @@ def test_malformed_jsonl_line_stops_the_worker_naming_the_line(
     jsonl_with_bad_line_17(data)
     servers = start_shards(1)
 
-    code, stdout, stderr = psworker(
+    code, stdout, stderr = run_psworker(
         procs, "--logic", "logics:FailOnX", "--worker-index", "0", "--num-workers", "1", "--input", str(data),
         servers=servers[0],
     )  # fmt: skip
@@ -270,7 +254,7 @@ def test_exception_in_on_recv_names_worker_callback_and_line(
     data.write_text("".join(json.dumps({"word": w}) + "\n" for w in ["a", "b", "c", "d", "x", "e"]), encoding="utf-8")
     servers = start_shards(1)
 
-    code, stdout, stderr = psworker(
+    code, stdout, stderr = run_psworker(
         procs, "--logic", "logics:FailOnX", "--worker-index", "0", "--num-workers", "1", "--input", str(data),
         servers=servers[0],
     )  # fmt: skip
@@ -303,7 +287,7 @@ def test_on_error_skip_in_psworker_logs_and_continues(
     data.write_text("\n".join(lines) + "\n", encoding="utf-8")
     servers = start_shards(1)
 
-    code, stdout, stderr = psworker(
+    code, stdout, stderr = run_psworker(
         procs, "--logic", "logics:FailOnX", "--worker-index", "0", "--num-workers", "1", "--input", str(data),
         "--on-error", "skip", servers=servers[0],
     )  # fmt: skip

@@ -19,32 +19,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import Processes, Service, StartShards, psserver_argv
+from conftest import Processes, Service, StartShards, error_line, psserver_argv, run_psworker
 from logics import JsonPush
 
 from psclient import Cluster, JobFailed, LocalCluster, transform
 from psworker.runtime import InvalidDelta, check_delta
 
-RUN_TIMEOUT_S = 120
-
-
-def run_psworker(procs: Processes, servers: str, *args: str) -> tuple[int, list[str], list[str]]:
-    """Run psworker to its end; return (exit code, stdout lines, stderr lines)."""
-    argv = [
-        sys.executable, "-m", "psworker", "--servers", servers, "--worker-index", "0", "--num-workers", "1",
-        "--log-level", "WARNING", *args,
-    ]  # fmt: skip
-    process, stderr_path = procs.popen(argv)
-    stdout, _ = process.communicate(timeout=RUN_TIMEOUT_S)
-    return process.returncode, stdout.splitlines(), stderr_path.read_text(encoding="utf-8").splitlines()
-
-
-def error_line(stderr: list[str]) -> str:
-    """The one `psworker: error:` line, which must end stderr."""
-    errors = [line for line in stderr if line.startswith("psworker: error:")]
-    assert len(errors) == 1, stderr
-    assert stderr[-1] == errors[0], stderr
-    return errors[0]
+ONE_WORKER = ("--worker-index", "0", "--num-workers", "1")
 
 
 # -- 1. a delta no shard could apply is refused at ps.push -------------------------------
@@ -127,7 +108,9 @@ def test_str_delta_stops_psworker_with_one_line_and_keeps_the_pushes_before_it(
     records_with_str_delta_on_line_3(data)
     servers = start_shards(1)
 
-    code, stdout, stderr = run_psworker(procs, servers[0], "--logic", "logics:JsonPush", "--input", str(data))
+    code, stdout, stderr = run_psworker(
+        procs, *ONE_WORKER, "--logic", "logics:JsonPush", "--input", str(data), servers=servers[0]
+    )
     with Cluster(servers) as cluster:
         model = dict(cluster.snapshot())
 
@@ -144,7 +127,7 @@ def test_str_delta_is_skipped_with_on_error_skip(tmp_path: Path, procs: Processe
     servers = start_shards(1)
 
     code, stdout, stderr = run_psworker(
-        procs, servers[0], "--logic", "logics:JsonPush", "--input", str(data), "--on-error", "skip"
+        procs, *ONE_WORKER, "--logic", "logics:JsonPush", "--input", str(data), "--on-error", "skip", servers=servers[0]
     )
     with Cluster(servers) as cluster:
         model = dict(cluster.snapshot())

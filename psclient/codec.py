@@ -149,7 +149,9 @@ def group_values(ids: Sequence[Id], values: Sequence[Any]) -> list[tuple[list[Id
     The common case, every value of one type and shape, is one `np.asarray`
     call. Values of several types are grouped instead, so that each keeps its
     own dtype: stacked together, an int would become a float because another id
-    of the batch got one, and the shard folds each delta by its dtype.
+    of the batch got one, and the shard folds each delta by its dtype. The
+    shard applies a request's batches in order, so the groups keep every id's
+    deltas in the order they were pushed.
     """
     try:
         if _one_type(values):
@@ -158,13 +160,27 @@ def group_values(ids: Sequence[Id], values: Sequence[Any]) -> list[tuple[list[Id
                 return [(list(ids), stacked)]
     except ValueError:  # ragged: values of different shapes
         pass
+    arrays = [as_value_array(value) for value in values]
     groups: dict[tuple[str, tuple[int, ...]], tuple[list[Id], list[np.ndarray]]] = {}
-    for param_id, value in zip(ids, values, strict=True):
-        array = as_value_array(value)
+    for param_id, array in zip(ids, arrays, strict=True):
         group = groups.setdefault((array.dtype.str, array.shape), ([], []))
         group[0].append(param_id)
         group[1].append(array)
-    return [(group_ids, np.stack(arrays)) for group_ids, arrays in groups.values()]
+    if sum(len(set(group_ids)) for group_ids, _ in groups.values()) == len(set(ids)):
+        return [(group_ids, np.stack(group_arrays)) for group_ids, group_arrays in groups.values()]
+    # An id with deltas of two signatures: its deltas must still be applied in the
+    # order they were pushed (`replace` keeps the last one), so cut the batch into
+    # consecutive runs of one signature instead of grouping across the batch.
+    runs: list[tuple[list[Id], list[np.ndarray]]] = []
+    last: tuple[str, tuple[int, ...]] | None = None
+    for param_id, array in zip(ids, arrays, strict=True):
+        signature = (array.dtype.str, array.shape)
+        if signature != last:
+            runs.append(([], []))
+            last = signature
+        runs[-1][0].append(param_id)
+        runs[-1][1].append(array)
+    return [(run_ids, np.stack(run_arrays)) for run_ids, run_arrays in runs]
 
 
 def encode_values(ids: Sequence[Id], values: Sequence[Any]) -> list[tensor_pb2.ParamBatch]:

@@ -481,7 +481,7 @@ class WorkerRuntime:
                     queue.popleft()
                 else:
                     queue[0] = head[1:]
-                self._buffer_pull(head[0].item())
+                self._buffer_pull(head[:1].tolist()[0])  # a Python int or str, whatever the chunk holds
             else:
                 taken = min(slots, len(head))
                 if taken == len(head):

@@ -316,3 +316,41 @@ def test_single_pushes_and_push_many_reach_the_shard_in_the_order_they_were_made
     items = list(transform(range(100), Interleaved(), "const:0.0", "replace", 1, 1))
 
     assert dict(item.value for item in items if isinstance(item, Right)) == {7: 994.0, 8: 99.0}
+
+
+class StrPullsAtALimit(WorkerLogic):
+    """Each record pulls five str ids in one call; answers come back one slot at a time."""
+
+    def on_recv(self, data: Any, ps: Any) -> None:
+        ps.pull_many([f"k{data}-{j}" for j in range(5)])
+
+    def on_pull_recv(self, param_id: Any, param_value: Any, ps: Any) -> None:
+        ps.output(param_id)
+
+
+@pytest.mark.timeout(120)
+def test_queued_str_ids_of_pull_many_are_released_one_slot_at_a_time() -> None:
+    items = list(transform(range(3), lambda: with_pull_limit(StrPullsAtALimit(), 2), "const:0", "add"))
+
+    assert sorted(item.value for item in items if isinstance(item, Left)) == sorted(
+        f"k{r}-{j}" for r in range(3) for j in range(5)
+    )
+
+
+class MixedNumbers(WorkerLogic):
+    """Pushes an int, a float, then an int to one id: `replace` must keep the last."""
+
+    def on_recv(self, data: Any, ps: Any) -> None:
+        ps.push("last", 1)
+        ps.push("last", 0.5)
+        ps.push("last", 2)
+
+    def on_pull_recv(self, param_id: Any, param_value: Any, ps: Any) -> None:
+        raise AssertionError("never pulls")
+
+
+@pytest.mark.timeout(120)
+def test_int_and_float_pushes_to_one_id_are_applied_in_the_order_made() -> None:
+    items = list(transform([0], MixedNumbers, "const:0", "replace"))
+
+    assert [item.value for item in items if isinstance(item, Right)] == [("last", 2)]

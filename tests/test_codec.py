@@ -207,3 +207,17 @@ def test_decoded_vector_rows_are_writable_copies() -> None:
 def test_decode_batch_rejects_values_that_do_not_match_the_ids(batch: tensor_pb2.ParamBatch, message: str) -> None:
     with pytest.raises(WireError, match=message):
         decode_batch(batch, with_values=True)
+
+
+def test_deltas_of_one_id_in_two_dtypes_keep_the_order_they_were_pushed() -> None:
+    ids, values = [1, 1, 2, 1], [1, 0.5, 7, 2]
+
+    batches = encode_values(ids, values)
+
+    applied = [
+        (i, v.item())
+        for batch in batches
+        for i, v in zip(decode_int_ids(batch.int_ids), decode_tensor(batch.values), strict=True)
+    ]
+    assert [v for i, v in applied if i == 1] == [1, 0.5, 2]  # `replace` must end at 2, as pushed
+    assert sorted(applied) == sorted(zip(ids, values, strict=True))

@@ -33,14 +33,11 @@ def _on_first_call(module: str, name: str) -> Any:
 
 
 if TYPE_CHECKING:
-    from tqdm import tqdm
-
     from psclient.cluster import Cluster
     from psclient.local import run_local_job
     from psclient.records import to_json_compatible
     from psclient.shard_client import describe_rpc_error, layout_problems
 else:
-    tqdm = _on_first_call("tqdm", "tqdm")
     Cluster = _on_first_call("psclient.cluster", "Cluster")
     run_local_job = _on_first_call("psclient.local", "run_local_job")
     to_json_compatible = _on_first_call("psclient.records", "to_json_compatible")

@@ -267,10 +267,10 @@ def run_local_job(
     child dies (a signal, the out-of-memory killer, a crash), JobFailed names it
     and how it ended, rather than the broken stream it leaves behind.
     """
+    bar = JobProgress(progress)  # before any child starts: nothing to clean up if it fails
     cluster = LocalCluster(
         logic_spec, init_spec, update_spec, num_workers, num_shards, pull_limit=pull_limit, on_error=on_error
     )
-    bar = JobProgress(progress)
     try:
         with cluster, Cluster(cluster.servers, cluster.workers) as client:
             records = bar.count(records)

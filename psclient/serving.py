@@ -10,7 +10,6 @@ import json
 import logging
 import signal
 import sys
-import time
 from collections.abc import Callable, Sequence
 from concurrent import futures
 from dataclasses import dataclass
@@ -48,8 +47,8 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
     ("grpc.so_reuseport", 0),  # port 0 must really be a free port, never a shared one
 ]
 
-# Every stream (each worker's Pull and Push per shard, Feed, Outputs) holds a
-# thread of the pool for its whole life, so size it for many concurrent streams.
+# The sync servers (a worker's Feed, Outputs and Status) hold a pool thread per open
+# stream for its whole life: size the pool for many concurrent clients.
 DEFAULT_MAX_WORKERS = 256
 
 
@@ -145,18 +144,6 @@ class StopSignal:
         self.signum = signum
 
     def is_set(self) -> bool:
-        return self.signum is not None
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """Sleep until a signal came (or `timeout` passed); True if one came."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self.signum is None:
-            left = self.POLL_S if deadline is None else min(self.POLL_S, deadline - time.monotonic())
-            if left <= 0:
-                break
-            time.sleep(left)
-        if self.signum is not None:
-            logging.getLogger("streamps").info("received %s, stopping", signal.Signals(self.signum).name)
         return self.signum is not None
 
 

@@ -2,9 +2,10 @@
 
 `ShardConnection` keeps one Exchange stream open to one shard on a shared
 event loop (`EventLoopThread`) and hands every response to a callback there:
-the asynchronous core the worker runtime builds on. `ShardGroup` wraps one connection per shard
-into a blocking batch API (pull a list of ids, push a list of deltas), slicing
-each batch by owning shard and sending the slices concurrently.
+the asynchronous core the worker runtime builds on. `ShardGroup` is the blocking
+batch API (pull a list of ids, push a list of deltas) over a Pull and a Push
+stream per shard, slicing each batch by owning shard and sending the slices
+concurrently.
 """
 
 from __future__ import annotations

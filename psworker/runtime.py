@@ -319,20 +319,22 @@ class WorkerRuntime:
         self.client = _Client(self)
         num_shards = len(self.servers)
 
-        # Shared with feeders and readers: guarded by _cond.
+        # Shared with feeders (file reader, Feed RPCs): guarded by _cond.
         self._cond = threading.Condition()
         self._chunks: deque[list[tuple[int, Any]]] = deque()
-        # (shard, ids, values) per answer, decoded by the reader: lists of ids and of
+        self._input_closed = False
+        self._failure: str | None = None
+        self.state = State.RUNNING
+
+        # The loop thread only (the logic and the stream callbacks). Status and the
+        # metrics read the counters below from other threads without a lock: each
+        # read is of one int or one length, so it is at worst a moment old.
+        # (shard, ids, values) per answer, decoded on arrival: lists of ids and of
         # user-facing values, or for a logic with on_pull_recv_many, ids None and the batches.
         self._answers: deque[tuple[int, list[Id] | None, list[Any]]] = deque()
         self._unacked = 0
         self._unacked_by_shard = [0] * num_shards
         self._failed_shards: set[int] = set()
-        self._input_closed = False
-        self._failure: str | None = None
-        self.state = State.RUNNING
-
-        # The loop thread only (the logic and the stream callbacks).
         self._chunk: list[tuple[int, Any]] = []
         self._chunk_pos = 0
         self._input_end_called = False
@@ -419,6 +421,10 @@ class WorkerRuntime:
     # -- network callbacks (on the loop, between two steps of the logic) --------
 
     def _on_response(self, shard: int, response: shard_pb2.ExchangeResponse) -> None:
+        # The ack first: it holds whatever the answer beside it turns out to be.
+        if response.HasField("ack"):
+            self._unacked -= 1
+            self._unacked_by_shard[shard] -= 1
         if response.HasField("pull"):
             try:
                 if self._receives_many:
@@ -426,17 +432,15 @@ class WorkerRuntime:
                 else:
                     ids, values = decode_rows(response.pull.batches)
             except StreampsError as exc:
-                self.fail(f"worker {self.worker_index}: malformed pull answer: {exc}")
+                # A shard that sends what cannot be read is not waited for when draining.
+                self._failed_shards.add(shard)
+                self.fail(f"worker {self.worker_index}: malformed pull answer from shard {shard}: {exc}")
                 return
             self._answers.append((shard, ids, values))
-        if response.HasField("ack"):
-            self._unacked -= 1
-            self._unacked_by_shard[shard] -= 1
         self._wakeup.set()
 
     def _on_shard_error(self, shard: int, error: ShardError) -> None:
-        with self._cond:
-            self._failed_shards.add(shard)
+        self._failed_shards.add(shard)
         self.fail(f"worker {self.worker_index}: {error}")
 
     # -- the ParameterServerClient calls (on the loop) ------------------------
@@ -839,6 +843,7 @@ class WorkerRuntime:
                 with self._cond:
                     self._failure = self._failure or f"worker {self.worker_index}: {exc}"
                     self.state = State.FAILED
+                    self._cond.notify_all()  # a feeder waiting for room gives up
                 raise JobFailed(self._failure) from exc
         assert self._io is not None
         done = asyncio.run_coroutine_threadsafe(self._run(), self._io.loop)
@@ -858,14 +863,18 @@ class WorkerRuntime:
             self._call_user("open", self.logic.open)
             await self._steps()
             self._call_user("close", self.logic.close)
-        except ShardError as exc:
-            await self._finish(State.FAILED, f"worker {self.worker_index}: {exc}")
-            raise JobFailed(self._failure) from exc
         except JobFailed as exc:
             await self._drain_pushes()
             await self._finish(State.FAILED, str(exc))
             raise
-        except BaseException as exc:
+        except Exception as exc:  # a defect of the runtime itself: still deliver the pushes made so far
+            log.error("worker %d: runtime error", self.worker_index, exc_info=True)
+            await self._drain_pushes()
+            await self._finish(
+                State.FAILED, f"worker {self.worker_index}: runtime stopped: {type(exc).__name__}: {exc}"
+            )
+            raise
+        except BaseException as exc:  # cancelled: the loop is going away, nothing can be sent
             await self._finish(
                 State.FAILED, f"worker {self.worker_index}: runtime stopped: {type(exc).__name__}: {exc}"
             )
@@ -882,9 +891,7 @@ class WorkerRuntime:
 
         try:
             for shard in shards:
-                with self._cond:
-                    failed = shard in self._failed_shards
-                if not failed:
+                if shard not in self._failed_shards:
                     self._push_only(shard)
             deadline = time.monotonic() + DRAIN_TIMEOUT_S
             while not drained() and (left := deadline - time.monotonic()) > 0:
@@ -929,9 +936,8 @@ class WorkerRuntime:
         }
 
     def snapshot_counters(self) -> dict[str, int]:
-        with self._cond:
-            return {
-                "pulls_in_flight": self._in_flight,
-                "pulls_queued": self._queued_count,
-                "pushes_unacked": self._unacked,
-            }
+        return {  # loop-owned ints, read without a lock (see __init__)
+            "pulls_in_flight": self._in_flight,
+            "pulls_queued": self._queued_count,
+            "pushes_unacked": self._unacked,
+        }

@@ -90,6 +90,35 @@ def _first_unique(ids: np.ndarray) -> np.ndarray:
     return unique[np.argsort(first, kind="stable")]
 
 
+# Below this many rows ufunc.at is as fast as sorting them first.
+_SORTED_FOLD_ROWS = 32
+
+
+def _fold_at(ufunc: np.ufunc, values: np.ndarray, rows: np.ndarray, deltas: np.ndarray) -> None:
+    """`ufunc.at(values, rows, deltas)`, with the same result, in a fraction of its time.
+
+    ufunc.at pays per row; a fancy-index update pays per batch but applies one
+    delta per row. So each row's first delta goes in by fancy index and only the
+    later deltas of repeated rows (few, in a batch of distinct-ish ids) by
+    ufunc.at, in arrival order: every parameter sees the same operations in the
+    same order as with ufunc.at alone, bit for bit.
+    """
+    if len(rows) < _SORTED_FOLD_ROWS or deltas.dtype != values.dtype:
+        ufunc.at(values, rows, deltas)
+        return
+    order = np.argsort(rows, kind="stable")
+    ordered = rows[order]
+    first = np.empty(len(rows), dtype=bool)
+    first[0] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=first[1:])
+    heads = order[first]
+    targets = rows[heads]
+    values[targets] = ufunc(values[targets], deltas[heads])
+    if len(heads) < len(rows):
+        later = np.sort(order[~first])
+        ufunc.at(values, rows[later], deltas[later])
+
+
 class _Table:
     """The rows of one signature. A row whose parameter moved to another table
     stays as a hole; a table that every parameter left gives its memory back."""
@@ -390,7 +419,7 @@ class ParameterStore:
             values[rows[keep]] = deltas[keep]
         else:
             assert self.update.ufunc is not None
-            self.update.ufunc.at(values, rows, deltas)
+            _fold_at(self.update.ufunc, values, rows, deltas)
 
     def _push_user(self, batches: Sequence[Rows]) -> None:
         """A user's update, called once per (old, delta) pair in arrival order.

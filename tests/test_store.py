@@ -309,3 +309,27 @@ def test_a_float32_model_stays_float32_whatever_precision_its_deltas_come_in() -
 
     assert dtypes(s, [1, 2]) == {1: "<f4", 2: "<f4"}
     assert values(s, [1, 2]) == {1: [1.5, 2.25], 2: [1.0, 0.0]}
+
+
+@pytest.mark.parametrize("update", ["add", "max", "min"])
+@pytest.mark.parametrize("shape", [(), (3,)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64])
+def test_large_batches_with_repeated_ids_fold_bit_for_bit_in_arrival_order(
+    update: str, shape: tuple[int, ...], dtype: type
+) -> None:
+    # Batches above the size where the fold sorts its rows, ids repeated up to
+    # dozens of times, deltas whose float sums depend on the order they are added in.
+    rng = np.random.default_rng(len(shape) * 10 + len(update))
+    s = store(lambda param_id: np.zeros(shape, dtype), update)
+    expected: dict[int, np.ndarray] = {}
+    for size in (40, 1024, 5000):
+        ids = rng.integers(0, 200, size)
+        deltas = (rng.normal(size=(size, *shape)) * 1000).astype(dtype)
+        if dtype is not np.int64:
+            deltas[::3] *= np.asarray(1e-7, dtype)  # tiny next to the others: order shows in the low bits
+        for param_id, delta in zip(ids.tolist(), deltas, strict=True):
+            old = expected.get(param_id, np.zeros(shape, dtype))
+            expected[param_id] = np.asarray(FOLDS[update](old, delta)).astype(dtype)
+        s.push([(ids.tolist(), deltas)])
+    pulled = {i: exact(v) for ids_, rows in s.pull(sorted(expected)) for i, v in zip(ids_, rows, strict=True)}
+    assert pulled == {i: exact(v) for i, v in expected.items()}

@@ -58,6 +58,17 @@ def shard_argv(shard: int, num_shards: int, init_spec: str, update_spec: str, lo
     ]  # fmt: skip
 
 
+def worker_argv(
+    logic: str, servers: list[str], index: int, num_workers: int, *extra: str, log_level: str = "WARNING"
+) -> list[str]:
+    """The command line of one worker of `num_workers`, as a deployment would run it; `extra`
+    adds flags (`--port 0` for a Feed-mode worker, `--input PATH` for a file)."""
+    return [
+        sys.executable, "-m", "psworker", "--logic", logic, "--servers", ",".join(servers),
+        "--worker-index", str(index), "--num-workers", str(num_workers), "--log-level", log_level, *extra,
+    ]  # fmt: skip
+
+
 class ChildProcess:
     """A service process whose first stdout line announces its address."""
 
@@ -179,26 +190,18 @@ class LocalCluster:
             workers = [
                 ChildProcess(
                     f"worker {i}",
-                    [
-                        sys.executable,
-                        "-m",
-                        "psworker",
-                        "--logic",
+                    worker_argv(
                         self.logic_spec,
-                        "--servers",
-                        ",".join(self.servers),
-                        "--worker-index",
-                        str(i),
-                        "--num-workers",
-                        str(self.num_workers),
+                        self.servers,
+                        i,
+                        self.num_workers,
                         "--port",
                         "0",
                         "--on-error",
                         self.on_error,
-                        "--log-level",
-                        self.log_level,
                         *extra,
-                    ],
+                        log_level=self.log_level,
+                    ),
                     env,
                 )
                 for i in range(self.num_workers)

@@ -22,6 +22,7 @@ import grpc
 import pytest
 
 from psclient._proto import shard_pb2, shard_pb2_grpc
+from psclient.local import shard_argv
 
 TESTS_DIR = Path(__file__).resolve().parent
 ROOT = TESTS_DIR.parent
@@ -132,10 +133,7 @@ def procs(tmp_path: Path) -> Iterator[Processes]:
 
 
 def psserver_argv(shard: int, num_shards: int, init: str, update: str) -> list[str]:
-    return [
-        sys.executable, "-m", "psserver", "--shard", str(shard), "--num-shards", str(num_shards),
-        "--port", "0", "--init", init, "--update", update, "--log-level", "WARNING",
-    ]  # fmt: skip
+    return shard_argv(shard, num_shards, init, update)
 
 
 StartShards = Callable[..., list[str]]

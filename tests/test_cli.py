@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import Processes, StartShards
 
+from psclient.local import worker_argv
 from psclient.partition import key_bucket
 
 RUN_TIMEOUT_S = 120
@@ -22,11 +23,7 @@ def word_counts(lines: list[str]) -> dict[str, int]:
     return dict(Counter(word for line in lines for word in line.split()))
 
 
-def psworker_argv(logic: str, servers: list[str], index: int, workers: int, *extra: str) -> list[str]:
-    return [
-        sys.executable, "-m", "psworker", "--logic", logic, "--servers", ",".join(servers),
-        "--worker-index", str(index), "--num-workers", str(workers), "--log-level", "WARNING", *extra,
-    ]  # fmt: skip
+psworker_argv = worker_argv
 
 
 def run_cli(argv: list[str], procs: Processes) -> tuple[int, str, str]:

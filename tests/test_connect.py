@@ -25,6 +25,7 @@ from conftest import Processes, psserver_argv
 
 from psclient import ShardError, connect
 from psclient._proto import shard_pb2, shard_pb2_grpc
+from psclient.local import worker_argv
 from psclient.shard_client import ShardGroup
 
 RUN_TIMEOUT_S = 120
@@ -53,10 +54,7 @@ def run(procs: Processes, argv: list[str]) -> tuple[int, str, list[str]]:
 
 
 def psworker_argv(servers: list[str], *extra: str) -> list[str]:
-    return [
-        sys.executable, "-m", "psworker", "--logic", "logics:WordCount", "--servers", ",".join(servers),
-        "--worker-index", "0", "--num-workers", "1", "--log-level", "WARNING", *extra,
-    ]  # fmt: skip
+    return worker_argv("logics:WordCount", servers, 0, 1, *extra)
 
 
 def words_file(tmp_path: Path) -> Path:

@@ -11,7 +11,6 @@ import itertools
 import json
 import re
 import signal
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +22,7 @@ from conftest import Processes, Service, StartShards, error_line, psserver_argv,
 from logics import JsonPush
 
 from psclient import Cluster, JobFailed, LocalCluster, transform
+from psclient.local import worker_argv
 from psworker.runtime import InvalidDelta, check_delta
 
 ONE_WORKER = ("--worker-index", "0", "--num-workers", "1")
@@ -187,12 +187,7 @@ def test_killed_shard_fails_the_job_within_seconds() -> None:
 
 
 def feed_mode_worker(procs: Processes, servers: list[str], index: int = 0, num_workers: int = 1) -> Service:
-    return procs.start_server(
-        [
-            sys.executable, "-m", "psworker", "--logic", "logics:Exactness", "--servers", ",".join(servers),
-            "--worker-index", str(index), "--num-workers", str(num_workers), "--port", "0", "--log-level", "WARNING",
-        ]
-    )  # fmt: skip
+    return procs.start_server(worker_argv("logics:Exactness", servers, index, num_workers, "--port", "0"))
 
 
 def start_shard(procs: Processes) -> Service:

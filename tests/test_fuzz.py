@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from hypothesis import strategies as st
 
 from psclient import connect
 from psclient._proto import shard_pb2, shard_pb2_grpc, tensor_pb2, worker_pb2, worker_pb2_grpc
+from psclient.local import worker_argv
 
 REJECTED = {
     grpc.StatusCode.INVALID_ARGUMENT,
@@ -61,11 +61,8 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
     procs = Processes(Path(tmp_path_factory.mktemp("fuzz")))
     try:
         shards = [procs.start_server(psserver_argv(i, 2, "zeros:2", "add")).address for i in range(2)]
-        worker_argv = [
-            sys.executable, "-m", "psworker", "--logic", "logics:Exactness", "--servers", ",".join(shards),
-            "--worker-index", "0", "--num-workers", "1", "--port", "0", "--log-level", "CRITICAL",
-        ]  # fmt: skip
-        worker = procs.start_server(worker_argv).address
+        argv = worker_argv("logics:Exactness", shards, 0, 1, "--port", "0", log_level="CRITICAL")
+        worker = procs.start_server(argv).address
         fuzz = Target(shards, worker)
         with connect(shards) as cluster:
             cluster.push([0, 2, 4, "a"], [np.array([1.0, -1.0], dtype=np.float32)] * 4)

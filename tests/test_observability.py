@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import socket
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -16,6 +15,7 @@ from conftest import Processes, psserver_argv
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from psclient import connect
+from psclient.local import worker_argv
 
 
 def free_port() -> int:
@@ -59,23 +59,7 @@ def test_worker_metrics_count_records_and_outputs(procs: Processes) -> None:
     shard = procs.start_server(psserver_argv(0, 1, "const:0", "add")).address
     port = free_port()
     worker = procs.start_server(
-        [
-            sys.executable,
-            "-m",
-            "psworker",
-            "--logic",
-            "logics:Exactness",
-            "--servers",
-            shard,
-            "--worker-index",
-            "0",
-            "--num-workers",
-            "1",
-            "--port",
-            "0",
-            "--metrics-port",
-            str(port),
-        ]
+        worker_argv("logics:Exactness", [shard], 0, 1, "--port", "0", "--metrics-port", str(port), log_level="INFO")
     ).address
 
     with connect([shard], [worker]) as cluster:

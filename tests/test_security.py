@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import sys
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from cryptography.x509.oid import NameOID
 
 from psclient import ShardError, connect
 from psclient._proto import worker_pb2, worker_pb2_grpc
+from psclient.local import worker_argv
 from psclient.security import Security
 from psclient.serving import open_channel
 
@@ -145,11 +145,8 @@ def test_token_without_tls_guards_the_shard_but_not_its_health_check(procs: Proc
 @pytest.mark.timeout(120)
 def test_worker_service_checks_tls_and_token_too(procs: Processes, pki: Path) -> None:
     shard = procs.start_server([*psserver_argv(0, 1, "const:0", "add"), *_server_flags(pki)]).address
-    worker_argv = [
-        sys.executable, "-m", "psworker", "--logic", "logics:Exactness", "--servers", shard,
-        "--worker-index", "0", "--num-workers", "1", "--port", "0", "--log-level", "WARNING", *_server_flags(pki),
-    ]  # fmt: skip
-    worker = procs.start_server(worker_argv).address  # it reached the shard with its own client certificate
+    argv = worker_argv("logics:Exactness", [shard], 0, 1, "--port", "0", *_server_flags(pki))
+    worker = procs.start_server(argv).address  # it reached the shard with its own client certificate
 
     with open_channel(worker, _client(pki)) as channel:
         status = worker_pb2_grpc.WorkerStub(channel).Status(worker_pb2.StatusRequest(), timeout=30)

@@ -282,7 +282,12 @@ class ParameterStore:
         if len(handles) and handles.min() < 0:
             new_ints, new_strs = self._absent(int_ids, str_ids, handles)
             self._create(new_ints, new_strs, self._initial_values(new_ints, new_strs))
-            handles = self._handles(int_ids, str_ids)
+            # Look up again only where an id was absent (repeats of a new id included):
+            # in a warm shard that is nothing, in a cold one it spares the known ids.
+            missing = handles < 0
+            count = len(int_ids)
+            missing_strs = [s for s, m in zip(str_ids, missing[count:].tolist(), strict=True) if m]
+            handles[missing] = self._handles(int_ids[missing[:count]], missing_strs)
         return handles
 
     # -- pull -------------------------------------------------------------------

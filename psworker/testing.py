@@ -45,7 +45,10 @@ class InProcessClient:
     takes. Pulls are queued and answered after the callback that issued them
     returns, never inside it. `max_answers` bounds the pulls answered in one
     `drain`, so a logic that pulls forever raises LogicDidNotEnd instead of
-    hanging.
+    hanging. Answers go to `on_pull_recv_many` where the runtime would send
+    them there; `one_by_one=True` sends every answer to `on_pull_recv`
+    instead, each value read when its turn comes (a strictly sequential
+    schedule, for reference runs).
     """
 
     def __init__(
@@ -57,6 +60,7 @@ class InProcessClient:
         num_workers: int = 1,
         num_shards: int = 1,
         max_answers: int | None = None,
+        one_by_one: bool = False,
     ):
         self._init = make_init(param_init)
         self._update = make_update(param_update)
@@ -64,6 +68,7 @@ class InProcessClient:
         self.num_workers = num_workers
         self.num_shards = num_shards
         self.max_answers = max_answers
+        self.one_by_one = one_by_one
         self.model: dict[Id, Any] = {}
         self.outputs: list[Any] = []
         # Each entry is one call: (ids, from_many).
@@ -124,6 +129,11 @@ class InProcessClient:
         """The pulls not answered yet, in order."""
         return [param_id for ids, _ in self._pulls for param_id in ids]
 
+    @property
+    def queued_calls(self) -> int:
+        """The pull calls queued now (a `pull_many` is one call)."""
+        return len(self._pulls)
+
     def _copy(self, param_id: Id) -> Any:
         value = self.value(param_id)
         return value.copy() if isinstance(value, np.ndarray) else value
@@ -137,9 +147,10 @@ class InProcessClient:
         if limit is not None and len(ids) > limit:  # the runtime sends at most `limit` of them at once
             self._pulls.appendleft((ids[limit:], from_many))
             ids = ids[:limit]
-        if not (from_many or receives_many(logic)):
-            logic.on_pull_recv(ids[0], self._copy(ids[0]), self)
-            return 1
+        if self.one_by_one or not (from_many or receives_many(logic)):
+            for param_id in ids:
+                logic.on_pull_recv(param_id, self._copy(param_id), self)
+            return len(ids)
         ints = [i for i in ids if not isinstance(i, str)]
         strs = [i for i in ids if isinstance(i, str)]
         if ints:

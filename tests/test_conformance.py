@@ -20,6 +20,9 @@ the init and update the logic is meant for). Each registered logic must be
     makes the runtime's schedule deterministic, and the check is about the
     logic's own seeds.
 
+(e) and the in-process version of (a) to (d) that users run on their own logics,
+    `psworker.testing.check_logic`, passes on each of them.
+
 `test_every_logic_is_registered` fails when a WorkerLogic subclass of examples/
 has no entry (or a base class no reason to have none), so nothing is left out
 silently. An entry whose module is not in examples/ (yet) is skipped, with the

@@ -256,28 +256,27 @@ def check_logic(
     if type(_make(cloudpickle.loads(shipped))) is not expected:
         raise fail("serializable", f"the round trip gives no {expected.__name__}")
 
-    def run(data: list[Any]) -> tuple[list[Any], dict[Id, Any]]:
+    def run(data: list[Any], check: str) -> tuple[list[Any], dict[Id, Any]]:
         client = InProcessClient(param_init, param_update, max_answers=max_answers)
-        return client.run(_make(cloudpickle.loads(shipped)), data)
+        try:
+            return client.run(_make(cloudpickle.loads(shipped)), data)
+        except LogicDidNotEnd as exc:
+            raise fail(check, str(exc)) from exc
+        except Exception as exc:  # the logic's own error, or a delta the runtime refuses
+            raise fail(check, f"it raised {exc!r}") from exc
 
-    try:
-        outputs, model = run(records)
-    except LogicDidNotEnd as exc:
-        raise fail("ending on a finite input", str(exc)) from exc
+    outputs, model = run(records, "ending on a finite input")
     if records and not model:
         raise fail("ending on a finite input", f"it left no parameter after {len(records)} records")
 
-    try:
-        empty_outputs, empty_model = run([])
-    except LogicDidNotEnd as exc:
-        raise fail("fine with an empty input", str(exc)) from exc
+    empty_outputs, empty_model = run([], "fine with an empty input")
     if empty_model:
         raise fail("fine with an empty input", f"it created parameters {list(empty_model)[:5]} without any input")
     others = [out for out in empty_outputs if not summary(out)]
     if others:
         raise fail("fine with an empty input", f"it output more than end-of-input summaries: {others[:5]}")
 
-    again_outputs, again_model = run(records)
+    again_outputs, again_model = run(records, "deterministic")
     differ = [
         k
         for k in [*model, *(k for k in again_model if k not in model)]

@@ -145,3 +145,27 @@ def test_check_logic_a_logic_that_outputs_on_an_empty_input() -> None:
     with pytest.raises(LogicCheckFailed, match=r"is not fine with an empty input: .*\['hello'\]$"):
         check_logic(Hello(), [(1, 2)])
     check_logic(Hello(), [(1, 2)], summary=lambda out: out == "hello")
+
+
+def test_check_logic_a_logic_that_raises_or_pushes_nan() -> None:
+    with pytest.raises(LogicCheckFailed, match=r"^check_logic: Additive is not ending on a finite input: it raised "
+                       r"InvalidDelta\('push of nan \(float\) to id 1: a delta must be finite"):  # fmt: skip
+        check_logic(Additive(), [(1, float("nan"))])
+
+
+def test_one_by_one_answers_each_id_when_its_turn_comes() -> None:
+    class PullTwicePushOnFirst(WorkerLogic):
+        def on_recv(self, data: Any, ps: Any) -> None:
+            ps.pull_many([1, 1])
+
+        def on_pull_recv(self, param_id: Any, param_value: Any, ps: Any) -> None:
+            ps.output(param_value)
+            ps.push(param_id, 1)
+
+        def on_pull_recv_many(self, ids: Any, values: np.ndarray, ps: Any) -> None:
+            ps.output(values.tolist())
+
+    batched, _ = InProcessClient().run(PullTwicePushOnFirst(), [None])
+    sequential, model = InProcessClient(one_by_one=True).run(PullTwicePushOnFirst(), [None])
+    assert batched == [[0, 0]]
+    assert sequential == [0, 1] and model == {1: 2}

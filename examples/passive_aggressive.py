@@ -123,6 +123,7 @@ if __package__ in (None, ""):  # run as a script: make `examples` importable
 
 from psclient import Left, Right, transform
 from psworker import ParameterServerClient, WorkerLogic
+from psworker.testing import InProcessClient
 
 Id = int | str
 Record = tuple[Any, Any]  # (features, label)
@@ -664,77 +665,25 @@ class PassiveAggressive(SparseLinearLearner):
 # -- running a logic in this process ------------------------------------------------
 
 
-class InProcessPS:
-    """Runs a WorkerLogic in this process against a dict, one callback at a time.
+class InProcessPS(InProcessClient):
+    """Runs a WorkerLogic in this process against a dict, one callback at a time (add updates).
 
-    Pulls are answered after the callback that issued them returns, in order:
+    Pulls are answered after the callback that issued them returns, in order,
+    one id at a time (`on_pull_recv`, each value read when its turn comes):
     with `window=1` a SparseLinearLearner then makes exactly the sequential
     updates of a single-threaded library. For checks and reference curves.
     """
 
-    worker_index = 0
-    num_workers = 1
-    num_shards = 1
-
-    def __init__(self, init: Callable[[Id], Any] | str):
-        if isinstance(init, str):
-            if not init.startswith("const:"):
-                raise ValueError("InProcessPS takes a callable init or const:V")
-            value = float(init.partition(":")[2])
-            init = lambda _id: value  # noqa: E731
-        self.init = init
-        self.values: dict[Id, Any] = {}
-        self.outputs: list[Any] = []
-        self._pulls: deque[Id] = deque()
-
-    def _value(self, param_id: Id) -> Any:
-        if param_id not in self.values:
-            self.values[param_id] = self.init(param_id)
-        return self.values[param_id]
-
-    def pull(self, param_id: Id) -> None:
-        self._pulls.append(param_id)
-
-    def push(self, param_id: Id, delta: Any) -> None:
-        self.values[param_id] = self._value(param_id) + delta
-
-    def pull_many(self, ids: Sequence[Id]) -> None:
-        self._pulls.extend(ids.tolist() if isinstance(ids, np.ndarray) else ids)
-
-    def push_many(self, ids: Sequence[Id], deltas: Any) -> None:
-        deltas = np.asarray(deltas)
-        rows = deltas.tolist() if deltas.ndim == 1 else list(deltas)
-        for param_id, delta in zip(ids.tolist() if isinstance(ids, np.ndarray) else ids, rows, strict=True):
-            self.push(param_id, delta)
-
-    def output(self, out: Any) -> None:
-        self.outputs.append(out)
-
-    def run(self, logic: WorkerLogic, records: Iterable[Any]) -> tuple[list[Any], dict[Id, Any]]:
-        """Feed every record, end the input, answer every pull; return (outputs, model)."""
-        logic.open()
-        for record in records:
-            logic.on_recv(record, self)
-            while self.answer_round(logic):
-                pass
-        logic.on_input_end(self)
-        while self.answer_round(logic):
-            pass
-        logic.close()
-        return self.outputs, self.values
+    def __init__(self, init: Callable[[Id], Any] | str, *, worker_index: int = 0, num_workers: int = 1):
+        super().__init__(init, "add", worker_index=worker_index, num_workers=num_workers, one_by_one=True)
 
     @property
-    def pending(self) -> list[Id]:
-        """The pulls not answered yet, in order."""
-        return list(self._pulls)
+    def values(self) -> dict[Id, Any]:
+        return self.model
 
     def answer_round(self, logic: WorkerLogic) -> int:
         """Answer the pulls pending now (not those their answers cause); return how many."""
-        pulls, self._pulls = self._pulls, deque()
-        for param_id in pulls:
-            value = self._value(param_id)
-            logic.on_pull_recv(param_id, value.copy() if isinstance(value, np.ndarray) else value, self)
-        return len(pulls)
+        return sum(self.answer_one(logic) for _ in range(self.queued_calls))
 
 
 # -- data ---------------------------------------------------------------------------

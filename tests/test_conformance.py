@@ -20,6 +20,9 @@ the init and update the logic is meant for). Each registered logic must be
     makes the runtime's schedule deterministic, and the check is about the
     logic's own seeds.
 
+(e) and the in-process version of (a) to (d) that users run on their own logics,
+    `psworker.testing.check_logic`, passes on each of them.
+
 `test_every_logic_is_registered` fails when a WorkerLogic subclass of examples/
 has no entry (or a base class no reason to have none), so nothing is left out
 silently. An entry whose module is not in examples/ (yet) is skipped, with the
@@ -51,6 +54,7 @@ if str(ROOT) not in sys.path:  # `examples` is a directory of the repo, not an i
 
 from psclient import Left, Right, transform  # noqa: E402
 from psworker import WorkerLogic, with_pull_limit  # noqa: E402
+from psworker.testing import InProcessClient, canonical, check_logic  # noqa: E402
 
 EXAMPLES_DIR = ROOT / "examples"
 CHECK_TIMEOUT_S = 60
@@ -302,25 +306,6 @@ def run(job: Job, records: Iterable[Any], workers: int, shards: int) -> tuple[li
     return [item.value for item in items[:first_right]], model
 
 
-def canonical(value: Any) -> Hashable:
-    """A hashable, exact form of an output or parameter: arrays by dtype, shape and bytes."""
-    if isinstance(value, np.ndarray):
-        return ("ndarray", value.dtype.str, value.shape, value.tobytes())
-    if isinstance(value, np.generic):
-        return ("numpy", value.dtype.str, value.tobytes())
-    if isinstance(value, float):
-        return ("float", value.hex())
-    if isinstance(value, dict):
-        return ("dict", tuple(sorted(((canonical(k), canonical(v)) for k, v in value.items()), key=repr)))
-    if isinstance(value, set | frozenset):
-        return ("set", tuple(sorted((canonical(v) for v in value), key=repr)))
-    if isinstance(value, list | tuple):
-        return (type(value).__name__, tuple(canonical(v) for v in value))
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return (type(value).__name__, canonical(dataclasses.asdict(value)))
-    return (type(value).__name__, value)
-
-
 def make_logic(logic: Any) -> WorkerLogic:
     return logic if isinstance(logic, WorkerLogic) else logic()
 
@@ -342,36 +327,10 @@ def test_serializable(target: str) -> None:
     if not isinstance(job.update, str):
         assert callable(cloudpickle.loads(cloudpickle.dumps(job.update)))
     # The round-tripped logic still works: it takes a record without touching the network.
-    sink = _RecordingClient()
+    sink = InProcessClient(job.init, job.update)
     logic.open()
     logic.on_recv(next(iter(job.records())), sink)
-    assert sink.calls, f"{target} did nothing with a record"
-
-
-class _RecordingClient:
-    """Stands in for the runtime in test_serializable: records calls, answers nothing."""
-
-    worker_index = 0
-    num_workers = 1
-    num_shards = 1
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, Any]] = []
-
-    def pull(self, param_id: Any) -> None:
-        self.calls.append(("pull", param_id))
-
-    def push(self, param_id: Any, delta: Any) -> None:
-        self.calls.append(("push", param_id))
-
-    def pull_many(self, ids: Any) -> None:
-        self.calls.extend(("pull", param_id) for param_id in list(ids))
-
-    def push_many(self, ids: Any, deltas: Any) -> None:
-        self.calls.extend(("push", param_id) for param_id in list(ids))
-
-    def output(self, out: Any) -> None:
-        self.calls.append(("output", out))
+    assert sink.pending or sink.model or sink.outputs, f"{target} did nothing with a record"
 
 
 @pytest.mark.timeout(CHECK_TIMEOUT_S)
@@ -421,3 +380,11 @@ def test_deterministic_for_a_fixed_seed(target: str, monkeypatch: pytest.MonkeyP
     assert sorted(first, key=repr) == sorted(second, key=repr), f"{target}: the final models differ"
     assert first == second, f"{target}: same final model, Right stream in another order"
     assert Counter(map(canonical, first_out)) == Counter(map(canonical, second_out)), f"{target}: outputs differ"
+
+
+@pytest.mark.timeout(CHECK_TIMEOUT_S)
+@pytest.mark.parametrize("target", TARGETS)
+def test_check_logic_in_process(target: str) -> None:
+    """The public kit's in-process version of the checks above passes on every bundled logic."""
+    _, job = build(target)
+    check_logic(job.logic, job.records(), param_init=job.init, param_update=job.update, summary=job.summary)

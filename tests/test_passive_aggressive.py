@@ -257,14 +257,8 @@ def test_runs_as_a_psclient_run_plugin(tmp_path: Path, procs: Processes, monkeyp
 # -- the bounded lead, in one process --------------------------------------------------------
 
 
-class _FirstOfTwoWorkers(InProcessPS):
-    """Worker 0 of 2: the other worker's clock is whatever the test stores in `values`."""
-
-    num_workers = 2
-
-
 def test_a_worker_waits_for_the_slowest_one_then_goes_on_in_order() -> None:
-    ps = _FirstOfTwoWorkers("const:0.0")
+    ps = InProcessPS("const:0.0", num_workers=2)  # worker 0 of 2: the other clock is what the test stores
     logic = PassiveAggressive("PA", None, (0, 1), epochs=2, max_lead=2)
     records = [({"a": 1.0, "b": float(i)}, i % 2) for i in range(6)]
     for record in records:

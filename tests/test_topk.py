@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import operator
 from typing import Any
 
 import numpy as np
@@ -10,28 +12,10 @@ import pytest
 from examples.datasets import DatasetError
 from examples.movielens_mf import Hyper, load_split, run_offline
 from examples.topk import TopK, brute_force_top_k, merge, top_k
+from psworker.testing import InProcessClient
 
 USERS = [1, 13, 100, 405, 655, 943]  # light and heavy raters of MovieLens 100K
 K = 10
-
-
-class RecordingClient:
-    """Stands in for the runtime in single-process unit tests of the logic."""
-
-    worker_index, num_workers, num_shards = 0, 1, 1
-
-    def __init__(self) -> None:
-        self.pulled: list[Any] = []
-        self.outputs: list[Any] = []
-
-    def pull(self, param_id: Any) -> None:
-        self.pulled.append(param_id)
-
-    def push(self, param_id: Any, delta: Any) -> None:
-        raise AssertionError("top-K never pushes")
-
-    def output(self, out: Any) -> None:
-        self.outputs.append(out)
 
 
 def assert_same_ranking(found: list[Any], expected: list[Any]) -> None:
@@ -63,14 +47,15 @@ def test_ties_go_to_the_smaller_item_id_locally_and_in_the_merge() -> None:
     items = {i: np.array([i % 10, 0.0, 0.0], dtype=np.float32) for i in range(40)}
     queries = np.array([[1.0, 0.0], [-1.0, 0.0]])
     workers = [TopK(queries, k=6) for _ in range(3)]
-    clients = [RecordingClient() for _ in workers]
+    clients = [InProcessClient(functools.partial(operator.getitem, items), "replace") for _ in workers]
 
     for position, item in enumerate(sorted(items, reverse=True)):  # round robin, largest ids first
         workers[position % 3].on_recv(item, clients[position % 3])
     for logic, client in zip(workers, clients, strict=True):
         logic.on_input_end(client)
-        for item in reversed(client.pulled):
+        for item in reversed(client.pending):  # answered after the input ends, smallest ids first
             logic.on_pull_recv(item, items[item], client)
+        assert client.model == {}, "top-K never pushes"
     found = merge([out for client in clients for out in client.outputs], len(queries), 6)
 
     assert [[item for item, _ in ranked] for ranked in found] == [[9, 19, 29, 39, 8, 18], [0, 10, 20, 30, 1, 11]]
@@ -79,16 +64,14 @@ def test_ties_go_to_the_smaller_item_id_locally_and_in_the_merge() -> None:
 
 def test_k_larger_than_a_share_and_an_empty_share() -> None:
     items = {i: np.array([float(i), 0.0], dtype=np.float32) for i in range(5)}
-    logic, client = TopK(np.array([[1.0], [-1.0]]), k=10), RecordingClient()
-    empty, empty_client = TopK(np.array([[1.0], [-1.0]]), k=10), RecordingClient()
+    init = functools.partial(operator.getitem, items)
+    logic, client = TopK(np.array([[1.0], [-1.0]]), k=10), InProcessClient(init, "replace")
+    empty, empty_client = TopK(np.array([[1.0], [-1.0]]), k=10), InProcessClient(init, "replace")
 
-    for item in items:
-        logic.on_recv(item, client)
-    for item in client.pulled:
-        logic.on_pull_recv(item, items[item], client)
-    logic.on_input_end(client)
-    empty.on_input_end(empty_client)
+    outputs, _ = client.run(logic, items)
+    empty_outputs, empty_model = empty_client.run(empty, [])
 
-    assert client.outputs == [(0, [(4, 4.0), (3, 3.0), (2, 2.0), (1, 1.0), (0, 0.0)]),
+    assert outputs == [(0, [(4, 4.0), (3, 3.0), (2, 2.0), (1, 1.0), (0, 0.0)]),
                               (1, [(0, 0.0), (1, -1.0), (2, -2.0), (3, -3.0), (4, -4.0)])]  # fmt: skip
-    assert empty_client.outputs == [(0, []), (1, [])]
+    assert empty_outputs == [(0, []), (1, [])]
+    assert empty_model == {}

@@ -1,0 +1,290 @@
+"""A test kit for WorkerLogic classes: an in-process client and `check_logic`.
+
+`InProcessClient` runs a logic in this process against a dict, one callback at
+a time, with the same init and update specs and the same delta checks as the
+runtime. `check_logic(logic, records)` runs the conformance checks the bundled
+logics go through (serializable, ends on a finite input, fine with an empty
+input, deterministic) on a user's own logic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter, deque
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from typing import Any
+
+import cloudpickle
+import numpy as np
+
+from psclient.partition import Id
+from psclient.specs import make_init, make_update
+from psworker.logic import WorkerLogic, pull_limit_of, receives_many
+from psworker.runtime import check_delta, check_deltas
+
+__all__ = ["InProcessClient", "LogicCheckFailed", "LogicDidNotEnd", "canonical", "check_logic"]
+
+
+class LogicDidNotEnd(RuntimeError):
+    """A logic kept pulling past the client's bound on answered pulls."""
+
+
+class LogicCheckFailed(AssertionError):
+    """One check of `check_logic` failed; the message names it."""
+
+
+def _to_ids(ids: np.ndarray | Sequence[Id]) -> list[Id]:
+    return ids.astype(np.int64).tolist() if isinstance(ids, np.ndarray) else list(ids)
+
+
+class InProcessClient:
+    """The runtime's handle, in this process: parameters in a dict, pulls answered in order.
+
+    A parameter is created with `param_init(id)` on its first pull or push and
+    folded with `param_update`; both take the specs and callables `transform`
+    takes. Pulls are queued and answered after the callback that issued them
+    returns, never inside it. `max_answers` bounds the pulls answered in one
+    `drain`, so a logic that pulls forever raises LogicDidNotEnd instead of
+    hanging. Answers go to `on_pull_recv_many` where the runtime would send
+    them there; `one_by_one=True` sends every answer to `on_pull_recv`
+    instead, each value read when its turn comes (a strictly sequential
+    schedule, for reference runs).
+    """
+
+    def __init__(
+        self,
+        param_init: str | Callable[[Id], Any] = "const:0",
+        param_update: str | Callable[[Any, Any], Any] = "add",
+        *,
+        worker_index: int = 0,
+        num_workers: int = 1,
+        num_shards: int = 1,
+        max_answers: int | None = None,
+        one_by_one: bool = False,
+    ):
+        self._init = make_init(param_init)
+        self._update = make_update(param_update)
+        self.worker_index = worker_index
+        self.num_workers = num_workers
+        self.num_shards = num_shards
+        self.max_answers = max_answers
+        self.one_by_one = one_by_one
+        self.model: dict[Id, Any] = {}
+        self.outputs: list[Any] = []
+        # Each entry is one call: (ids, from_many).
+        self._pulls: deque[tuple[list[Id], bool]] = deque()
+
+    # -- the handle -------------------------------------------------------------------
+
+    def pull(self, param_id: Id) -> None:
+        self._pulls.append(([param_id], False))
+
+    def push(self, param_id: Id, delta: Any) -> None:
+        check_delta(param_id, delta)
+        self._fold(param_id, delta)
+
+    def pull_many(self, ids: np.ndarray | Sequence[Id]) -> None:
+        id_list = _to_ids(ids)
+        if id_list:
+            self._pulls.append((id_list, True))
+
+    def push_many(self, ids: np.ndarray | Sequence[Id], deltas: Any) -> None:
+        id_list = _to_ids(ids)
+        array = check_deltas(id_list, deltas, len(id_list))
+        rows = array.tolist() if array.ndim == 1 else list(array)
+        for param_id, delta in zip(id_list, rows, strict=True):
+            self._fold(param_id, delta)
+
+    def output(self, out: Any) -> None:
+        self.outputs.append(out)
+
+    # -- parameters -------------------------------------------------------------------
+
+    def value(self, param_id: Id) -> Any:
+        """The parameter's current value (created with the init on first use)."""
+        if param_id not in self.model:
+            row = self._init.batch([param_id])[0]
+            self.model[param_id] = row.copy() if isinstance(row, np.ndarray) else row
+        return self.model[param_id]
+
+    def _fold(self, param_id: Id, delta: Any) -> None:
+        old = self.value(param_id)
+        update = self._update
+        if update.scalar is not None:
+            self.model[param_id] = update.call(old, delta, param_id)
+            return
+        new = np.asarray(delta) if update.replace else update.ufunc(old, delta)  # type: ignore[misc]
+        if isinstance(old, np.ndarray | np.generic):
+            # As `param += delta`: the parameter's dtype, unless the delta's kind is wider.
+            if np.can_cast(new.dtype, old.dtype, "same_kind"):
+                new = np.asarray(new, dtype=old.dtype)
+            self.model[param_id] = np.array(new) if isinstance(old, np.ndarray) else new[()]
+        else:
+            self.model[param_id] = new.item() if isinstance(new, np.ndarray | np.generic) else new
+
+    # -- answering --------------------------------------------------------------------
+
+    @property
+    def pending(self) -> list[Id]:
+        """The pulls not answered yet, in order."""
+        return [param_id for ids, _ in self._pulls for param_id in ids]
+
+    @property
+    def queued_calls(self) -> int:
+        """The pull calls queued now (a `pull_many` is one call)."""
+        return len(self._pulls)
+
+    def _copy(self, param_id: Id) -> Any:
+        value = self.value(param_id)
+        return value.copy() if isinstance(value, np.ndarray) else value
+
+    def answer_one(self, logic: WorkerLogic) -> int:
+        """Answer the oldest queued pull call; return how many ids it answered (0: none queued)."""
+        if not self._pulls:
+            return 0
+        ids, from_many = self._pulls.popleft()
+        limit = pull_limit_of(logic)
+        if limit is not None and len(ids) > limit:  # the runtime sends at most `limit` of them at once
+            self._pulls.appendleft((ids[limit:], from_many))
+            ids = ids[:limit]
+        if self.one_by_one or not (from_many or receives_many(logic)):
+            for param_id in ids:
+                logic.on_pull_recv(param_id, self._copy(param_id), self)
+            return len(ids)
+        ints = [i for i in ids if not isinstance(i, str)]
+        strs = [i for i in ids if isinstance(i, str)]
+        if ints:
+            logic.on_pull_recv_many(np.array(ints, dtype=np.int64), np.array([self._copy(i) for i in ints]), self)
+        if strs:
+            logic.on_pull_recv_many(strs, np.array([self._copy(i) for i in strs]), self)
+        return len(ids)
+
+    def drain(self, logic: WorkerLogic) -> int:
+        """Answer pulls (those the answers cause too) until none is left; return how many."""
+        answered = 0
+        while self._pulls:
+            if self.max_answers is not None and answered >= self.max_answers:
+                raise LogicDidNotEnd(
+                    f"{type(logic).__name__} still pulls after {answered} answered pulls "
+                    f"(pending: {self.pending[:5]}): it does not end"
+                )
+            answered += self.answer_one(logic)
+        return answered
+
+    def run(self, logic: WorkerLogic, records: Iterable[Any]) -> tuple[list[Any], dict[Id, Any]]:
+        """open, on_recv per record (draining answers between records), on_input_end, drain, close.
+
+        Returns (outputs, model): what the logic output, and every parameter.
+        """
+        logic.open()
+        for record in records:
+            logic.on_recv(record, self)
+            self.drain(logic)
+        logic.on_input_end(self)
+        self.drain(logic)
+        logic.close()
+        return self.outputs, self.model
+
+
+# -- check_logic ----------------------------------------------------------------------
+
+
+def canonical(value: Any) -> Hashable:
+    """A hashable, exact form of an output or parameter: arrays by dtype, shape and bytes."""
+    if isinstance(value, np.ndarray):
+        return ("ndarray", value.dtype.str, value.shape, value.tobytes())
+    if isinstance(value, np.generic):
+        return ("numpy", value.dtype.str, value.tobytes())
+    if isinstance(value, float):
+        return ("float", value.hex())
+    if isinstance(value, dict):
+        return ("dict", tuple(sorted(((canonical(k), canonical(v)) for k, v in value.items()), key=repr)))
+    if isinstance(value, set | frozenset):
+        return ("set", tuple(sorted((canonical(v) for v in value), key=repr)))
+    if isinstance(value, list | tuple):
+        return (type(value).__name__, tuple(canonical(v) for v in value))
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return (type(value).__name__, canonical(dataclasses.asdict(value)))
+    return (type(value).__name__, value)
+
+
+def _make(logic: Any) -> WorkerLogic:
+    made = logic if isinstance(logic, WorkerLogic) else logic()
+    if not isinstance(made, WorkerLogic):
+        raise LogicCheckFailed(f"check_logic: {logic!r} is not a WorkerLogic, nor a factory of one")
+    return made
+
+
+def check_logic(
+    logic: Any,
+    records: Iterable[Any],
+    *,
+    param_init: str | Callable[[Id], Any] = "const:0",
+    param_update: str | Callable[[Any, Any], Any] = "add",
+    summary: Callable[[Any], bool] = lambda _out: False,
+    max_answers: int = 100_000,
+) -> None:
+    """Check a WorkerLogic (instance, class or factory) the way the bundled logics are checked.
+
+    1. serializable: it survives the cloudpickle round trip `transform` ships it
+       with (a callable init or update too);
+    2. ends on `records`: it takes every record and stops pulling (at most
+       `max_answers` pulls answered per step), leaving at least one parameter;
+    3. ends on an empty input, creating no parameter and outputting nothing
+       but end-of-input summaries (outputs for which `summary(out)` is true);
+    4. deterministic: two runs give the same outputs, in the same order, and
+       the same model.
+
+    Each run uses a fresh copy of the shipped logic. Raises LogicCheckFailed
+    (an AssertionError) with a one-line message naming the failed check.
+    """
+    records = list(records)
+    name = getattr(logic, "__name__", type(logic).__name__)
+
+    def fail(check: str, why: str) -> LogicCheckFailed:
+        return LogicCheckFailed(f"check_logic: {name} is not {check}: {why}")
+
+    try:
+        shipped = cloudpickle.dumps(logic)
+        cloudpickle.loads(shipped)
+        for fn in (param_init, param_update):
+            if not isinstance(fn, str):
+                cloudpickle.loads(cloudpickle.dumps(fn))
+    except Exception as exc:
+        raise fail("serializable", f"the cloudpickle round trip raised {exc!r}") from exc
+    expected = type(_make(logic))
+    if type(_make(cloudpickle.loads(shipped))) is not expected:
+        raise fail("serializable", f"the round trip gives no {expected.__name__}")
+
+    def run(data: list[Any], check: str) -> tuple[list[Any], dict[Id, Any]]:
+        client = InProcessClient(param_init, param_update, max_answers=max_answers)
+        try:
+            return client.run(_make(cloudpickle.loads(shipped)), data)
+        except LogicDidNotEnd as exc:
+            raise fail(check, str(exc)) from exc
+        except Exception as exc:  # the logic's own error, or a delta the runtime refuses
+            raise fail(check, f"it raised {exc!r}") from exc
+
+    outputs, model = run(records, "ending on a finite input")
+    if records and not model:
+        raise fail("ending on a finite input", f"it left no parameter after {len(records)} records")
+
+    empty_outputs, empty_model = run([], "fine with an empty input")
+    if empty_model:
+        raise fail("fine with an empty input", f"it created parameters {list(empty_model)[:5]} without any input")
+    others = [out for out in empty_outputs if not summary(out)]
+    if others:
+        raise fail("fine with an empty input", f"it output more than end-of-input summaries: {others[:5]}")
+
+    again_outputs, again_model = run(records, "deterministic")
+    differ = [
+        k
+        for k in [*model, *(k for k in again_model if k not in model)]
+        if k not in model or k not in again_model or canonical(model[k]) != canonical(again_model[k])
+    ]
+    if differ:
+        raise fail("deterministic", f"two runs give different models (ids {differ[:5]})")
+    if [canonical(o) for o in outputs] != [canonical(o) for o in again_outputs]:
+        same_multiset = Counter(map(canonical, outputs)) == Counter(map(canonical, again_outputs))
+        what = "outputs in another order" if same_multiset else "different outputs"
+        raise fail("deterministic", f"two runs give {what}")

@@ -110,6 +110,19 @@ def encode_keys(ids: Sequence[Id]) -> tensor_pb2.ParamBatch:
     return tensor_pb2.ParamBatch(int_ids=encode_int_ids(int_ids), str_ids=str_ids)
 
 
+def encode_id_array(ids: np.ndarray, values: np.ndarray | None = None) -> tensor_pb2.ParamBatch:
+    """One batch of an id array: int64 ids packed, or an object array of str ids;
+    with one row of `values` per id, or ids only (a pull request)."""
+    batch = (
+        tensor_pb2.ParamBatch(str_ids=ids.tolist())
+        if ids.dtype == object
+        else tensor_pb2.ParamBatch(int_ids=encode_int_ids(ids))
+    )
+    if values is not None:
+        batch.values.CopyFrom(encode_tensor(values))
+    return batch
+
+
 def encode_rows(ids: Sequence[Id], values: np.ndarray) -> tensor_pb2.ParamBatch:
     """Ids with one row of `values` each; reorders rows to ints-then-strs."""
     is_str = [isinstance(i, str) for i in ids]

@@ -50,6 +50,13 @@ def shards_of_ints(ids: np.ndarray, num_shards: int) -> np.ndarray:
     return np.mod(ids, num_shards)
 
 
+def split_int_ids(ids: np.ndarray, num_shards: int) -> list[tuple[int, np.ndarray]]:
+    """(shard, positions in `ids`) of every shard owning some of an int64 array, in shard order."""
+    owners = shards_of_ints(ids, num_shards)
+    split = [(shard, np.flatnonzero(owners == shard)) for shard in range(num_shards)]
+    return [(shard, positions) for shard, positions in split if len(positions)]
+
+
 def split_by_shard(ids: Sequence[Id], num_shards: int) -> list[list[int]]:
     """Positions of `ids` grouped by owning shard, order kept within a shard."""
     positions: list[list[int]] = [[] for _ in range(num_shards)]

@@ -27,9 +27,16 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from psclient._proto import shard_pb2, shard_pb2_grpc, tensor_pb2
-from psclient.codec import INT_IDS_DTYPE, decode_batch, decode_rows, encode_keys, encode_tensor, encode_values
+from psclient.codec import (
+    INT_IDS_DTYPE,
+    decode_batch,
+    decode_rows,
+    encode_id_array,
+    encode_keys,
+    encode_values,
+)
 from psclient.errors import ShardError
-from psclient.partition import Id, check_id, shards_of_ints, split_by_shard
+from psclient.partition import Id, check_id, split_by_shard, split_int_ids
 from psclient.security import Security
 from psclient.security import current as current_security
 from psclient.serving import CHANNEL_OPTIONS, DEFAULT_CONNECT_TIMEOUT_S, open_channel
@@ -575,9 +582,7 @@ class ShardGroup:
         """(shard, positions) of every shard that owns some of `ids`."""
         if self.num_shards == 1:
             return [(0, np.arange(len(ids)))]
-        owners = shards_of_ints(ids, self.num_shards)
-        split = [(shard, np.flatnonzero(owners == shard)) for shard in range(self.num_shards)]
-        return [(shard, positions) for shard, positions in split if len(positions)]
+        return split_int_ids(ids, self.num_shards)
 
     def pull_array(self, ids: np.ndarray) -> np.ndarray:
         """Values of int `ids` stacked in one array, row i for ids[i].
@@ -586,9 +591,7 @@ class ShardGroup:
         """
         ids = np.ascontiguousarray(ids, dtype=INT_IDS_DTYPE)
         split = self._split_ints(ids)
-        answers = self._pull(
-            [(shard, tensor_pb2.ParamBatch(int_ids=ids[positions].tobytes())) for shard, positions in split]
-        )
+        answers = self._pull([(shard, encode_id_array(ids[positions])) for shard, positions in split])
         result: np.ndarray | None = None
         for (_, positions), answer in zip(split, answers, strict=True):
             if len(answer.batches) != 1:
@@ -610,7 +613,7 @@ class ShardGroup:
             [
                 (
                     shard,
-                    [tensor_pb2.ParamBatch(int_ids=ids[positions].tobytes(), values=encode_tensor(deltas[positions]))],
+                    [encode_id_array(ids[positions], deltas[positions])],
                 )
                 for shard, positions in self._split_ints(ids)
             ]

@@ -60,12 +60,12 @@ from psclient.codec import (
     DecodedBatch,
     decode_batch,
     decode_rows,
+    encode_id_array,
     encode_keys,
-    encode_tensor,
     encode_values,
 )
 from psclient.errors import JobFailed, ShardError, StreampsError
-from psclient.partition import Id, check_id, shard_of, shards_of_ints, split_by_shard
+from psclient.partition import Id, check_id, shard_of, split_by_shard, split_int_ids
 from psclient.shard_client import (
     CLOSE_TIMEOUT_S,
     DEFAULT_CONNECT_TIMEOUT_S,
@@ -505,8 +505,7 @@ class WorkerRuntime:
         if chunk.dtype == object:
             split = split_by_shard(chunk.tolist(), num_shards)
             return [(shard, np.asarray(positions, dtype=np.intp)) for shard, positions in enumerate(split) if positions]
-        owners = shards_of_ints(chunk, num_shards)
-        return [(shard, positions) for shard in range(num_shards) if len(positions := np.flatnonzero(owners == shard))]
+        return list(split_int_ids(chunk, num_shards))
 
     def _buffer_pull_chunk(self, chunk: np.ndarray) -> None:
         if self._buffered_since is None:
@@ -568,10 +567,7 @@ class WorkerRuntime:
             batches.extend(encode_values(singles, self._push_deltas[shard]))
             self._push_batch_keys[shard] += len(singles)
             self._push_ids[shard], self._push_deltas[shard] = [], []
-        if ids.dtype == object:
-            batches.append(tensor_pb2.ParamBatch(str_ids=ids.tolist(), values=encode_tensor(deltas)))
-        else:
-            batches.append(tensor_pb2.ParamBatch(int_ids=ids.tobytes(), values=encode_tensor(deltas)))
+        batches.append(encode_id_array(ids, deltas))
         self._push_batch_keys[shard] += len(ids)
 
     def output(self, out: Any) -> None:
@@ -601,8 +597,7 @@ class WorkerRuntime:
             self._request_id += 1
             self._pulls_out[shard] += 1
             if chunks and all(chunk.dtype != object for chunk in chunks) and not any(type(i) is str for i in pulls):
-                packed = np.concatenate([*chunks, np.asarray(pulls, dtype=INT_IDS_DTYPE)]).tobytes()
-                keys = tensor_pb2.ParamBatch(int_ids=packed)
+                keys = encode_id_array(np.concatenate([*chunks, np.asarray(pulls, dtype=INT_IDS_DTYPE)]))
             else:
                 keys = encode_keys(pulls + [param_id for chunk in chunks for param_id in chunk.tolist()])
             pull = shard_pb2.PullRequest(request_id=self._request_id, keys=keys)

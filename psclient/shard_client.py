@@ -248,10 +248,6 @@ class EventLoopThread:
             future.cancel()
             raise
 
-    def on_loop(self) -> bool:
-        """Whether the caller runs on the loop's thread."""
-        return threading.get_ident() == self._thread.ident
-
     def close(self) -> None:
         if self.loop.is_closed():
             return
@@ -287,7 +283,7 @@ class _Status(grpc.RpcError):
 class ShardConnection:
     """One Exchange stream to one shard, run on an `EventLoopThread`.
 
-    `send` queues a request and returns at once; call it from one thread. Each
+    `send` queues a request and returns at once; call it on the loop. Each
     response goes to `on_response` and a failure of the stream to `on_error`,
     both called on the loop's thread: they must not block. `info` is the
     shard's Info as it was on connect: its index and count, which the caller
@@ -318,7 +314,6 @@ class ShardConnection:
         finally:
             channel.close()
         self._outbox: deque[Any] = deque()
-        self._kick_pending = False
         self._closing = False
         io.run(self._open(security), timeout=connect_timeout)
 
@@ -336,23 +331,11 @@ class ShardConnection:
         return f"shard {self.shard} at {self.address}"
 
     def send(self, request: shard_pb2.ExchangeRequest) -> None:
-        """Queue `request`; it is written after every request queued before it."""
+        """Queue `request` (on the loop's thread); it is written after every request queued before it."""
         self._put(request)
 
     def _put(self, request: Any) -> None:
         self._outbox.append(request)
-        if self._io.on_loop():
-            self._wake.set()
-            return
-        # One wake-up of the loop per burst of sends: the flag is cleared on the
-        # loop just before it drains the queue, and it is read after the append,
-        # so a request is never left behind.
-        if not self._kick_pending:
-            self._kick_pending = True
-            self._io.loop.call_soon_threadsafe(self._kick)
-
-    def _kick(self) -> None:
-        self._kick_pending = False
         self._wake.set()
 
     async def _write(self) -> None:

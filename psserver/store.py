@@ -282,12 +282,16 @@ class ParameterStore:
         if len(handles) and handles.min() < 0:
             new_ints, new_strs = self._absent(int_ids, str_ids, handles)
             self._create(new_ints, new_strs, self._initial_values(new_ints, new_strs))
-            # Look up again only where an id was absent (repeats of a new id included):
-            # in a warm shard that is nothing, in a cold one it spares the known ids.
-            missing = handles < 0
-            count = len(int_ids)
-            missing_strs = [s for s, m in zip(str_ids, missing[count:].tolist(), strict=True) if m]
-            handles[missing] = self._handles(int_ids[missing[:count]], missing_strs)
+            handles = self._fill_missing(int_ids, str_ids, handles)
+        return handles
+
+    def _fill_missing(self, int_ids: np.ndarray, str_ids: list[str], handles: np.ndarray) -> np.ndarray:
+        """`handles` with the absent (-1) entries looked up again, after parameters were
+        created: a handle never changes once given, so the others need no lookup."""
+        missing = handles < 0
+        count = len(int_ids)
+        missing_strs = [s for s, m in zip(str_ids, missing[count:].tolist(), strict=True) if m]
+        handles[missing] = self._handles(int_ids[missing[:count]], missing_strs)
         return handles
 
     # -- pull -------------------------------------------------------------------
@@ -328,17 +332,18 @@ class ParameterStore:
             self._push_user(batches)
             return
         plans = [self._plan(batch) for batch in batches]
-        for batch, (new_ints, new_strs, new_values) in zip(batches, plans, strict=True):
-            handles = self._handles(batch.int_ids, batch.str_ids)
+        for batch, (handles, new_ints, new_strs, new_values) in zip(batches, plans, strict=True):
             if not len(handles):
                 continue
+            if handles.min() < 0:
+                handles = self._fill_missing(batch.int_ids, batch.str_ids, handles)  # earlier batches' creations
             if handles.min() < 0:
                 still_ints, still_strs = self._absent(batch.int_ids, batch.str_ids, handles)
                 if len(still_ints) == len(new_ints) and len(still_strs) == len(new_strs):
                     self._create(new_ints, new_strs, new_values)
                 else:  # an earlier batch of this request created some of them
                     self._create(still_ints, still_strs, self._initial_values(still_ints, still_strs))
-                handles = self._handles(batch.int_ids, batch.str_ids)
+                handles = self._fill_missing(batch.int_ids, batch.str_ids, handles)
             self._fold_batch(batch.values, handles)
 
     def push(self, batches: Sequence[tuple[Sequence[Id], np.ndarray]]) -> None:
@@ -368,8 +373,9 @@ class ParameterStore:
         except TypeError:
             raise WireError(f"delta dtype {delta} cannot update parameters of dtype {param}") from None
 
-    def _plan(self, batch: Rows) -> tuple[np.ndarray, list[str], np.ndarray | list[np.ndarray]]:
-        """Check the deltas' shape against every target; compute inits of new ids."""
+    def _plan(self, batch: Rows) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray | list[np.ndarray]]:
+        """Check the deltas' shape against every target; the ids' handles (-1: absent),
+        and the absent ids with their inits."""
         handles = self._handles(batch.int_ids, batch.str_ids)
         new_ints, new_strs = self._absent(batch.int_ids, batch.str_ids, handles)
         new_values = self._initial_values(new_ints, new_strs) if len(new_ints) or new_strs else []
@@ -388,7 +394,7 @@ class ParameterStore:
             if deltas.shape[1:] != shape:
                 raise WireError(f"delta shape {deltas.shape[1:]} does not match parameter shape {shape}")
             self._result_dtype(dtype, deltas.dtype)
-        return new_ints, new_strs, new_values
+        return handles, new_ints, new_strs, new_values
 
     def _fold_batch(self, deltas: np.ndarray, handles: np.ndarray) -> None:
         tables, rows = self._locate(handles)

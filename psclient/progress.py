@@ -25,7 +25,6 @@ class JobProgress:
         from tqdm import tqdm  # here, so that importing psclient stays light
 
         self.records = 0
-        self.outputs = 0
         shown = sys.stderr.isatty() if enabled is None else enabled
         self._bar = tqdm(
             desc="outputs", unit="", unit_scale=True, file=sys.stderr, mininterval=REFRESH_S, disable=not shown
@@ -33,17 +32,22 @@ class JobProgress:
         self._shown_records_at = time.monotonic()
 
     def count(self, records: Iterable[T]) -> Iterator[T]:
-        """`records`, counted as they are taken."""
+        """`records`, counted as they are taken (as they are, when no bar is shown)."""
+        if self._bar.disable:
+            return iter(records)
+        return self._counted(records)
+
+    def _counted(self, records: Iterable[T]) -> Iterator[T]:
         for record in records:
             self.records += 1
             # A job whose outputs come late still shows its input moving.
-            if time.monotonic() - self._shown_records_at >= REFRESH_S:
-                self._shown_records_at = time.monotonic()
+            now = time.monotonic()
+            if now - self._shown_records_at >= REFRESH_S:
+                self._shown_records_at = now
                 self._bar.set_postfix(records=f"{self.records:,}")
             yield record
 
     def output(self) -> None:
-        self.outputs += 1
         self._bar.update()
 
     def close(self) -> None:

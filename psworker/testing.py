@@ -17,10 +17,10 @@ from typing import Any
 import cloudpickle
 import numpy as np
 
-from psclient.partition import Id
+from psclient.partition import Id, check_id
 from psclient.specs import make_init, make_update
 from psworker.logic import WorkerLogic, pull_limit_of, receives_many
-from psworker.runtime import check_delta, check_deltas
+from psworker.runtime import check_delta, check_deltas, id_groups
 
 __all__ = ["InProcessClient", "LogicCheckFailed", "LogicDidNotEnd", "canonical", "check_logic"]
 
@@ -34,7 +34,15 @@ class LogicCheckFailed(AssertionError):
 
 
 def _to_ids(ids: np.ndarray | Sequence[Id]) -> list[Id]:
-    return ids.astype(np.int64).tolist() if isinstance(ids, np.ndarray) else list(ids)
+    """The ids of a batch call, checked as the runtime checks them, as Python ids in order."""
+    groups = id_groups(ids)
+    id_list: list[Id] = [None] * sum(len(chunk) for chunk, _ in groups)  # type: ignore[list-item]
+    for chunk, rows in groups:
+        if rows is None:
+            return chunk.tolist()  # one chunk holds every id, in order
+        for row, param_id in zip(rows.tolist(), chunk.tolist(), strict=True):
+            id_list[row] = param_id
+    return id_list
 
 
 class InProcessClient:
@@ -77,9 +85,10 @@ class InProcessClient:
     # -- the handle -------------------------------------------------------------------
 
     def pull(self, param_id: Id) -> None:
-        self._pulls.append(([param_id], False))
+        self._pulls.append(([check_id(param_id)], False))
 
     def push(self, param_id: Id, delta: Any) -> None:
+        param_id = check_id(param_id)
         check_delta(param_id, delta)
         self._fold(param_id, delta)
 

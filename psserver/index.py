@@ -13,6 +13,8 @@ import numpy as np
 
 _MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing: spreads sequential ids
 _MIN_BITS = 10
+# Keys still probing below which lookup finishes them one by one.
+_SCALAR_TAIL = 16
 
 
 class IntIndex:
@@ -29,25 +31,48 @@ class IntIndex:
         return self._count
 
     def _home(self, keys: np.ndarray) -> np.ndarray:
-        with np.errstate(over="ignore"):
-            hashed = keys.view(np.uint64) * _MULTIPLIER
+        # Integer arrays wrap on overflow without a warning: no errstate needed.
+        hashed = keys.view(np.uint64) * _MULTIPLIER
         return (hashed >> np.uint64(64 - self._bits)).astype(np.int64)
 
     def lookup(self, keys: np.ndarray) -> np.ndarray:
         """Row of each key, or -1 where the key is absent."""
         keys = np.ascontiguousarray(keys, dtype=np.int64)
-        result = np.full(len(keys), -1, dtype=np.int64)  # int64: ready to index with
-        pending = np.arange(len(keys))
         slots = self._home(keys)
+        rows = self._rows[slots]
+        occupied = rows >= 0
+        hit = occupied & (self._keys[slots] == keys)
+        result = np.where(hit, rows, -1).astype(np.int64)  # int64: ready to index with
+        # Keys whose home slot holds another key probe on: `slots[i]` is where
+        # `pending[i]` looked last.
+        probe_on = occupied & ~hit
+        pending, slots = np.flatnonzero(probe_on), slots[probe_on]
         mask = (1 << self._bits) - 1
-        while len(pending):
+        while len(pending) > _SCALAR_TAIL:
+            slots = (slots + 1) & mask
             rows = self._rows[slots]
             occupied = rows >= 0
             hit = occupied & (self._keys[slots] == keys[pending])
             result[pending[hit]] = rows[hit]
             probe_on = occupied & ~hit
-            pending, slots = pending[probe_on], (slots[probe_on] + 1) & mask
+            pending, slots = pending[probe_on], slots[probe_on]
+        if len(pending):
+            self._probe_each(keys, slots, pending, result, mask)
         return result
+
+    def _probe_each(
+        self, keys: np.ndarray, slots: np.ndarray, pending: np.ndarray, result: np.ndarray, mask: int
+    ) -> None:
+        # The last few keys of a batch may probe long runs; another whole-array
+        # numpy pass per step costs more than this loop over them.
+        table_keys, table_rows = self._keys, self._rows
+        for index, last in zip(pending.tolist(), slots.tolist(), strict=True):
+            key, slot = int(keys[index]), (last + 1) & mask
+            while (row := int(table_rows[slot])) >= 0:
+                if int(table_keys[slot]) == key:
+                    result[index] = row
+                    break
+                slot = (slot + 1) & mask
 
     def insert(self, keys: np.ndarray, rows: np.ndarray) -> None:
         """Add keys that are absent and distinct from each other."""

@@ -49,3 +49,19 @@ def test_duplicate_lookups_and_empty_batches() -> None:
 
     assert index.lookup(np.array([9, 9, 8], dtype=np.int64)).tolist() == [0, 0, -1]
     assert index.lookup(np.array([], dtype=np.int64)).tolist() == []
+
+
+def test_small_batches_agree_with_a_dict_however_long_the_probe() -> None:
+    # Batches below the vectorized passes' threshold are probed key by key;
+    # a table just under half full has long runs to walk through.
+    rng = np.random.default_rng(3)
+    keys = np.unique(rng.integers(-(2**40), 2**40, 2_000, dtype=np.int64))
+    index = IntIndex()
+    index.insert(keys, np.arange(len(keys)))
+    expected = dict(zip(keys.tolist(), range(len(keys)), strict=True))
+    probes = np.concatenate([keys, rng.integers(-(2**40), 2**40, 2_000, dtype=np.int64)])
+    rng.shuffle(probes)
+
+    for start in range(0, len(probes), 7):
+        batch = probes[start : start + 7]
+        assert index.lookup(batch).tolist() == [expected.get(k, -1) for k in batch.tolist()]

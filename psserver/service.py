@@ -71,6 +71,7 @@ class ShardServicer(shard_pb2_grpc.ParameterShardServicer):
         self.num_shards = num_shards
         self._watermarks: dict[str, int] = {}
         self._pushed: asyncio.Condition | None = None  # made on the serving loop
+        self._push_waiters = 0  # pulls waiting in `_await_push`
         self._started = time.monotonic()
         self._label = str(shard)
         self._pull_requests = self._pulled_keys = 0
@@ -185,18 +186,21 @@ class ShardServicer(shard_pb2_grpc.ParameterShardServicer):
         await context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
 
     async def _await_push(self, worker_id: str, seq: int, context: grpc.aio.ServicerContext) -> None:
-        async with self.pushed:
-            try:
+        self._push_waiters += 1
+        try:
+            async with self.pushed:
                 await self._wait(
                     lambda: asyncio.wait_for(
                         self.pushed.wait_for(lambda: self._watermarks.get(worker_id, 0) >= seq), AFTER_SEQ_TIMEOUT_S
                     ),
                     context,
                 )
-            except TimeoutError:
-                await context.abort(
-                    grpc.StatusCode.FAILED_PRECONDITION, f"push seq {seq} of worker {worker_id} never arrived"
-                )
+        except TimeoutError:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, f"push seq {seq} of worker {worker_id} never arrived"
+            )
+        finally:
+            self._push_waiters -= 1
 
     async def _answer_pull(
         self, request: shard_pb2.PullRequest, context: grpc.aio.ServicerContext
@@ -236,8 +240,9 @@ class ShardServicer(shard_pb2_grpc.ParameterShardServicer):
         self._push_requests += 1
         self._pushed_keys += sum(len(d) for d in decoded)
         op.observe(started, sum(len(d) for d in decoded), sum(len(b.values.data) for b in request.batches))
-        async with self.pushed:
-            self.pushed.notify_all()
+        if self._push_waiters:  # a pull with after_seq (the Pull stream's read-your-writes)
+            async with self.pushed:
+                self.pushed.notify_all()
         return shard_pb2.PushAck(seq=request.seq, duplicate=False)
 
     # -- RPCs ---------------------------------------------------------------

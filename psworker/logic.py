@@ -153,8 +153,13 @@ def pull_limit_of(logic: WorkerLogic) -> int | None:
     return getattr(logic, "pull_limit", None)
 
 
-def receives_many(logic: WorkerLogic) -> bool:
-    """Whether `logic` defines its own `on_pull_recv_many` (else answers go to `on_pull_recv` one by one)."""
+def unwrapped(logic: WorkerLogic) -> WorkerLogic:
+    """The user's logic inside any `with_pull_limit` wrappers (whose callbacks only pass on)."""
     while isinstance(logic, _PullLimited):
         logic = logic.inner
-    return type(logic).on_pull_recv_many is not WorkerLogic.on_pull_recv_many
+    return logic
+
+
+def receives_many(logic: WorkerLogic) -> bool:
+    """Whether `logic` defines its own `on_pull_recv_many` (else answers go to `on_pull_recv` one by one)."""
+    return type(unwrapped(logic)).on_pull_recv_many is not WorkerLogic.on_pull_recv_many

@@ -73,7 +73,7 @@ from psclient.shard_client import (
     ShardConnection,
     check_layout,
 )
-from psworker.logic import WorkerLogic, pull_limit_of, receives_many
+from psworker.logic import WorkerLogic, pull_limit_of, receives_many, unwrapped
 
 log = logging.getLogger("streamps.worker")
 
@@ -122,7 +122,14 @@ def check_delta(param_id: Id, delta: Any) -> None:
     cls = type(delta)
     if cls is np.ndarray:
         kind = delta.dtype.kind
-        if kind in "fc":
+        if kind == "f":
+            # The sum of squares is finite only when every element is: a NaN or
+            # an Inf carries through and squares cannot cancel. It costs half
+            # of isfinite().all(), which decides only when the sum overflows.
+            if math.isfinite(np.vdot(delta, delta)) or np.isfinite(delta).all():
+                return
+            raise _non_finite(param_id, delta)
+        if kind == "c":
             if np.isfinite(delta).all():
                 return
             raise _non_finite(param_id, delta)
@@ -304,6 +311,8 @@ class WorkerRuntime:
         if on_error not in ("fail", "skip"):
             raise ValueError(f"on_error must be 'fail' or 'skip', not {on_error!r}")
         self.logic = logic
+        # Callbacks go straight to the user's logic: a pull-limit wrapper only passes them on.
+        self._callbacks = unwrapped(logic)
         self.servers = list(servers)
         self.worker_index = worker_index
         self.num_workers = num_workers
@@ -312,6 +321,9 @@ class WorkerRuntime:
         self.on_error = on_error
         self.position_name = position_name
         self.max_batch = max_batch
+        # Pulls an idle shard's buffer collects before it is sent while other
+        # answers are due (see _flush_idle): a quarter of the pull limit.
+        self.min_batch = max(1, min(self.pull_limit, max_batch) // 4)
         self.linger_s = linger_s
         self.connect_timeout = connect_timeout
         self._emit = emit
@@ -619,6 +631,10 @@ class WorkerRuntime:
         the linger ends, so that the answers coming back (which free pull
         slots) add to the batch meanwhile. Without this, a worker blocked at
         its pull limit sends one key per request and the requests queue up.
+        An idle shard's pulls wait too, up to the linger, while they are fewer
+        than `min_batch` and other shards' answers are due: those answers
+        bring more pulls, and a message costs more (gRPC's work on both ends)
+        than the keys in it. With no answer due, everything goes at once.
         Returns how long the rest may still wait, or None when nothing is left.
         """
         since = self._buffered_since
@@ -629,11 +645,15 @@ class WorkerRuntime:
             self._flush_all()
             return None
         waiting = False
+        answers_due = any(self._pulls_out)
         for shard in range(len(self._connections)):
-            has_pulls = bool(self._pull_buffers[shard] or self._pull_chunks[shard])
-            if not has_pulls and not (self._push_ids[shard] or self._push_batches[shard]):
+            buffered_pulls = len(self._pull_buffers[shard]) + self._pull_chunk_keys[shard]
+            if not buffered_pulls and not (self._push_ids[shard] or self._push_batches[shard]):
                 continue
-            idle_shard = self._pulls_out[shard] == 0 if has_pulls else self._unacked_by_shard[shard] == 0
+            if buffered_pulls:
+                idle_shard = self._pulls_out[shard] == 0 and (buffered_pulls >= self.min_batch or not answers_due)
+            else:
+                idle_shard = self._unacked_by_shard[shard] == 0
             if idle_shard:
                 self._flush_shard(shard)
             else:
@@ -688,7 +708,7 @@ class WorkerRuntime:
         if self._receives_many:
             self._deliver_many(answers)
             return
-        on_pull_recv, client = self.logic.on_pull_recv, self.client
+        on_pull_recv, client = self._callbacks.on_pull_recv, self.client
         for shard, ids, values in answers:
             self._pulls_out[shard] -= 1
             assert ids is not None
@@ -701,7 +721,7 @@ class WorkerRuntime:
 
     def _deliver_many(self, answers: deque[tuple[int, list[Id] | None, list[Any]]]) -> None:
         """One on_pull_recv_many call per answered batch (two when it holds ints and strs)."""
-        on_pull_recv_many, client = self.logic.on_pull_recv_many, self.client
+        on_pull_recv_many, client = self._callbacks.on_pull_recv_many, self.client
         for shard, _, batches in answers:
             self._pulls_out[shard] -= 1
             batch: DecodedBatch
@@ -751,12 +771,13 @@ class WorkerRuntime:
                     self._unreadable(record.message)
                     return False
                 self.records += 1
-                self._call_user("on_recv", self.logic.on_recv, record, self.client, position=position, record=record)
+                on_recv = self._callbacks.on_recv
+                self._call_user("on_recv", on_recv, record, self.client, position=position, record=record)
                 self._flush_if_lingering()
                 return False
             if not self._input_end_called and self._input_closed and not self._chunks:
                 self._input_end_called = True
-                self._call_user("on_input_end", self.logic.on_input_end, self.client)
+                self._call_user("on_input_end", self._callbacks.on_input_end, self.client)
                 return False
         linger_left = self._flush_idle()
         with self._cond:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +90,7 @@ class WindowedSparseLR(WorkerLogic[Record, float, list[int]]):
 
     def open(self) -> None:
         self.local = np.zeros(1 << BITS)  # a scratch table: only the window's buckets are meaningful
-        self.buffer: list[Record] = []
+        self.buffer: deque[Record] = deque()
         self.window: tuple[np.ndarray, np.ndarray, list[int]] | None = None
         self.window_ids = np.empty(0, dtype=np.int64)
         self.missing = 0
@@ -106,7 +107,7 @@ class WindowedSparseLR(WorkerLogic[Record, float, list[int]]):
             self._start(ps)
 
     def _start(self, ps: Any) -> None:
-        records, self.buffer = self.buffer[: self.window_size], self.buffer[self.window_size :]
+        records = [self.buffer.popleft() for _ in range(min(self.window_size, len(self.buffer)))]
         ids = np.stack([record[0] for record in records])
         self.window = (ids, np.stack([record[1] for record in records]), [record[2] for record in records])
         self.window_ids = np.unique(ids)

@@ -112,6 +112,20 @@ def item_deltas(rows: np.ndarray, before: np.ndarray) -> np.ndarray:
     return (rows[:, PARAM_COLUMNS] - before[:, PARAM_COLUMNS]).astype(np.float32)
 
 
+def item_row(value: np.ndarray) -> np.ndarray:
+    """One item parameter as a working row: `item_rows` of one, with plain slices."""
+    row = np.empty(ROW_DIM)
+    row[:RANK] = value[:RANK]
+    row[ITEM_ONE] = 1.0
+    row[RANK + 1] = value[RANK]
+    return row
+
+
+def item_delta(row: np.ndarray, value: np.ndarray) -> np.ndarray:
+    """`item_deltas` of one working row that started as parameter `value` (the same float32 bits)."""
+    return (row[PARAM_COLUMNS] - value).astype(np.float32)
+
+
 class Learner:
     """One process's users and running mean, and the per-rating step every implementation runs."""
 
@@ -169,12 +183,10 @@ class StreamMF(WorkerLogic[tuple[int, int, float], np.ndarray, float]):
             parked.append((user, stars))
 
     def on_pull_recv(self, param_id: Any, param_value: np.ndarray, ps: Client) -> None:
-        rows = item_rows(param_value[np.newaxis])
-        before = rows.copy()
-        step, row = self.learner.step, rows[0]
+        row, step = item_row(param_value), self.learner.step
         for user, stars in self.waiting.pop(param_id):
             ps.output(step(user, stars, row))
-        ps.push(param_id, item_deltas(rows, before)[0])
+        ps.push(param_id, item_delta(row, param_value))
 
 
 def stream_mf(pull_limit: int) -> WorkerLogic:

@@ -29,10 +29,11 @@ def _default(obj: Any) -> Any:
     if isinstance(obj, tuple):
         return msgpack.ExtType(_EXT_TUPLE, _pack_plain(list(obj)))
     if isinstance(obj, np.ndarray):
-        array = np.ascontiguousarray(obj)
-        if array.dtype.kind not in "biufc":
-            raise TypeError(f"cannot send an array of dtype {array.dtype}")
-        return msgpack.ExtType(_EXT_NDARRAY, _array_header(array.dtype, array.shape) + array.tobytes())
+        if obj.dtype.kind not in "biufc":
+            raise TypeError(f"cannot send an array of dtype {obj.dtype}")
+        # tobytes() is C order for any layout (ascontiguousarray would turn a
+        # zero-dimensional array into a one-dimensional one).
+        return msgpack.ExtType(_EXT_NDARRAY, _array_header(obj.dtype, obj.shape) + obj.tobytes())
     if isinstance(obj, np.generic):
         return obj.item()
     raise TypeError(f"cannot send a {type(obj).__name__}: use plain data, tuples or numpy arrays")

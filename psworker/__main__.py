@@ -234,7 +234,7 @@ def main(
         except OSError as exc:
             _fail(f"cannot serve metrics on port {metrics_port}: {exc}", 2)
         if metrics_port is not None:
-            register_metrics(worker_index, runtime.metrics_snapshot)
+            register_metrics(worker_index, runtime.counters)
         try:
             runtime.connect()
         except ShardError as exc:

@@ -108,19 +108,19 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
     def Status(self, request: worker_pb2.StatusRequest, context: grpc.ServicerContext) -> worker_pb2.StatusResponse:
         runtime = self.runtime
+        counters = runtime.counters()
         return worker_pb2.StatusResponse(
             state=worker_pb2.StatusResponse.State.ValueType(runtime.state.value),
             worker_index=runtime.worker_index,
             num_workers=runtime.num_workers,
-            records=runtime.records,
-            records_failed=runtime.records_failed,
-            outputs=runtime.outputs,
-            pulls=runtime.pulls,
-            pushes=runtime.pushes,
             error=runtime.error or "",
             uptime_seconds=time.monotonic() - runtime.started,
-            **runtime.snapshot_counters(),
+            **{name: value for name, value in counters.items() if name in _STATUS_FIELDS},
         )
+
+
+# The counters a StatusResponse carries (the queue depths are for the metrics endpoint only).
+_STATUS_FIELDS = frozenset(worker_pb2.StatusResponse.DESCRIPTOR.fields_by_name)
 
 
 def build_worker_server(runtime: WorkerRuntime, outputs: OutputBuffer, host: str, port: int) -> BoundServer:

@@ -19,8 +19,8 @@ import numpy as np
 
 from psclient.partition import Id, check_id
 from psclient.specs import make_init, make_update
+from psworker.checks import check_delta, check_deltas, id_groups
 from psworker.logic import WorkerLogic, pull_limit_of, receives_many
-from psworker.runtime import check_delta, check_deltas, id_groups
 
 __all__ = ["InProcessClient", "LogicCheckFailed", "LogicDidNotEnd", "canonical", "check_logic"]
 

@@ -12,7 +12,8 @@ from conftest import StartShards
 
 from psclient import JobFailed, Left, LocalCluster, Right, connect, transform
 from psworker import WorkerLogic, with_pull_limit
-from psworker.runtime import WorkerRuntime, id_groups
+from psworker.checks import id_groups
+from psworker.runtime import WorkerRuntime
 
 IDS_PER_RECORD = 40
 DIM = 3
@@ -221,7 +222,8 @@ def test_pull_many_beyond_the_pull_limit_queues_and_ends(
 
     assert runtime.pulls == 2 * count
     assert model == {i * 3 + r: 1 for i in range(count) for r in (0, 1)}
-    assert runtime.snapshot_counters() == {"pulls_in_flight": 0, "pulls_queued": 0, "pushes_unacked": 0}
+    counters = runtime.counters()
+    assert (counters["pulls_in_flight"], counters["pulls_queued"], counters["pushes_unacked"]) == (0, 0, 0)
 
 
 class BadDeltas(WorkerLogic):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from psworker import WorkerLogic, with_pull_limit
-from psworker.runtime import InvalidDelta
+from psworker.checks import InvalidDelta
 from psworker.testing import InProcessClient, LogicCheckFailed, check_logic
 
 

@@ -1,0 +1,229 @@
+"""A worker's per-shard buffers of pulls and pushes, and when each leaves.
+
+One buffer per shard holds the pulls and pushes the logic made since the
+last flush, in call order: single ids and values as lists, `pull_many` and
+`push_many` chunks as arrays (already split by shard with numpy). A flush
+sends the shard one Exchange message: the pushes as one PushRequest (with the
+next seq), the pulls as one PullRequest. The shard applies the push before it
+answers the pull, which gives read-your-writes.
+
+A buffer leaves when it holds `max_batch` keys, when it has waited `linger_s`,
+or when the logic runs out of work (`flush_idle`, Nagle's rule), so the batch
+size follows the load. What the logic does with answers, and how many pulls
+may be out, is the runtime's business (psworker/runtime.py); this module only
+counts what each shard still owes: answers to pull requests, acks to pushes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from psclient._proto import shard_pb2, tensor_pb2
+from psclient.codec import INT_IDS_DTYPE, encode_id_array, encode_keys, encode_values
+from psclient.partition import Id, shard_of, split_by_shard, split_int_ids
+
+
+class ShardBuffers:
+    def __init__(
+        self,
+        num_shards: int,
+        worker_id: str,
+        send: Callable[[int, shard_pb2.ExchangeRequest], None],
+        *,
+        max_batch: int,
+        min_batch: int,
+        linger_s: float,
+    ):
+        self.num_shards = num_shards
+        self.worker_id = worker_id
+        self.max_batch = max_batch
+        self.min_batch = min_batch
+        self.linger_s = linger_s
+        self._send = send
+        # Single ids, and chunks of pull_many (int64 or object arrays: slices are views).
+        self._pull_ids: list[list[Id]] = [[] for _ in range(num_shards)]
+        self._pull_chunks: list[list[np.ndarray]] = [[] for _ in range(num_shards)]
+        self._pull_chunk_keys = [0] * num_shards
+        # A shard's pushes, in call order: encoded batches (push_many chunks, and the
+        # single pushes made before them), then the single pushes since.
+        self._push_batches: list[list[tensor_pb2.ParamBatch]] = [[] for _ in range(num_shards)]
+        self._push_batch_keys = [0] * num_shards
+        self._push_ids: list[list[Id]] = [[] for _ in range(num_shards)]
+        self._push_deltas: list[list[Any]] = [[] for _ in range(num_shards)]
+        # When the oldest buffered key came in; None while every buffer is empty.
+        self.buffered_since: float | None = None
+        self._seqs = [0] * num_shards
+        self._request_id = 0
+        # What the shards still owe: answers to pull requests, acks of push batches.
+        self.pulls_out = [0] * num_shards
+        self.unacked_by_shard = [0] * num_shards
+        self.unacked = 0
+
+    # -- adding ----------------------------------------------------------------
+
+    def pull(self, param_id: Id) -> None:
+        shard = shard_of(param_id, self.num_shards)
+        buffer = self._pull_ids[shard]
+        buffer.append(param_id)
+        if self.buffered_since is None:
+            self.buffered_since = time.monotonic()
+        if len(buffer) >= self.max_batch:
+            self.flush_shard(shard)
+
+    def pull_chunk(self, chunk: np.ndarray) -> None:
+        if self.buffered_since is None:
+            self.buffered_since = time.monotonic()
+        for shard, positions in self._shard_positions(chunk):
+            part = chunk if positions is None else chunk[positions]
+            while len(part):
+                room = self.max_batch - len(self._pull_ids[shard]) - self._pull_chunk_keys[shard]
+                self._pull_chunks[shard].append(part[:room])
+                self._pull_chunk_keys[shard] += min(room, len(part))
+                part = part[room:]
+                if self._pull_chunk_keys[shard] + len(self._pull_ids[shard]) >= self.max_batch:
+                    self.flush_shard(shard)
+
+    def push(self, param_id: Id, delta: Any) -> None:
+        shard = shard_of(param_id, self.num_shards)
+        ids = self._push_ids[shard]
+        ids.append(param_id)
+        self._push_deltas[shard].append(delta)
+        if self.buffered_since is None:
+            self.buffered_since = time.monotonic()
+        if len(ids) + self._push_batch_keys[shard] >= self.max_batch:
+            self.flush_shard(shard)
+
+    def push_chunk(self, chunk: np.ndarray, deltas: np.ndarray) -> None:
+        """Push `deltas[i]` to `chunk[i]` (an int64 or object array of ids)."""
+        if self.buffered_since is None and len(chunk):
+            self.buffered_since = time.monotonic()
+        for shard, positions in self._shard_positions(chunk):
+            part_ids = chunk if positions is None else chunk[positions]
+            part_deltas = deltas if positions is None else deltas[positions]
+            while len(part_ids):
+                room = self.max_batch - len(self._push_ids[shard]) - self._push_batch_keys[shard]
+                self._encode_push_chunk(shard, part_ids[:room], part_deltas[:room])
+                part_ids, part_deltas = part_ids[room:], part_deltas[room:]
+                if len(self._push_ids[shard]) + self._push_batch_keys[shard] >= self.max_batch:
+                    self.flush_shard(shard)
+
+    def _shard_positions(self, chunk: np.ndarray) -> list[tuple[int, np.ndarray | None]]:
+        """(shard, positions in chunk) of every shard owning some of `chunk`; None: all of it."""
+        if self.num_shards == 1:
+            return [(0, None)]
+        if chunk.dtype == object:
+            split = split_by_shard(chunk.tolist(), self.num_shards)
+            return [(shard, np.asarray(positions, dtype=np.intp)) for shard, positions in enumerate(split) if positions]
+        return list(split_int_ids(chunk, self.num_shards))
+
+    def _encode_push_chunk(self, shard: int, ids: np.ndarray, deltas: np.ndarray) -> None:
+        batches = self._push_batches[shard]
+        singles = self._push_ids[shard]
+        if singles:  # encoded first: the shard applies a flush's pushes in the order they were made
+            batches.extend(encode_values(singles, self._push_deltas[shard]))
+            self._push_batch_keys[shard] += len(singles)
+            self._push_ids[shard], self._push_deltas[shard] = [], []
+        batches.append(encode_id_array(ids, deltas))
+        self._push_batch_keys[shard] += len(ids)
+
+    # -- what the shards answer ----------------------------------------------------
+
+    def answered(self, shard: int) -> None:
+        self.pulls_out[shard] -= 1
+
+    def acked(self, shard: int) -> None:
+        self.unacked -= 1
+        self.unacked_by_shard[shard] -= 1
+
+    # -- flushing ----------------------------------------------------------------
+
+    def flush_shard(self, shard: int) -> None:
+        # The push and the pulls leave in one message; the shard applies the push
+        # before it answers the pulls, which gives read-your-writes.
+        push = pull = None
+        ids, batches = self._push_ids[shard], self._push_batches[shard]
+        if ids or batches:
+            deltas = self._push_deltas[shard]
+            self._push_ids[shard], self._push_deltas[shard] = [], []
+            self._push_batches[shard], self._push_batch_keys[shard] = [], 0
+            self._seqs[shard] += 1
+            self.unacked += 1
+            self.unacked_by_shard[shard] += 1
+            if ids:  # single pushes made after the last push_many (earlier ones are in batches)
+                batches.extend(encode_values(ids, deltas))
+            push = shard_pb2.PushRequest(worker_id=self.worker_id, seq=self._seqs[shard], batches=batches)
+        pulls, chunks = self._pull_ids[shard], self._pull_chunks[shard]
+        if pulls or chunks:
+            self._pull_ids[shard], self._pull_chunks[shard], self._pull_chunk_keys[shard] = [], [], 0
+            self._request_id += 1
+            self.pulls_out[shard] += 1
+            if chunks and all(chunk.dtype != object for chunk in chunks) and not any(type(i) is str for i in pulls):
+                keys = encode_id_array(np.concatenate([*chunks, np.asarray(pulls, dtype=INT_IDS_DTYPE)]))
+            else:
+                keys = encode_keys(pulls + [param_id for chunk in chunks for param_id in chunk.tolist()])
+            pull = shard_pb2.PullRequest(request_id=self._request_id, keys=keys)
+        if push is not None or pull is not None:
+            self._send(shard, shard_pb2.ExchangeRequest(push=push, pull=pull))
+
+    def flush_all(self) -> None:
+        if self.buffered_since is not None:
+            self.buffered_since = None
+            for shard in range(self.num_shards):
+                self.flush_shard(shard)
+
+    def flush_idle(self) -> float | None:
+        """Flush what should leave now that the logic has nothing to do.
+
+        Nagle's rule, per shard: buffers go out at once to a shard with nothing
+        outstanding; a shard still answering earlier requests gets them when
+        the linger ends, so that the answers coming back (which free pull
+        slots) add to the batch meanwhile. Without this, a worker blocked at
+        its pull limit sends one key per request and the requests queue up.
+        An idle shard's pulls wait too, up to the linger, while they are fewer
+        than `min_batch` and other shards' answers are due: those answers
+        bring more pulls, and a message costs more (gRPC's work on both ends)
+        than the keys in it. With no answer due, everything goes at once.
+        Returns how long the rest may still wait, or None when nothing is left.
+        """
+        since = self.buffered_since
+        if since is None:
+            return None
+        waited = time.monotonic() - since
+        if waited >= self.linger_s:
+            self.flush_all()
+            return None
+        waiting = False
+        answers_due = any(self.pulls_out)
+        for shard in range(self.num_shards):
+            buffered_pulls = len(self._pull_ids[shard]) + self._pull_chunk_keys[shard]
+            if not buffered_pulls and not (self._push_ids[shard] or self._push_batches[shard]):
+                continue
+            if buffered_pulls:
+                idle_shard = self.pulls_out[shard] == 0 and (buffered_pulls >= self.min_batch or not answers_due)
+            else:
+                idle_shard = self.unacked_by_shard[shard] == 0
+            if idle_shard:
+                self.flush_shard(shard)
+            else:
+                waiting = True
+        if not waiting:
+            self.buffered_since = None
+            return None
+        return self.linger_s - waited
+
+    def flush_if_lingering(self) -> None:
+        since = self.buffered_since
+        if since is not None and time.monotonic() - since >= self.linger_s:
+            self.flush_all()
+
+    def flush_pushes(self, shard: int) -> None:
+        """Send the shard's buffered pushes and keep its pulls (draining after a failure)."""
+        pulls, self._pull_ids[shard] = self._pull_ids[shard], []
+        chunks, self._pull_chunks[shard] = self._pull_chunks[shard], []
+        keys, self._pull_chunk_keys[shard] = self._pull_chunk_keys[shard], 0
+        self.flush_shard(shard)
+        self._pull_ids[shard], self._pull_chunks[shard], self._pull_chunk_keys[shard] = pulls, chunks, keys

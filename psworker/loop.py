@@ -1,0 +1,191 @@
+"""The logic loop of a worker: one step at a time, on the worker's event loop.
+
+A step takes the answers that arrived (always first), else the next input
+record, else calls `on_input_end` once the input ended; when there is
+nothing to do it flushes by Nagle's rule (psworker/batching.py) and tells
+the loop how long it may sleep. `_steps` lets the shard streams run between
+steps, after each send and at least every `YIELD_S`. Every user callback goes
+through `_call_user`, which turns an exception into the one-line error (or a
+skipped record under `--on-error skip`).
+
+`WorkerRuntime` (psworker/runtime.py) owns the state this reads and builds
+on this class; it is apart only to keep the runtime's wiring and lifecycle
+in a file of their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from psclient.codec import DecodedBatch
+from psclient.errors import JobFailed
+from psclient.partition import Id
+from psworker.batching import ShardBuffers
+from psworker.checks import InvalidDelta, short_repr
+from psworker.input_queue import InputQueue, Unreadable
+from psworker.logic import ParameterServerClient, WorkerLogic
+from psworker.pulls import PullWindow
+
+log = logging.getLogger("streamps.worker")
+
+# The logic lets the loop run its streams at least this often while it is busy.
+YIELD_S = 0.001
+# How long an idle logic sleeps when nothing it waits for has a deadline.
+IDLE_WAIT_S = 1.0
+
+# (shard, ids, values) per answer, decoded on arrival: lists of ids and of
+# user-facing values, or for a logic with on_pull_recv_many, ids None and the batches.
+Answer = tuple[int, list[Id] | None, list[Any]]
+
+
+class LogicLoop:
+    # Set by WorkerRuntime.__init__.
+    worker_index: int
+    on_error: str
+    position_name: str
+    client: ParameterServerClient[Any, Any]
+    inputs: InputQueue
+    records: int
+    records_failed: int
+    _callbacks: WorkerLogic
+    _receives_many: bool
+    _answers: deque[Answer]
+    _pulls: PullWindow
+    _buffers: ShardBuffers
+    _failure: str | None
+    _input_end_called: bool
+    _wakeup: asyncio.Event
+    _sent: bool
+
+    def _call_user(
+        self, name: str, fn: Callable[..., None], *args: Any, position: int | None = None, record: Any = None
+    ) -> None:
+        try:
+            fn(*args)
+        except Exception as exc:
+            where = "" if position is None else f" ({self.position_name} {position}: {short_repr(record)})"
+            what = str(exc) if isinstance(exc, InvalidDelta) else f"{type(exc).__name__}: {exc}"
+            message = f"worker {self.worker_index} failed in {name}: {what}{where}"
+            if self.on_error == "skip" and name in ("on_recv", "on_pull_recv", "on_pull_recv_many"):
+                self.records_failed += 1
+                log.warning("%s; skipped", message, exc_info=True)
+                return
+            log.error("%s", message, exc_info=True)
+            raise JobFailed(message) from exc
+
+    def _unreadable(self, message: str) -> None:
+        if self.on_error != "skip":
+            raise JobFailed(f"worker {self.worker_index}: {message}")
+        self.records_failed += 1
+        log.warning("%s; skipped", message)
+
+    def _deliver(self, answers: deque[Answer]) -> None:
+        if self._receives_many:
+            self._deliver_many(answers)
+            return
+        on_pull_recv, client = self._callbacks.on_pull_recv, self.client
+        for shard, ids, values in answers:
+            self._buffers.answered(shard)
+            assert ids is not None
+            for param_id, value in zip(ids, values, strict=True):
+                self._pulls.answered(1)
+                self._call_user("on_pull_recv", on_pull_recv, param_id, value, client)
+            self._buffers.flush_if_lingering()
+
+    def _deliver_many(self, answers: deque[Answer]) -> None:
+        """One on_pull_recv_many call per answered batch (two when it holds ints and strs)."""
+        on_pull_recv_many, client = self._callbacks.on_pull_recv_many, self.client
+        for shard, _, batches in answers:
+            self._buffers.answered(shard)
+            batch: DecodedBatch
+            for batch in batches:
+                assert batch.values is not None
+                self._pulls.answered(len(batch))
+                values = np.array(batch.values)  # writable, and no longer tied to the message
+                ints = len(batch.int_ids)
+                if ints:
+                    int_values = values[:ints] if batch.str_ids else values
+                    self._call_user("on_pull_recv_many", on_pull_recv_many, batch.int_ids.copy(), int_values, client)
+                if batch.str_ids:
+                    self._call_user("on_pull_recv_many", on_pull_recv_many, batch.str_ids, values[ints:], client)
+            self._buffers.flush_if_lingering()
+
+    def _finished(self) -> bool:
+        return (
+            self._input_end_called
+            and not self._answers
+            and self._pulls.settled
+            and self._buffers.buffered_since is None
+            and self._buffers.unacked == 0
+        )
+
+    def _step(self) -> bool | float:
+        """Do one unit of work. Return True when the worker is finished, False after
+        some work, or how long to wait for news (an answer, input, a failure) when
+        there is nothing to do."""
+        if self._failure:
+            raise JobFailed(self._failure)
+        if self._answers:
+            answers, self._answers = self._answers, deque()
+            self._deliver(answers)
+            return False
+        if self._pulls.input_may_flow:
+            item = self.inputs.take()
+            if item is not None:
+                position, record = item
+                if isinstance(record, Unreadable):
+                    self._unreadable(record.message)
+                    return False
+                self.records += 1
+                on_recv = self._callbacks.on_recv
+                self._call_user("on_recv", on_recv, record, self.client, position=position, record=record)
+                self._buffers.flush_if_lingering()
+                return False
+            if not self._input_end_called and self.inputs.closed and not self.inputs.waiting():
+                self._input_end_called = True
+                self._call_user("on_input_end", self._callbacks.on_input_end, self.client)
+                return False
+        linger_left = self._buffers.flush_idle()
+        inputs = self.inputs
+        with inputs.cond:
+            if self._finished():
+                return True
+            if not (
+                self._answers
+                or self._failure
+                or (self._pulls.input_may_flow and (inputs.waiting() or (inputs.closed and not self._input_end_called)))
+            ):
+                return IDLE_WAIT_S if linger_left is None else linger_left
+        return False
+
+    async def _steps(self) -> None:
+        """Step the logic until it is finished, letting the streams move in between."""
+        wakeup = self._wakeup
+        last_yield = time.monotonic()
+        while True:
+            wakeup.clear()  # set again by any news that arrives from here on
+            result = self._step()
+            if result is True:
+                return
+            if result is False:
+                # Requests leave, and answers come in, only while the loop runs
+                # the streams: let it after a send, and at least every YIELD_S.
+                now = time.monotonic()
+                if self._sent or now - last_yield >= YIELD_S:
+                    self._sent = False
+                    last_yield = now
+                    await asyncio.sleep(0)
+                continue
+            self._sent = False
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(result):
+                    await wakeup.wait()
+            last_yield = time.monotonic()

@@ -29,7 +29,7 @@ import numpy as np
 
 from psclient.codec import ALLOWED_KINDS, INT_IDS_DTYPE
 from psclient.errors import WireError
-from psclient.partition import Id
+from psclient.partition import Id, check_id
 from psclient.specs import InitFn, UpdateFn, UserFunctionError
 from psserver.index import IntIndex
 
@@ -175,6 +175,36 @@ class ParameterStore:
 
     def __len__(self) -> int:
         return self._count
+
+    def __contains__(self, param_id: object) -> bool:
+        try:
+            param_id = check_id(param_id)
+        except (TypeError, ValueError):
+            return False
+        if isinstance(param_id, str):
+            return param_id in self._str_handles
+        return bool(self._int_handles.lookup(np.array([param_id], dtype=INT_IDS_DTYPE))[0] >= 0)
+
+    def ids(self) -> list[Id]:
+        """Every id, in order of creation."""
+        ids = np.empty(self._count, dtype=object)
+        int_keys, int_handles = self._int_handles.items()
+        ids[int_handles] = int_keys.tolist()
+        if self._str_handles:
+            ids[list(self._str_handles.values())] = list(self._str_handles)
+        return ids.tolist()
+
+    def put(self, batch: Rows) -> None:
+        """Set distinct ids to the rows of `batch.values`, creating absent ones: the
+        state that other writers' pushes would have left (for tests and restores)."""
+        handles = self._handles(batch.int_ids, batch.str_ids)
+        present = handles >= 0
+        if present.any():
+            self._write(handles[present], list(batch.values[present]))
+        if not present.all():
+            count = len(batch.int_ids)
+            strs = [s for s, p in zip(batch.str_ids, present[count:].tolist(), strict=True) if not p]
+            self._create(batch.int_ids[~present[:count]], strs, list(batch.values[~present]))
 
     # -- where parameters are ---------------------------------------------------
 

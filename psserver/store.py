@@ -4,9 +4,9 @@ Parameters live in tables, one per signature (dtype and shape): a growable numpy
 array with one row per parameter (psserver.tables). Usually every parameter has
 one signature (every embedding of a model) and one table holds them all. Each
 parameter has a handle, its number in order of creation: int ids find it
-through a vectorized hash index (psserver.index), str ids through a dict. Pulls gather rows and
-pushes scatter into them with one numpy call per table and batch; a batch of int
-ids costs no Python work per key.
+through a vectorized hash index (psserver.index), str ids through a dict.
+Pulls gather rows and pushes scatter into them with one numpy call per table
+and batch; a batch of int ids costs no Python work per key.
 
 A parameter's value, dtype included, is what folding its deltas in arrival order
 into init(id) with the update function gives under numpy's rules: `add`, `max`
@@ -15,45 +15,24 @@ float), `replace` takes the delta, and a user's function decides (its result's
 dtype and shape become the parameter's). A parameter whose signature changes
 moves to the table of its new signature; no other parameter changes.
 
-Batches are `Rows`: int ids (an int64 array), str ids, and one value row per id
-in that order. The store is not thread-safe; the shard serializes access.
+Batches are `DecodedBatch`es (psclient.codec): int ids (an int64 array), str ids,
+and one value row per id in that order. The store is not thread-safe; the shard
+serializes access.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from psclient.codec import ALLOWED_KINDS, INT_IDS_DTYPE
+from psclient.codec import ALLOWED_KINDS, INT_IDS_DTYPE, DecodedBatch, split_ids
 from psclient.errors import WireError
 from psclient.partition import Id, check_id
 from psclient.specs import InitFn, UpdateFn, UserFunctionError
 from psserver.index import IntIndex
 from psserver.tables import Signature, Tables, fold_at, signature
-
-
-@dataclass(slots=True)
-class Rows:
-    """A batch: `values[k]` belongs to the k-th id of int_ids followed by str_ids."""
-
-    int_ids: np.ndarray
-    str_ids: list[str]
-    values: np.ndarray
-
-    def ids(self) -> list[Id]:
-        return [*self.int_ids.tolist(), *self.str_ids]
-
-
-def split_ids(ids: Sequence[Id]) -> tuple[np.ndarray, list[str], np.ndarray]:
-    """Int ids, str ids, and the permutation that puts `ids` in ints-then-strs order."""
-    is_str = [isinstance(i, str) for i in ids]
-    int_pos = [p for p, s in enumerate(is_str) if not s]
-    str_pos = [p for p, s in enumerate(is_str) if s]
-    int_ids = np.array([ids[p] for p in int_pos], dtype=INT_IDS_DTYPE)
-    return int_ids, [ids[p] for p in str_pos], np.array(int_pos + str_pos, dtype=np.intp)  # type: ignore[misc]
 
 
 def _check_result(value: Any, what: str, param_id: Id) -> np.ndarray:
@@ -77,6 +56,13 @@ def _first_unique(ids: np.ndarray) -> np.ndarray:
         return ids
     unique, first = np.unique(ids, return_index=True)
     return unique[np.argsort(first, kind="stable")]
+
+
+def _rows(batch: DecodedBatch) -> np.ndarray:
+    """The values of a batch of deltas or of pulled values (never ids only)."""
+    if batch.values is None:
+        raise WireError("batch carries ids but no values")
+    return batch.values
 
 
 def _take(int_ids: np.ndarray, str_ids: list[str], mask: np.ndarray) -> tuple[np.ndarray, list[str]]:
@@ -120,15 +106,15 @@ class ParameterStore:
         int_of[int_handles] = int_keys
         return int_of, {handle: s for s, handle in self._str_handles.items()}
 
-    def put(self, batch: Rows) -> None:
+    def put(self, batch: DecodedBatch) -> None:
         """Set distinct ids to the rows of `batch.values`, creating absent ones: the
         state that other writers' pushes would have left (for tests and restores)."""
         handles = self._handles(batch.int_ids, batch.str_ids)
         present = handles >= 0
         if present.any():
-            self._tables.set(handles[present], list(batch.values[present]))
+            self._tables.set(handles[present], list(_rows(batch)[present]))
         if not present.all():
-            self._create(*_take(batch.int_ids, batch.str_ids, ~present), list(batch.values[~present]))
+            self._create(*_take(batch.int_ids, batch.str_ids, ~present), list(_rows(batch)[~present]))
 
     # -- where parameters are ---------------------------------------------------
 
@@ -186,15 +172,15 @@ class ParameterStore:
 
     # -- pull -------------------------------------------------------------------
 
-    def pull_rows(self, int_ids: np.ndarray, str_ids: list[str]) -> list[Rows]:
+    def pull_rows(self, int_ids: np.ndarray, str_ids: list[str]) -> list[DecodedBatch]:
         """Values of the ids (created if absent), grouped by signature, order kept per group."""
         return self._gather(int_ids, str_ids, self._existing(int_ids, str_ids))
 
-    def _gather(self, int_ids: np.ndarray, str_ids: list[str], handles: np.ndarray) -> list[Rows]:
+    def _gather(self, int_ids: np.ndarray, str_ids: list[str], handles: np.ndarray) -> list[DecodedBatch]:
         groups = []
         for number, mask, rows in self._tables.by_table(handles):
             ints, strs = (int_ids, str_ids) if mask is None else _take(int_ids, str_ids, mask)
-            groups.append(Rows(ints, strs, self._tables.values(number)[rows]))
+            groups.append(DecodedBatch(ints, strs, self._tables.values(number)[rows]))
         return groups
 
     def pull(self, ids: Sequence[Id]) -> list[tuple[list[Id], np.ndarray]]:
@@ -202,12 +188,12 @@ class ParameterStore:
         int_ids, str_ids, order = split_ids(ids)
         groups = self.pull_rows(int_ids, str_ids)
         if len(groups) == 1:  # one group holds every id: give it back in the order asked
-            return [(list(ids), groups[0].values[np.argsort(order)])]
-        return [(rows.ids(), rows.values) for rows in groups]
+            return [(list(ids), _rows(groups[0])[np.argsort(order)])]
+        return [(rows.ids(), _rows(rows)) for rows in groups]
 
     # -- push -------------------------------------------------------------------
 
-    def push_rows(self, batches: Sequence[Rows]) -> None:
+    def push_rows(self, batches: Sequence[DecodedBatch]) -> None:
         """Apply every batch of deltas, or none: validation precedes any write."""
         if self.update.scalar is not None:
             self._push_user(batches)
@@ -225,14 +211,14 @@ class ParameterStore:
                 else:  # an earlier batch of this request created some of them
                     self._create(still_ints, still_strs, self._initial_values(still_ints, still_strs))
                 handles = self._fill_missing(batch.int_ids, batch.str_ids, handles)
-            self._fold_batch(batch.values, handles)
+            self._fold_batch(_rows(batch), handles)
 
     def push(self, batches: Sequence[tuple[Sequence[Id], np.ndarray]]) -> None:
         """`push_rows` for (list of mixed ids, deltas) pairs."""
         rows = []
         for ids, deltas in batches:
             int_ids, str_ids, order = split_ids(ids)
-            rows.append(Rows(int_ids, str_ids, np.asarray(deltas)[order]))
+            rows.append(DecodedBatch(int_ids, str_ids, np.asarray(deltas)[order]))
         self.push_rows(rows)
 
     def _result_dtype(self, param: np.dtype, delta: np.dtype) -> np.dtype:
@@ -254,7 +240,7 @@ class ParameterStore:
         except TypeError:
             raise WireError(f"delta dtype {delta} cannot update parameters of dtype {param}") from None
 
-    def _plan(self, batch: Rows) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray | list[np.ndarray]]:
+    def _plan(self, batch: DecodedBatch) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray | list[np.ndarray]]:
         """Check the deltas' shape against every target; the ids' handles (-1: absent),
         and the absent ids with their inits."""
         handles = self._handles(batch.int_ids, batch.str_ids)
@@ -266,7 +252,7 @@ class ParameterStore:
         else:
             targets.update(signature(v) for v in new_values)
         targets.update(self._tables.signature(n) for n, _, _ in self._tables.by_table(handles[handles >= 0]))
-        deltas = batch.values
+        deltas = _rows(batch)
         for dtype, shape in targets:
             if deltas.shape[1:] != shape:
                 raise WireError(f"delta shape {deltas.shape[1:]} does not match parameter shape {shape}")
@@ -302,7 +288,7 @@ class ParameterStore:
             assert self.update.ufunc is not None
             fold_at(self.update.ufunc, values, rows, deltas)
 
-    def _push_user(self, batches: Sequence[Rows]) -> None:
+    def _push_user(self, batches: Sequence[DecodedBatch]) -> None:
         """A user's update, called once per (old, delta) pair in arrival order.
 
         Every new value is computed before any is written, so an exception in
@@ -321,7 +307,7 @@ class ParameterStore:
                     fresh.update(zip([*ints, *strs], inits, strict=True))
             tables, rows = self._tables.locate(handles)
             numbers = [0] * len(handles) if tables is None else tables.tolist()
-            positions = zip(batch.ids(), batch.values, handles.tolist(), numbers, rows.tolist(), strict=True)
+            positions = zip(batch.ids(), _rows(batch), handles.tolist(), numbers, rows.tolist(), strict=True)
             for param_id, delta, handle, number, row in positions:
                 if handle < 0:
                     fresh[param_id] = self._updated(fresh[param_id], delta, param_id)
@@ -345,7 +331,7 @@ class ParameterStore:
 
     # -- snapshot ---------------------------------------------------------------
 
-    def chunk_rows(self, max_rows: int) -> Iterator[list[Rows]]:
+    def chunk_rows(self, max_rows: int) -> Iterator[list[DecodedBatch]]:
         """The whole store in chunks of at most `max_rows` ids, each grouped by signature.
 
         Taken lazily: interleave with pushes only under the shard's lock. The
@@ -371,7 +357,7 @@ class ParameterStore:
     def chunks(self, max_rows: int) -> Iterator[list[tuple[list[Id], np.ndarray]]]:
         """`chunk_rows` with ids as lists."""
         for chunk in self.chunk_rows(max_rows):
-            yield [(rows.ids(), rows.values) for rows in chunk]
+            yield [(rows.ids(), _rows(rows)) for rows in chunk]
 
     def nbytes(self) -> int:
         """Bytes held by the tables and the indexes (the bulk of a large shard)."""

@@ -17,10 +17,10 @@ from typing import Any
 import cloudpickle
 import numpy as np
 
-from psclient.codec import as_value_array, group_values, row_values
+from psclient.codec import DecodedBatch, as_value_array, group_values, row_values, split_ids
 from psclient.partition import Id, check_id
 from psclient.specs import make_init, make_update
-from psserver.store import ParameterStore, Rows, split_ids
+from psserver.store import ParameterStore
 from psworker.logic import WorkerLogic, pull_limit_of, receives_many
 from psworker.runtime import check_delta, check_deltas, id_groups
 
@@ -62,7 +62,7 @@ class _Model(Mapping[Id, Any]):
 
     def __setitem__(self, param_id: Id, value: Any) -> None:
         int_ids, str_ids, _ = split_ids([check_id(param_id)])
-        self._store.put(Rows(int_ids, str_ids, as_value_array(value)[None]))
+        self._store.put(DecodedBatch(int_ids, str_ids, as_value_array(value)[None]))
         self._client._pushes += 1
 
     def __contains__(self, param_id: object) -> bool:
@@ -123,13 +123,13 @@ class InProcessClient:
         max_answers: int | None = None,
         one_by_one: bool = False,
     ):
-        self.store = ParameterStore(make_init(param_init), make_update(param_update))
         self.worker_index = worker_index
         self.num_workers = num_workers
         self.num_shards = num_shards
+        self.store = ParameterStore(make_init(param_init), make_update(param_update))
+        self.model = _Model(self)
         self.max_answers = max_answers
         self.one_by_one = one_by_one
-        self.model = _Model(self)
         self.outputs: list[Any] = []
         # Each entry is one call: (ids, from_many).
         self._pulls: deque[tuple[list[Id], bool]] = deque()

@@ -93,11 +93,9 @@ def split_ids(ids: Sequence[Id]) -> tuple[np.ndarray, list[str], np.ndarray]:
     str_ids = [i for i in ids if isinstance(i, str)]
     if not str_ids:
         return np.asarray(ids, dtype=INT_IDS_DTYPE), [], np.arange(len(ids))
-    is_str = [isinstance(i, str) for i in ids]
-    int_pos = [p for p, s in enumerate(is_str) if not s]
-    str_pos = [p for p, s in enumerate(is_str) if s]
-    int_ids = np.array([ids[p] for p in int_pos], dtype=INT_IDS_DTYPE)
-    return int_ids, str_ids, np.array(int_pos + str_pos, dtype=np.intp)
+    int_ids = np.array([i for i in ids if not isinstance(i, str)], dtype=INT_IDS_DTYPE)
+    is_str = np.fromiter([isinstance(i, str) for i in ids], bool, len(ids))
+    return int_ids, str_ids, np.concatenate([np.flatnonzero(~is_str), np.flatnonzero(is_str)])
 
 
 def encode_batch(batch: DecodedBatch) -> tensor_pb2.ParamBatch:
@@ -123,9 +121,10 @@ def decode_batch(batch: tensor_pb2.ParamBatch, *, with_values: bool) -> DecodedB
 
 
 def encode_keys(ids: Sequence[Id]) -> tensor_pb2.ParamBatch:
-    """Ids only (a pull request)."""
-    int_ids, str_ids, _ = split_ids(ids)
-    return encode_batch(DecodedBatch(int_ids, str_ids, None))
+    """Ids only (a pull request): as `split_ids` splits them, without the permutation."""
+    str_ids = [i for i in ids if isinstance(i, str)]
+    int_ids = [i for i in ids if not isinstance(i, str)] if str_ids else ids
+    return encode_batch(DecodedBatch(np.asarray(int_ids, dtype=INT_IDS_DTYPE), str_ids, None))
 
 
 def encode_id_array(ids: np.ndarray, values: np.ndarray | None = None) -> tensor_pb2.ParamBatch:

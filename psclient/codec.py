@@ -74,7 +74,8 @@ def decode_int_ids(data: bytes) -> np.ndarray:
 
 @dataclass(slots=True)
 class DecodedBatch:
-    """A `ParamBatch` as numpy: int ids, str ids, and values (rows: ints, then strs)."""
+    """A `ParamBatch` as numpy: int ids, str ids, and values (None for ids only), one row
+    per id in that order (ints, then strs). What a shard's store takes and gives."""
 
     int_ids: np.ndarray
     str_ids: list[str]
@@ -85,6 +86,24 @@ class DecodedBatch:
 
     def ids(self) -> list[Id]:
         return [*self.int_ids.tolist(), *self.str_ids]
+
+
+def split_ids(ids: Sequence[Id]) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """Int ids, str ids, and the permutation that puts `ids` in ints-then-strs order."""
+    str_ids = [i for i in ids if isinstance(i, str)]
+    if not str_ids:
+        return np.asarray(ids, dtype=INT_IDS_DTYPE), [], np.arange(len(ids))
+    int_ids = np.array([i for i in ids if not isinstance(i, str)], dtype=INT_IDS_DTYPE)
+    is_str = np.fromiter([isinstance(i, str) for i in ids], bool, len(ids))
+    return int_ids, str_ids, np.concatenate([np.flatnonzero(~is_str), np.flatnonzero(is_str)])
+
+
+def encode_batch(batch: DecodedBatch) -> tensor_pb2.ParamBatch:
+    """The one place a `ParamBatch` is built: ints packed, strs repeated, values if any."""
+    int_ids = encode_int_ids(batch.int_ids)
+    if batch.values is None:
+        return tensor_pb2.ParamBatch(int_ids=int_ids, str_ids=batch.str_ids)
+    return tensor_pb2.ParamBatch(int_ids=int_ids, str_ids=batch.str_ids, values=encode_tensor(batch.values))
 
 
 def decode_batch(batch: tensor_pb2.ParamBatch, *, with_values: bool) -> DecodedBatch:
@@ -102,40 +121,24 @@ def decode_batch(batch: tensor_pb2.ParamBatch, *, with_values: bool) -> DecodedB
 
 
 def encode_keys(ids: Sequence[Id]) -> tensor_pb2.ParamBatch:
-    """Ids only (a pull request). Ints are packed; strs are repeated."""
-    int_ids = [i for i in ids if not isinstance(i, str)]
-    if len(int_ids) == len(ids):
-        return tensor_pb2.ParamBatch(int_ids=encode_int_ids(int_ids))
+    """Ids only (a pull request): as `split_ids` splits them, without the permutation."""
     str_ids = [i for i in ids if isinstance(i, str)]
-    return tensor_pb2.ParamBatch(int_ids=encode_int_ids(int_ids), str_ids=str_ids)
+    int_ids = [i for i in ids if not isinstance(i, str)] if str_ids else ids
+    return encode_batch(DecodedBatch(np.asarray(int_ids, dtype=INT_IDS_DTYPE), str_ids, None))
 
 
 def encode_id_array(ids: np.ndarray, values: np.ndarray | None = None) -> tensor_pb2.ParamBatch:
-    """One batch of an id array: int64 ids packed, or an object array of str ids;
-    with one row of `values` per id, or ids only (a pull request)."""
-    batch = (
-        tensor_pb2.ParamBatch(str_ids=ids.tolist())
-        if ids.dtype == object
-        else tensor_pb2.ParamBatch(int_ids=encode_int_ids(ids))
-    )
-    if values is not None:
-        batch.values.CopyFrom(encode_tensor(values))
-    return batch
+    """One batch of an id array: int64 ids, or an object array of str ids; with one
+    row of `values` per id, or ids only (a pull request)."""
+    if ids.dtype == object:
+        return encode_batch(DecodedBatch(np.empty(0, dtype=INT_IDS_DTYPE), ids.tolist(), values))
+    return encode_batch(DecodedBatch(ids, [], values))
 
 
 def encode_rows(ids: Sequence[Id], values: np.ndarray) -> tensor_pb2.ParamBatch:
     """Ids with one row of `values` each; reorders rows to ints-then-strs."""
-    is_str = [isinstance(i, str) for i in ids]
-    if not any(is_str):
-        return tensor_pb2.ParamBatch(int_ids=encode_int_ids(ids), values=encode_tensor(values))  # type: ignore[arg-type]
-    int_pos = [p for p, s in enumerate(is_str) if not s]
-    str_pos = [p for p, s in enumerate(is_str) if s]
-    order = np.asarray(int_pos + str_pos, dtype=np.intp)
-    return tensor_pb2.ParamBatch(
-        int_ids=encode_int_ids([ids[p] for p in int_pos]),  # type: ignore[misc]
-        str_ids=[ids[p] for p in str_pos],  # type: ignore[misc]
-        values=encode_tensor(np.asarray(values)[order]),
-    )
+    int_ids, str_ids, order = split_ids(ids)
+    return encode_batch(DecodedBatch(int_ids, str_ids, np.asarray(values)[order] if str_ids else values))
 
 
 def as_value_array(value: Any) -> np.ndarray:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -21,13 +21,13 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from psclient._proto import shard_pb2, shard_pb2_grpc, tensor_pb2
-from psclient.codec import DecodedBatch, decode_batch, encode_tensor
+from psclient.codec import DecodedBatch, decode_batch, encode_batch
 from psclient.errors import WireError
 from psclient.partition import shard_of, shards_of_ints
 from psclient.shard_client import shutting_down_details
 from psclient.specs import UserFunctionError
 from psserver import metrics
-from psserver.store import ParameterStore, Rows
+from psserver.store import ParameterStore
 
 log = logging.getLogger("streamps.shard")
 
@@ -38,13 +38,6 @@ log = logging.getLogger("streamps.shard")
 AFTER_SEQ_TIMEOUT_S = 60.0
 MAX_IDS_PER_BATCH = 1 << 20
 DEFAULT_SNAPSHOT_ROWS = 16_384
-
-
-def encode_groups(groups: Sequence[Rows]) -> list[tensor_pb2.ParamBatch]:
-    return [
-        tensor_pb2.ParamBatch(int_ids=rows.int_ids.tobytes(), str_ids=rows.str_ids, values=encode_tensor(rows.values))
-        for rows in groups
-    ]
 
 
 class _OpMetrics:
@@ -212,7 +205,7 @@ class ShardServicer(shard_pb2_grpc.ParameterShardServicer):
         try:
             keys = self._decode(request.keys, with_values=False)
             groups = self.store.pull_rows(keys.int_ids, keys.str_ids)
-            batches = encode_groups(groups)
+            batches = [encode_batch(group) for group in groups]
         except Exception as exc:
             op.errors.inc()
             await self._abort(context, exc)
@@ -232,7 +225,7 @@ class ShardServicer(shard_pb2_grpc.ParameterShardServicer):
         started = time.perf_counter()
         try:
             decoded = [self._decode(b, with_values=True) for b in request.batches]
-            self.store.push_rows([Rows(d.int_ids, d.str_ids, d.values) for d in decoded])  # type: ignore[arg-type]
+            self.store.push_rows(decoded)
         except Exception as exc:
             op.errors.inc()
             await self._abort(context, exc)
@@ -274,7 +267,7 @@ class ShardServicer(shard_pb2_grpc.ParameterShardServicer):
         # Each chunk is taken whole between two awaits, so it is consistent;
         # pushes may land between chunks.
         for groups in self.store.chunk_rows(request.max_rows_per_chunk or DEFAULT_SNAPSHOT_ROWS):
-            yield shard_pb2.SnapshotChunk(batches=encode_groups(groups))
+            yield shard_pb2.SnapshotChunk(batches=[encode_batch(group) for group in groups])
 
     async def Info(self, request: shard_pb2.InfoRequest, context: grpc.aio.ServicerContext) -> shard_pb2.InfoResponse:
         return shard_pb2.InfoResponse(

@@ -1,8 +1,8 @@
 """A test kit for WorkerLogic classes: an in-process client and `check_logic`.
 
-`InProcessClient` runs a logic in this process against a dict, one callback at
-a time, with the same init and update specs and the same delta checks as the
-runtime. `check_logic(logic, records)` runs the conformance checks the bundled
+`InProcessClient` runs a logic in this process against a shard's store, one
+callback at a time, with the same init and update specs and the same delta
+checks as the runtime. `check_logic(logic, records)` runs the conformance checks the bundled
 logics go through (serializable, ends on a finite input, fine with an empty
 input, deterministic) on a user's own logic.
 """
@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter, deque
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import cloudpickle
 import numpy as np
 
+from psclient.codec import DecodedBatch, as_value_array, group_values, row_values, split_ids
 from psclient.partition import Id, check_id
 from psclient.specs import make_init, make_update
+from psserver.store import ParameterStore
 from psworker.checks import check_delta, check_deltas, id_groups
 from psworker.logic import WorkerLogic, pull_limit_of, receives_many
 
@@ -45,18 +47,69 @@ def _to_ids(ids: np.ndarray | Sequence[Id]) -> list[Id]:
     return id_list
 
 
-class InProcessClient:
-    """The runtime's handle, in this process: parameters in a dict, pulls answered in order.
+class _Model(Mapping[Id, Any]):
+    """A live view of a store's parameters as the runtime hands values out: Python
+    scalars, or writable arrays. Setting a parameter stands for other workers' pushes."""
 
-    A parameter is created with `param_init(id)` on its first pull or push and
-    folded with `param_update`; both take the specs and callables `transform`
-    takes. Pulls are queued and answered after the callback that issued them
+    def __init__(self, client: InProcessClient):
+        self._client = client
+        self._store = client.store
+
+    def __getitem__(self, param_id: Id) -> Any:
+        if param_id not in self._store:
+            raise KeyError(param_id)
+        return _values(self._store, [param_id])[0]
+
+    def __setitem__(self, param_id: Id, value: Any) -> None:
+        int_ids, str_ids, _ = split_ids([check_id(param_id)])
+        self._store.put(DecodedBatch(int_ids, str_ids, as_value_array(value)[None]))
+        self._client._pushes += 1
+
+    def __contains__(self, param_id: object) -> bool:
+        return param_id in self._store
+
+    def __iter__(self) -> Iterator[Id]:
+        return iter(self._store.ids())
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
+
+    def copy(self) -> dict[Id, Any]:
+        """Every parameter, in order of creation."""
+        ids = self._store.ids()
+        return dict(zip(ids, _values(self._store, ids), strict=True))
+
+
+def _values(store: ParameterStore, ids: list[Id]) -> list[Any]:
+    """The values of `ids` (created if absent), in order, each its own copy, as the
+    runtime's `on_pull_recv` gets them: Python scalars, or writable arrays."""
+    groups = store.pull(ids)
+    if len(groups) == 1:  # in the order asked
+        return row_values(groups[0][1])
+    rows = {param_id: row for group_ids, array in groups for param_id, row in zip(group_ids, array, strict=True)}
+    return [rows[param_id].item() if rows[param_id].ndim == 0 else np.array(rows[param_id]) for param_id in ids]
+
+
+class InProcessClient:
+    """The runtime's handle, in this process: parameters in a shard's store, pulls answered in order.
+
+    The parameters live in a `ParameterStore`, the one a shard serves from, made
+    from the same `param_init` and `param_update` (the specs and callables
+    `transform` takes): a parameter is created on its first pull or push, and a
+    push the shard would refuse (a delta of another shape, a user update that
+    returns no number) raises here. Deltas are checked as the runtime checks
+    them. Pulls are queued and answered after the callback that issued them
     returns, never inside it. `max_answers` bounds the pulls answered in one
     `drain`, so a logic that pulls forever raises LogicDidNotEnd instead of
     hanging. Answers go to `on_pull_recv_many` where the runtime would send
-    them there; `one_by_one=True` sends every answer to `on_pull_recv`
-    instead, each value read when its turn comes (a strictly sequential
-    schedule, for reference runs).
+    them there, one call per signature (dtype and shape) and per kind of id as
+    the runtime makes them; `one_by_one=True` sends every answer to
+    `on_pull_recv` instead, each value read when its turn comes (a strictly
+    sequential schedule, for reference runs). `model` is a live view of the
+    parameters.
     """
 
     def __init__(
@@ -70,17 +123,17 @@ class InProcessClient:
         max_answers: int | None = None,
         one_by_one: bool = False,
     ):
-        self._init = make_init(param_init)
-        self._update = make_update(param_update)
         self.worker_index = worker_index
         self.num_workers = num_workers
         self.num_shards = num_shards
+        self.store = ParameterStore(make_init(param_init), make_update(param_update))
+        self.model = _Model(self)
         self.max_answers = max_answers
         self.one_by_one = one_by_one
-        self.model: dict[Id, Any] = {}
         self.outputs: list[Any] = []
         # Each entry is one call: (ids, from_many).
         self._pulls: deque[tuple[list[Id], bool]] = deque()
+        self._pushes = 0  # pushes made, or parameters set, so far
 
     # -- the handle -------------------------------------------------------------------
 
@@ -90,7 +143,8 @@ class InProcessClient:
     def push(self, param_id: Id, delta: Any) -> None:
         param_id = check_id(param_id)
         check_delta(param_id, delta)
-        self._fold(param_id, delta)
+        self.store.push(group_values([param_id], [delta]))
+        self._pushes += 1
 
     def pull_many(self, ids: np.ndarray | Sequence[Id]) -> None:
         id_list = _to_ids(ids)
@@ -100,9 +154,8 @@ class InProcessClient:
     def push_many(self, ids: np.ndarray | Sequence[Id], deltas: Any) -> None:
         id_list = _to_ids(ids)
         array = check_deltas(id_list, deltas, len(id_list))
-        rows = array.tolist() if array.ndim == 1 else list(array)
-        for param_id, delta in zip(id_list, rows, strict=True):
-            self._fold(param_id, delta)
+        self.store.push([(id_list, array)])
+        self._pushes += 1
 
     def output(self, out: Any) -> None:
         self.outputs.append(out)
@@ -111,25 +164,7 @@ class InProcessClient:
 
     def value(self, param_id: Id) -> Any:
         """The parameter's current value (created with the init on first use)."""
-        if param_id not in self.model:
-            row = self._init.batch([param_id])[0]
-            self.model[param_id] = row.copy() if isinstance(row, np.ndarray) else row
-        return self.model[param_id]
-
-    def _fold(self, param_id: Id, delta: Any) -> None:
-        old = self.value(param_id)
-        update = self._update
-        if update.scalar is not None:
-            self.model[param_id] = update.call(old, delta, param_id)
-            return
-        new = np.asarray(delta) if update.replace else update.ufunc(old, delta)  # type: ignore[misc]
-        if isinstance(old, np.ndarray | np.generic):
-            # As `param += delta`: the parameter's dtype, unless the delta's kind is wider.
-            if np.can_cast(new.dtype, old.dtype, "same_kind"):
-                new = np.asarray(new, dtype=old.dtype)
-            self.model[param_id] = np.array(new) if isinstance(old, np.ndarray) else new[()]
-        else:
-            self.model[param_id] = new.item() if isinstance(new, np.ndarray | np.generic) else new
+        return _values(self.store, [param_id])[0]
 
     # -- answering --------------------------------------------------------------------
 
@@ -143,10 +178,6 @@ class InProcessClient:
         """The pull calls queued now (a `pull_many` is one call)."""
         return len(self._pulls)
 
-    def _copy(self, param_id: Id) -> Any:
-        value = self.value(param_id)
-        return value.copy() if isinstance(value, np.ndarray) else value
-
     def answer_one(self, logic: WorkerLogic) -> int:
         """Answer the oldest queued pull call; return how many ids it answered (0: none queued)."""
         if not self._pulls:
@@ -157,15 +188,23 @@ class InProcessClient:
             self._pulls.appendleft((ids[limit:], from_many))
             ids = ids[:limit]
         if self.one_by_one or not (from_many or receives_many(logic)):
-            for param_id in ids:
-                logic.on_pull_recv(param_id, self._copy(param_id), self)
+            # Each value as it is when its turn comes: read again after a push.
+            values, start, pushes = [], 0, -1
+            for k, param_id in enumerate(ids):
+                if pushes != self._pushes:
+                    values, start, pushes = _values(self.store, ids[k:]), k, self._pushes
+                logic.on_pull_recv(param_id, values[k - start], self)
             return len(ids)
-        ints = [i for i in ids if not isinstance(i, str)]
-        strs = [i for i in ids if isinstance(i, str)]
-        if ints:
-            logic.on_pull_recv_many(np.array(ints, dtype=np.int64), np.array([self._copy(i) for i in ints]), self)
-        if strs:
-            logic.on_pull_recv_many(strs, np.array([self._copy(i) for i in strs]), self)
+        # As a shard answers: one batch per signature; as the runtime delivers a
+        # batch: its int ids in one call, its str ids in another.
+        int_ids, str_ids, _ = split_ids(ids)
+        for batch in self.store.pull_rows(int_ids, str_ids):
+            array = np.array(batch.values)
+            ints = len(batch.int_ids)
+            if ints:
+                logic.on_pull_recv_many(batch.int_ids.copy(), array[:ints], self)
+            if batch.str_ids:
+                logic.on_pull_recv_many(batch.str_ids, array[ints:], self)
         return len(ids)
 
     def drain(self, logic: WorkerLogic) -> int:
@@ -183,7 +222,8 @@ class InProcessClient:
     def run(self, logic: WorkerLogic, records: Iterable[Any]) -> tuple[list[Any], dict[Id, Any]]:
         """open, on_recv per record (draining answers between records), on_input_end, drain, close.
 
-        Returns (outputs, model): what the logic output, and every parameter.
+        Returns (outputs, model): what the logic output, and every parameter (a dict,
+        in order of creation).
         """
         logic.open()
         for record in records:
@@ -192,7 +232,7 @@ class InProcessClient:
         logic.on_input_end(self)
         self.drain(logic)
         logic.close()
-        return self.outputs, self.model
+        return self.outputs, self.model.copy()
 
 
 # -- check_logic ----------------------------------------------------------------------

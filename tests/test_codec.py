@@ -10,15 +10,19 @@ import pytest
 from psclient import WireError
 from psclient._proto import tensor_pb2
 from psclient.codec import (
+    DecodedBatch,
     decode_batch,
     decode_int_ids,
     decode_rows,
     decode_tensor,
+    encode_batch,
+    encode_id_array,
     encode_int_ids,
     encode_keys,
     encode_rows,
     encode_tensor,
     encode_values,
+    split_ids,
 )
 
 DTYPES = ["?", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "f2", "f4", "f8", "c8", "c16"]
@@ -139,6 +143,30 @@ def test_rows_of_mixed_ids_stay_with_their_ids() -> None:
     assert decoded.ids() == [5, -6, "s", "t"]
     assert decoded.values is not None
     assert decoded.values.tolist() == [[2, 2], [4, 4], [1, 1], [3, 3]]
+
+
+def test_split_ids_gives_ints_strs_and_the_order_that_sorts_them_so() -> None:
+    int_ids, str_ids, order = split_ids(["s", 5, "t", -6])
+    assert int_ids.dtype == np.dtype("<i8") and int_ids.tolist() == [5, -6]
+    assert str_ids == ["s", "t"] and order.tolist() == [1, 3, 0, 2]
+    int_ids, str_ids, order = split_ids([7, 8])
+    assert int_ids.tolist() == [7, 8] and str_ids == [] and order.tolist() == [0, 1]
+
+
+def test_one_batch_type_on_both_sides_of_the_wire() -> None:
+    """What a store gives (ids, values) is what decode_batch gives back from encode_batch."""
+    values = np.array([[1.5, 2.0], [3.0, 4.0], [5.0, 6.0]], dtype=np.float32)
+    batch = DecodedBatch(np.array([3, -4], dtype=np.int64), ["a"], values)
+    decoded = decode_batch(encode_batch(batch), with_values=True)
+    assert decoded.ids() == [3, -4, "a"] and len(decoded) == 3
+    assert decoded.values is not None and decoded.values.dtype == np.float32
+    np.testing.assert_array_equal(decoded.values, values)
+
+    keys = decode_batch(encode_batch(DecodedBatch(np.array([9], dtype=np.int64), ["b"], None)), with_values=False)
+    assert keys.ids() == [9, "b"] and keys.values is None
+    # The array forms of the runtime's batch calls build the same messages.
+    assert encode_id_array(np.array([3, -4]), values[:2]) == encode_batch(DecodedBatch(batch.int_ids, [], values[:2]))
+    assert encode_id_array(np.array(["a", "b"], dtype=object)) == encode_keys(["a", "b"])
 
 
 def test_values_of_several_dtypes_and_shapes_round_trip() -> None:

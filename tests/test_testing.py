@@ -9,6 +9,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from psclient.errors import WireError
+from psclient.specs import UserFunctionError
 from psworker import WorkerLogic, with_pull_limit
 from psworker.checks import InvalidDelta
 from psworker.testing import InProcessClient, LogicCheckFailed, check_logic
@@ -169,3 +171,48 @@ def test_one_by_one_answers_each_id_when_its_turn_comes() -> None:
     sequential, model = InProcessClient(one_by_one=True).run(PullTwicePushOnFirst(), [None])
     assert batched == [[0, 0]]
     assert sequential == [0, 1] and model == {1: 2}
+
+
+# -- the store is a shard's: what a shard refuses, the client refuses ------------------
+
+
+def test_a_scalar_delta_into_a_vector_parameter_is_refused_as_by_a_shard() -> None:
+    client = InProcessClient("zeros:2", "add")
+    with pytest.raises(WireError, match=r"^delta shape \(\) does not match parameter shape \(2,\)$"):
+        client.push(1, 1.0)
+    np.testing.assert_array_equal(client.value(1), np.zeros(2, dtype=np.float32))
+
+
+def test_a_user_update_that_returns_no_number_is_refused_as_by_a_shard() -> None:
+    def to_text(old: Any, delta: Any) -> Any:
+        return f"{old}+{delta}"
+
+    client = InProcessClient("const:0", to_text)
+    with pytest.raises(UserFunctionError, match=r"returned str of dtype <U3 for id 'a', not a number$"):
+        client.push("a", 1)
+    assert client.model == {}  # the shard is left untouched
+
+
+def test_pull_answers_come_in_one_call_per_dtype_as_from_the_runtime() -> None:
+    class PushesThenPulls(WorkerLogic):
+        def on_recv(self, data: Any, ps: Any) -> None:
+            ps.push(1, 2)  # stays int
+            ps.push(2, 0.5)  # an int parameter given a float delta becomes a float
+            ps.push("s", 3)
+            ps.pull_many([1, 2, 3, "s"])
+
+        def on_pull_recv_many(self, ids: Any, values: np.ndarray, ps: Any) -> None:
+            ps.output((ids if isinstance(ids, list) else ids.tolist(), values.tolist(), values.dtype.str))
+
+    outputs, model = InProcessClient().run(PushesThenPulls(), [None])
+    assert outputs == [([1, 3], [2, 0], "<i8"), (["s"], [3], "<i8"), ([2], [0.5], "<f8")]
+    assert model == {1: 2, 2: 0.5, "s": 3, 3: 0}
+    assert list(model) == [1, 2, "s", 3]  # in order of creation
+
+
+def test_setting_a_parameter_in_the_model_view() -> None:
+    client = InProcessClient("zeros:2", "add")
+    client.model["w"] = np.array([1.0, 2.0], dtype=np.float32)
+    client.push("w", np.array([0.5, 0.5], dtype=np.float32))
+    np.testing.assert_array_equal(client.model["w"], [1.5, 2.5])
+    assert "w" in client.model and 1 not in client.model

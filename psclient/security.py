@@ -1,6 +1,6 @@
 """TLS, mutual TLS and bearer tokens for every streamps channel and server.
 
-One `Security` per process, set once by each command line's main (from
+One `Security` per process, set once by each command line (psclient.cli.options, from
 `--tls-cert`, `--tls-key`, `--tls-ca`, `--auth-token-file`) or passed to
 `connect()`:
 
@@ -231,51 +231,3 @@ class _TokenSender(
 
     def intercept_stream_stream(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
         return continuation(self._with_token(details), request_iterator)
-
-
-# -- command lines ----------------------------------------------------------------
-
-
-def security_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Add --tls-cert/--tls-key/--tls-ca/--auth-token-file to a click command and
-    configure this process from them before the command runs."""
-    import functools
-
-    import click
-
-    @functools.wraps(command)
-    def run(
-        *args: Any,
-        tls_cert: str | None,
-        tls_key: str | None,
-        tls_ca: str | None,
-        auth_token_file: str | None,
-        **kwargs: Any,
-    ) -> Any:
-        try:
-            configure(Security.from_files(tls_cert, tls_key, tls_ca, auth_token_file))
-        except SpecError as exc:
-            click.echo(f"{click.get_current_context().find_root().info_name}: error: {exc}", err=True)
-            raise SystemExit(2) from None
-        return command(*args, **kwargs)
-
-    def path_option(flag: str, envvar: str, text: str) -> Callable[..., Any]:
-        return click.option(flag, type=click.Path(), envvar=envvar, show_envvar=True, help=text)
-
-    options = [
-        path_option("--tls-cert", "STREAMPS_TLS_CERT", "PEM certificate: serve TLS, and present it to peers that ask."),
-        path_option("--tls-key", "STREAMPS_TLS_KEY", "PEM private key of --tls-cert."),
-        path_option(
-            "--tls-ca",
-            "STREAMPS_TLS_CA",
-            "PEM CA: connect with TLS and verify peers; a server with it also requires client certificates.",
-        ),
-        path_option(
-            "--auth-token-file",
-            "STREAMPS_AUTH_TOKEN_FILE",
-            "File holding the bearer token sent and required on every RPC (health checks stay open).",
-        ),
-    ]
-    for add_option in reversed(options):
-        run = add_option(run)
-    return run

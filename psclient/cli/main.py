@@ -15,11 +15,24 @@ import click
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from psclient.cli.options import (
+    connect_timeout_option,
+    env,
+    fail,
+    input_options,
+    logic_option,
+    on_error_option,
+    open_output,
+    options,
+    pull_limit_option,
+    security_options,
+    spec_options,
+    split_addresses,
+)
 from psclient.either import Left, Right
 from psclient.errors import SpecError, StreampsError
-from psclient.inputs import FORMATS, InputSpec, MalformedRecord, read_share
-from psclient.security import security_options
-from psclient.serving import DEFAULT_CONNECT_TIMEOUT_S, open_channel
+from psclient.inputs import InputSpec, MalformedRecord, read_share
+from psclient.serving import open_channel
 
 
 def _on_first_call(module: str, name: str) -> Any:
@@ -45,22 +58,6 @@ else:
     layout_problems = _on_first_call("psclient.shard_client", "layout_problems")
 
 
-def env(name: str) -> dict[str, Any]:
-    return {"envvar": f"STREAMPS_{name}", "show_envvar": True}
-
-
-def _addresses(text: str | None) -> list[str]:
-    return [part.strip() for part in (text or "").split(",") if part.strip()]
-
-
-def _open_out(stack: ExitStack, path: str | None) -> TextIO | None:
-    if path is None:
-        return None
-    if path == "-":
-        return sys.stdout
-    return stack.enter_context(Path(path).open("w", encoding="utf-8"))
-
-
 def _write_json(handle: TextIO | None, obj: Any) -> None:
     if handle is not None:
         handle.write(json.dumps(to_json_compatible(obj)) + "\n")
@@ -83,20 +80,6 @@ def _partition_by(spec: InputSpec) -> Callable[[Any], Any] | None:
     return lambda record: record[key] if isinstance(record, dict) else record[int(key)]
 
 
-connect_timeout_option = click.option(
-    "--connect-timeout",
-    type=float,
-    default=DEFAULT_CONNECT_TIMEOUT_S,
-    **env("CONNECT_TIMEOUT"),
-    help="Seconds to wait for each server that refuses connections or whose name does not resolve yet.",
-)
-
-
-def _fail(message: str) -> None:
-    click.echo(f"psclient: error: {message}", err=True)
-    sys.exit(1)
-
-
 def _check_specs(init_spec: str, update_spec: str) -> None:
     """Refuse a spec the shards would refuse, before any process starts (exit code 2, like psserver)."""
     from psclient.specs import check_specs  # the shards' own parser; only `run` needs it
@@ -104,49 +87,24 @@ def _check_specs(init_spec: str, update_spec: str) -> None:
     try:
         check_specs(init_spec, update_spec)
     except SpecError as exc:
-        click.echo(f"psclient: error: {exc}", err=True)
-        sys.exit(2)
+        fail(str(exc), 2)
 
 
-input_options = [
-    click.option("--input", "input_path", required=True, **env("INPUT"), help="Records file, or - for stdin."),
-    click.option("--format", "fmt", type=click.Choice(FORMATS), default="jsonl", **env("FORMAT")),
-    click.option(
-        "--partition-key",
-        default=None,
-        **env("PARTITION_KEY"),
-        help="Send records with equal key (jsonl field or csv/tsv column index) to the same worker.",
-    ),
-    click.option("--skip-header", is_flag=True, **env("SKIP_HEADER"), help="Ignore the first line of the input."),
-    click.option(
-        "--on-error",
-        type=click.Choice(["fail", "skip"]),
-        default="fail",
-        **env("ON_ERROR"),
-        help="On a malformed record or an exception in user code: stop, or log and go on.",
-    ),
-]
+with_input_options = options(input_options(), on_error_option)
 
 
-def with_input_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    for option in reversed(input_options):
-        fn = option(fn)
-    return fn
-
-
-@click.group(context_settings={"show_default": True})
+@click.group("psclient", context_settings={"show_default": True})
 def main() -> None:
     """Drive streamps jobs and clusters."""
 
 
 @main.command()
-@click.option("--logic", "logic_spec", required=True, **env("LOGIC"), help="The WorkerLogic, as module:Class.")
+@logic_option
 @with_input_options
-@click.option("--init", "init_spec", default="zeros:1", **env("INIT"), help="Parameter init spec.")
-@click.option("--update", "update_spec", default="add", **env("UPDATE"), help="Parameter update spec.")
+@spec_options
 @click.option("--workers", type=click.IntRange(min=1), default=1, **env("WORKERS"), help="Worker processes.")
 @click.option("--shards", type=click.IntRange(min=1), default=1, **env("SHARDS"), help="Shard processes.")
-@click.option("--pull-limit", type=click.IntRange(min=1), default=None, **env("PULL_LIMIT"))
+@pull_limit_option
 @click.option(
     "--iteration-wait-time",
     type=float,
@@ -182,7 +140,7 @@ def run(
     _check_specs(init_spec, update_spec)
     spec = InputSpec(input_path, fmt, partition_key, skip_header)
     if input_path != "-" and not Path(input_path).is_file():
-        _fail(f"--input {input_path}: no such file")
+        fail(f"--input {input_path}: no such file")
     outputs = params = 0
     fed = [0]
     started = time.monotonic()
@@ -194,7 +152,7 @@ def run(
 
     try:
         with ExitStack() as stack:
-            out, model = _open_out(stack, output_path), _open_out(stack, model_path)
+            out, model = open_output(stack, output_path), open_output(stack, model_path)
             stream = run_local_job(
                 counted(_records(spec, on_error)), logic_spec, init_spec, update_spec, workers, shards,
                 iteration_wait_time=iteration_wait_time, partition_by=_partition_by(spec),
@@ -209,7 +167,7 @@ def run(
                         params += 1
                         _write_json(model, {"id": param_id, "value": value})
     except StreampsError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     elapsed = time.monotonic() - started
     click.echo(
         f"psclient: {fed[0]} records, {outputs} outputs, {params} parameters in {elapsed:.1f} s "
@@ -221,20 +179,20 @@ def run(
 @main.command()
 @click.option("--servers", required=True, **env("SERVERS"), help="Shard addresses H:P,... in shard order.")
 @click.option("--output", "output_path", default="-", **env("OUTPUT"), help="JSON lines {id, value} (- for stdout).")
-@connect_timeout_option
+@connect_timeout_option()
 @security_options
 def snapshot(servers: str, output_path: str, connect_timeout: float) -> None:
     """Dump every parameter of a running cluster as JSON lines."""
     count = 0
     try:
-        cluster = Cluster(_addresses(servers), connect_timeout=connect_timeout, servers_label="--servers")
+        cluster = Cluster(split_addresses(servers), connect_timeout=connect_timeout, servers_label="--servers")
         with ExitStack() as stack, cluster:
-            out = _open_out(stack, output_path)
+            out = open_output(stack, output_path)
             for param_id, value in cluster.snapshot():
                 _write_json(out, {"id": param_id, "value": value})
                 count += 1
     except StreampsError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     click.echo(f"psclient: {count} parameters", err=True)
 
 
@@ -296,7 +254,7 @@ STATUS_COLUMNS = [
 @security_options
 def status(servers: str | None, workers: str | None, interval: float, as_json: bool) -> None:
     """Show every shard and worker of a running cluster: up, parameters, records, rates, lag."""
-    with Cluster(_addresses(servers), _addresses(workers)) as cluster:
+    with Cluster(split_addresses(servers), split_addresses(workers)) as cluster:
         first = _status_rows(cluster)
         time.sleep(interval)
         rows = _status_rows(cluster)
@@ -338,7 +296,7 @@ def health(address: str, timeout: float) -> None:
     "--output", "output_path", default="-", **env("OUTPUT"), help="Worker outputs as JSON lines (- for stdout)."
 )
 @click.option("--no-end", is_flag=True, help="Do not end the workers' input after this file (more feeds follow).")
-@connect_timeout_option
+@connect_timeout_option()
 @security_options
 def feed(
     workers: str,
@@ -355,15 +313,15 @@ def feed(
     spec = InputSpec(input_path, fmt, partition_key, skip_header)
     outputs = 0
     try:
-        with ExitStack() as stack, Cluster([], _addresses(workers), connect_timeout=connect_timeout) as cluster:
-            out = _open_out(stack, output_path)
+        with ExitStack() as stack, Cluster([], split_addresses(workers), connect_timeout=connect_timeout) as cluster:
+            out = open_output(stack, output_path)
             sent = cluster.feed(_records(spec, on_error), partition_by=_partition_by(spec), end_of_input=not no_end)
             if not no_end:
                 for value in cluster.outputs():
                     _write_json(out, value)
                     outputs += 1
     except StreampsError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     click.echo(f"psclient: fed {sent} records, {outputs} outputs", err=True)
 
 

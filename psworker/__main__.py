@@ -27,11 +27,11 @@ from psclient.cli.options import (
     security_options,
     split_addresses,
 )
+from psclient.cli.process import StopSignal, announce, configure_logging, start_metrics
 from psclient.errors import JobFailed, ShardError, SpecError
 from psclient.inputs import InputSpec, MalformedRecord, read_share
 from psclient.plugins import load_object
 from psclient.records import to_json_compatible
-from psclient.serving import StopSignal, announce, configure_logging, start_metrics
 from psworker.logic import WorkerLogic, with_pull_limit
 from psworker.metrics import register as register_metrics
 from psworker.runtime import WorkerRuntime

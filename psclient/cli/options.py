@@ -18,10 +18,11 @@ from typing import Any, NoReturn, TextIO, overload
 
 import click
 
+from psclient.cli.process import LOG_FORMATS
 from psclient.errors import SpecError
 from psclient.inputs import FORMATS
 from psclient.security import Security, configure
-from psclient.serving import DEFAULT_CONNECT_TIMEOUT_S, LOG_FORMATS
+from psclient.serving import DEFAULT_CONNECT_TIMEOUT_S
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 

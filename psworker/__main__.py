@@ -30,9 +30,8 @@ from psclient.cli.options import (
 from psclient.cli.process import StopSignal, announce, configure_logging, start_metrics
 from psclient.errors import JobFailed, ShardError, SpecError
 from psclient.inputs import InputSpec, MalformedRecord, read_share
-from psclient.plugins import load_object
 from psclient.records import to_json_compatible
-from psworker.logic import WorkerLogic, with_pull_limit
+from psworker.logic import load_logic, with_pull_limit
 from psworker.metrics import register as register_metrics
 from psworker.runtime import WorkerRuntime
 from psworker.service import OutputBuffer, build_worker_server
@@ -45,22 +44,6 @@ FILE_CHUNK = 256
 # waited longer would only hold its port and memory for a reader that most
 # likely is gone (its client saw the job fail elsewhere).
 UNREAD_FAILURE_GRACE_S = 3.0
-
-
-def load_logic(spec: str) -> WorkerLogic:
-    """A WorkerLogic from `module:Class` (or a factory, or an instance), or SpecError."""
-    obj = load_object(spec, what="logic")
-    if isinstance(obj, type):
-        if not issubclass(obj, WorkerLogic):
-            raise SpecError(f"logic {spec!r} is not a WorkerLogic subclass")
-        return obj()
-    if isinstance(obj, WorkerLogic):
-        return obj
-    if callable(obj):
-        made = obj()
-        if isinstance(made, WorkerLogic):
-            return made
-    raise SpecError(f"logic {spec!r} is not a WorkerLogic, a subclass of it, or a factory of one")
 
 
 def _json_writer(handle: TextIO) -> Callable[[Any], None]:
@@ -163,11 +146,15 @@ def main(
         fail(str(exc), 2)
     if input_path is not None and input_path != "-" and not Path(input_path).is_file():
         fail(f"--input {input_path}: no such file", 2)
+    if output_path is None and input_path is not None:
+        output_path = "-"
+    try:
+        start_metrics(metrics_port, host)
+    except OSError as exc:
+        fail(f"cannot serve metrics on port {metrics_port}: {exc}", 2)
 
     with ExitStack() as stack:
         outputs = OutputBuffer()
-        if output_path is None and input_path is not None:
-            output_path = "-"
         emit = _json_writer(open_output(stack, output_path)) if output_path is not None else outputs.put
         runtime = WorkerRuntime(
             logic,
@@ -179,53 +166,64 @@ def main(
             position_name="line" if input_path is not None else "record",
             connect_timeout=connect_timeout,
         )
-        try:
-            start_metrics(metrics_port, host)
-        except OSError as exc:
-            fail(f"cannot serve metrics on port {metrics_port}: {exc}", 2)
         if metrics_port is not None:
             register_metrics(worker_index, runtime.metrics_snapshot)
-        try:
-            runtime.connect()
-        except ShardError as exc:
-            fail(f"worker {worker_index}: {exc}", 1)
-
         if input_path is not None:
-            spec = InputSpec(input_path, fmt, partition_key, skip_header)
-            threading.Thread(target=_feed_file, args=(runtime, spec), name="file-reader", daemon=True).start()
-            try:
-                runtime.run()
-            except JobFailed as exc:
-                fail(str(exc), 1)
-            log.info("finished: %d records, %d outputs", runtime.records, runtime.outputs)
-            return
+            _run_on_file(runtime, InputSpec(input_path, fmt, partition_key, skip_header))
+        else:
+            _serve_feed(runtime, outputs, host, port, to_file=output_path is not None)
+    log.info("finished: %d records, %d outputs", runtime.records, runtime.outputs)
 
+
+def _connect(runtime: WorkerRuntime) -> None:
+    try:
+        runtime.connect()
+    except ShardError as exc:
+        fail(f"worker {runtime.worker_index}: {exc}", 1)
+
+
+def _run_on_file(runtime: WorkerRuntime, spec: InputSpec) -> None:
+    """The file path: read this worker's share of the file on a thread, run the logic to the end."""
+    _connect(runtime)
+    threading.Thread(target=_feed_file, args=(runtime, spec), name="file-reader", daemon=True).start()
+    try:
+        runtime.run()  # closes the shard streams however it ends
+    except JobFailed as exc:
+        fail(str(exc), 1)
+
+
+def _serve_feed(runtime: WorkerRuntime, outputs: OutputBuffer, host: str, port: int, *, to_file: bool) -> None:
+    """The Feed path: serve Feed, Outputs and Status until the outputs are read or a signal comes."""
+    try:
+        # Bound before connecting, so that a port in use fails at once rather than
+        # after waiting for the shards; it serves nothing until the shards check out.
+        bound = build_worker_server(runtime, outputs, host, port)
+    except OSError as exc:
+        fail(str(exc), 2)
+    _connect(runtime)
+    stop = StopSignal()
+    done = threading.Event()
+
+    def run_logic() -> None:
         try:
-            bound = build_worker_server(runtime, outputs, host, port)
-        except OSError as exc:
-            fail(str(exc), 2)
-        stop = StopSignal()
-        bound.server.start()
+            runtime.run()
+        except JobFailed:
+            pass  # runtime.error holds it, for the Outputs reader and the exit below
+        finally:
+            outputs.close()
+            done.set()
+
+    bound.server.start()
+    try:
         bound.set_serving(True)
         announce(bound)
-        done = threading.Event()
-
-        def run_logic() -> None:
-            try:
-                runtime.run()
-            except JobFailed:
-                pass
-            finally:
-                outputs.close()
-                done.set()
-
         threading.Thread(target=run_logic, name="logic", daemon=True).start()
-        _serve_until_read(stop, done, runtime, outputs, to_file=output_path is not None)
+        _serve_until_read(stop, done, runtime, outputs, to_file=to_file)
+    finally:
         bound.set_serving(False)
         bound.server.stop(STOP_GRACE_S).wait()
-        if runtime.error:
-            fail(runtime.error, 1)
-        log.info("finished: %d records, %d outputs", runtime.records, runtime.outputs)
+    if runtime.error:
+        fail(runtime.error, 1)
 
 
 if __name__ == "__main__":

@@ -8,13 +8,13 @@ import signal
 
 import click
 
-from psclient._proto import shard_pb2, shard_pb2_grpc
 from psclient.cli.options import env, fail, listen_options, process_options, security_options, spec_options
 from psclient.cli.process import StopSignal, announce, configure_logging, start_metrics
 from psclient.errors import SpecError
-from psclient.security import current as current_security
-from psclient.serving import build_aio_server
+from psclient.rpc.security import current as current_security
+from psclient.rpc.serving import build_aio_server
 from psclient.specs import make_init, make_update
+from psclient.wire.proto import shard_pb2, shard_pb2_grpc
 from psserver.memory import pin_mmap_threshold
 from psserver.service import ShardServicer
 from psserver.store import ParameterStore

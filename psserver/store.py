@@ -27,10 +27,10 @@ from typing import Any
 
 import numpy as np
 
-from psclient.codec import ALLOWED_KINDS, INT_IDS_DTYPE
 from psclient.errors import WireError
-from psclient.partition import Id
 from psclient.specs import InitFn, UpdateFn, UserFunctionError
+from psclient.wire.codec import ALLOWED_KINDS, INT_IDS_DTYPE
+from psclient.wire.partition import Id
 from psserver.index import IntIndex
 
 # The first table holds up to 1,024 rows but no more than 1 MiB: a vector of a

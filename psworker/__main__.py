@@ -30,7 +30,7 @@ from psclient.cli.options import (
 from psclient.cli.process import StopSignal, announce, configure_logging, start_metrics
 from psclient.errors import JobFailed, ShardError, SpecError
 from psclient.inputs import InputSpec, MalformedRecord, read_share
-from psclient.records import to_json_compatible
+from psclient.wire.records import to_json_compatible
 from psworker.logic import load_logic, with_pull_limit
 from psworker.metrics import register as register_metrics
 from psworker.runtime import WorkerRuntime

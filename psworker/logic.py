@@ -10,8 +10,8 @@ from typing import Any, Generic, Protocol, TypeVar
 import numpy as np
 
 from psclient.errors import SpecError
-from psclient.partition import Id
 from psclient.plugins import load_object
+from psclient.wire.partition import Id
 
 T = TypeVar("T")  # a training record
 P = TypeVar("P")  # a parameter value: numpy array or Python number

@@ -53,8 +53,15 @@ from typing import Any
 
 import numpy as np
 
-from psclient._proto import shard_pb2, tensor_pb2
-from psclient.codec import (
+from psclient.errors import JobFailed, ShardError, StreampsError
+from psclient.rpc.shard_client import (
+    CLOSE_TIMEOUT_S,
+    DEFAULT_CONNECT_TIMEOUT_S,
+    EventLoopThread,
+    ShardConnection,
+    check_layout,
+)
+from psclient.wire.codec import (
     ALLOWED_KINDS,
     INT_IDS_DTYPE,
     DecodedBatch,
@@ -64,15 +71,8 @@ from psclient.codec import (
     encode_keys,
     encode_values,
 )
-from psclient.errors import JobFailed, ShardError, StreampsError
-from psclient.partition import Id, check_id, shard_of, split_by_shard, split_int_ids
-from psclient.shard_client import (
-    CLOSE_TIMEOUT_S,
-    DEFAULT_CONNECT_TIMEOUT_S,
-    EventLoopThread,
-    ShardConnection,
-    check_layout,
-)
+from psclient.wire.partition import Id, check_id, shard_of, split_by_shard, split_int_ids
+from psclient.wire.proto import shard_pb2, tensor_pb2
 from psworker.logic import WorkerLogic, pull_limit_of, receives_many
 
 log = logging.getLogger("streamps.worker")

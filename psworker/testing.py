@@ -17,8 +17,8 @@ from typing import Any
 import cloudpickle
 import numpy as np
 
-from psclient.partition import Id, check_id
 from psclient.specs import make_init, make_update
+from psclient.wire.partition import Id, check_id
 from psworker.logic import WorkerLogic, pull_limit_of, receives_many
 from psworker.runtime import check_delta, check_deltas, id_groups
 

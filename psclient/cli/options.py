@@ -21,8 +21,8 @@ import click
 from psclient.cli.process import LOG_FORMATS
 from psclient.errors import SpecError
 from psclient.inputs import FORMATS
-from psclient.security import Security, configure
-from psclient.serving import DEFAULT_CONNECT_TIMEOUT_S
+from psclient.rpc.security import Security, configure
+from psclient.rpc.serving import DEFAULT_CONNECT_TIMEOUT_S
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 

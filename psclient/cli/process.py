@@ -1,7 +1,7 @@
 """Setting up a service process: logs, metrics endpoint, stop signals, the `listening on` line.
 
 psserver and psworker call these from their `main()`; servers themselves are
-built in psclient.serving, which neither logs nor handles signals.
+built in psclient.rpc.serving, which neither logs nor handles signals.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import logging
 import signal
 import sys
 
-from psclient.serving import BoundAioServer, BoundServer
+from psclient.rpc.serving import BoundAioServer, BoundServer
 
 
 class StopSignal:

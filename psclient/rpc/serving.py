@@ -16,8 +16,8 @@ from grpc_health.v1 import _async as health_aio  # the package's aio servicer (h
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from psclient.security import Security
-from psclient.security import current as current_security
+from psclient.rpc.security import Security
+from psclient.rpc.security import current as current_security
 
 # One push or pull batch of 16,384 ids x 1,024 float32 is 64 MiB; allow a bit
 # more so the largest batch the runtime builds always fits in one message.

@@ -113,6 +113,36 @@ class WorkerLogic(Generic[T, P, WOut]):
         """Called once, after the worker is quiescent."""
 
 
+def load_logic(spec: str) -> WorkerLogic:
+    """The WorkerLogic that `spec` names, checked to be one.
+
+    `spec` is `module:attr` (or a shipped `@PATH`), whose attr is a WorkerLogic
+    subclass (made with no arguments), a factory that returns a WorkerLogic, or
+    an instance. SpecError, one line naming the spec, when the module or attr is
+    missing, when it is of another type, or when making the logic raises.
+    """
+    obj = load_object(spec, what="logic")
+    if isinstance(obj, WorkerLogic):
+        return obj
+    if isinstance(obj, type) and not issubclass(obj, WorkerLogic):
+        raise SpecError(f"logic {spec!r} is not a WorkerLogic subclass")
+    if not callable(obj):
+        raise SpecError(f"logic {spec!r} is not a WorkerLogic, a subclass of it, or a factory of one")
+    try:
+        made = obj()
+    except Exception as exc:  # a user's constructor or factory can raise anything
+        name = getattr(obj, "__qualname__", type(obj).__qualname__)
+        # The traceback helps whoever debugs that code, but is not the message.
+        logging.getLogger("streamps").info("traceback of %s()", name, exc_info=True)
+        raise SpecError(f"logic {spec!r}: {name}() raised {type(exc).__name__}: {exc}") from exc
+    if not isinstance(made, WorkerLogic):
+        raise SpecError(
+            f"logic {spec!r} is not a WorkerLogic, a subclass of it, or a factory of one "
+            f"(calling it returned a value of type {type(made).__qualname__})"
+        )
+    return made
+
+
 class _PullLimited(WorkerLogic[T, P, WOut]):
     """A logic with a bound on unanswered pulls; every callback goes to the wrapped one."""
 
@@ -162,33 +192,3 @@ def receives_many(logic: WorkerLogic) -> bool:
     while isinstance(logic, _PullLimited):
         logic = logic.inner
     return type(logic).on_pull_recv_many is not WorkerLogic.on_pull_recv_many
-
-
-def load_logic(spec: str) -> WorkerLogic:
-    """The WorkerLogic that `spec` names, checked to be one.
-
-    `spec` is `module:attr` (or a shipped `@PATH`), whose attr is a WorkerLogic
-    subclass (made with no arguments), a factory that returns a WorkerLogic, or
-    an instance. SpecError, one line naming the spec, when the module or attr is
-    missing, when it is of another type, or when making the logic raises.
-    """
-    obj = load_object(spec, what="logic")
-    if isinstance(obj, WorkerLogic):
-        return obj
-    if isinstance(obj, type) and not issubclass(obj, WorkerLogic):
-        raise SpecError(f"logic {spec!r} is not a WorkerLogic subclass")
-    if not callable(obj):
-        raise SpecError(f"logic {spec!r} is not a WorkerLogic, a subclass of it, or a factory of one")
-    try:
-        made = obj()
-    except Exception as exc:  # a user's constructor or factory can raise anything
-        name = getattr(obj, "__qualname__", type(obj).__qualname__)
-        # The traceback helps whoever debugs that code, but is not the message.
-        logging.getLogger("streamps").info("traceback of %s()", name, exc_info=True)
-        raise SpecError(f"logic {spec!r}: {name}() raised {type(exc).__name__}: {exc}") from exc
-    if not isinstance(made, WorkerLogic):
-        raise SpecError(
-            f"logic {spec!r} is not a WorkerLogic, a subclass of it, or a factory of one "
-            f"(calling it returned a value of type {type(made).__qualname__})"
-        )
-    return made

@@ -2,9 +2,9 @@
 
 A flag that several commands take is declared here once, so it reads the same
 `STREAMPS_<FLAG>` variable (for containers; `--help` names it), has the same
-type, default and help, and fails the same way everywhere. Exit codes: 2 for a
-bad command line or set-up (a flag, a spec, a file, a port), 1 when the job
-itself fails.
+type, default and help, and fails the same way everywhere. `fail` exits 2 for
+what a command refuses before it starts (a flag, a spec, a security file, a
+port in use) and 1 when the work itself fails.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Compile protos/*.proto into psclient/_proto (messages, gRPC stubs, .pyi types).
+"""Compile protos/*.proto into psclient/wire/proto (messages, gRPC stubs, .pyi types).
 
 The generated modules are committed. `--check` regenerates into a temporary
 directory and fails if anything differs from what is committed, so a .proto
@@ -18,7 +18,7 @@ from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_DIR = ROOT / "protos"
-PACKAGE_DIR = "psclient/_proto"  # import path of the generated modules
+PACKAGE_DIR = "psclient/wire/proto"  # import path of the generated modules
 INIT_TEXT = '"""Generated protobuf and gRPC modules. Do not edit: run `make proto`."""\n'
 
 
@@ -29,7 +29,7 @@ def generate(out_root: Path) -> Path:
     protos = sorted(PROTO_DIR.glob("*.proto"))
     args = [
         "grpc_tools.protoc",
-        f"-I{PACKAGE_DIR}={PROTO_DIR}",  # virtual path: imports read `psclient._proto.X_pb2`
+        f"-I{PACKAGE_DIR}={PROTO_DIR}",  # virtual path: imports read `psclient.wire.proto.X_pb2`
         f"-I{include}",
         f"--plugin=protoc-gen-mypy={bin_dir / 'protoc-gen-mypy'}",
         f"--plugin=protoc-gen-mypy_grpc={bin_dir / 'protoc-gen-mypy_grpc'}",

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from psclient.either import Left, Right
     from psclient.errors import JobFailed, ShardError, SpecError, StreampsError, WireError
     from psclient.local import LocalCluster, transform
-    from psclient.partition import Id, shard_of
+    from psclient.wire.partition import Id, shard_of
 
 # Exported names load their module on first use, so a command that needs none of
 # them (`psclient health`, a container probe run every few seconds) does not pay
@@ -30,8 +30,8 @@ _EXPORTS = {
     "WireError": "psclient.errors",
     "LocalCluster": "psclient.local",
     "transform": "psclient.local",
-    "Id": "psclient.partition",
-    "shard_of": "psclient.partition",
+    "Id": "psclient.wire.partition",
+    "shard_of": "psclient.wire.partition",
 }
 
 

@@ -16,15 +16,11 @@ from typing import Any
 import grpc
 import numpy as np
 
-from psclient._proto import shard_pb2, shard_pb2_grpc, worker_pb2, worker_pb2_grpc
-from psclient.codec import decode_rows
 from psclient.either import Left, Right
 from psclient.errors import JobFailed, ShardError, StreampsError
-from psclient.partition import Id, key_bucket
-from psclient.records import pack, unpack
-from psclient.security import Security
-from psclient.serving import open_channel
-from psclient.shard_client import (
+from psclient.rpc.security import Security
+from psclient.rpc.serving import open_channel
+from psclient.rpc.shard_client import (
     DEFAULT_CONNECT_TIMEOUT_S,
     ShardGroup,
     check_layout,
@@ -32,6 +28,10 @@ from psclient.shard_client import (
     fetch_info,
     ready_channel,
 )
+from psclient.wire.codec import decode_rows
+from psclient.wire.partition import Id, key_bucket
+from psclient.wire.proto import shard_pb2, shard_pb2_grpc, worker_pb2, worker_pb2_grpc
+from psclient.wire.records import pack, unpack
 
 FEED_BATCH = 512
 # A partly filled feed batch is sent after this long without new records, so
@@ -452,7 +452,7 @@ def connect(
     """A `Cluster` for shards at `servers` (in shard order) and workers at `workers`.
 
     `security` (TLS material, bearer token) defaults to this process's, which is
-    plaintext without a token unless configured; see psclient.security.
+    plaintext without a token unless configured; see psclient.rpc.security.
     `connect_timeout` bounds the wait for each server that is still starting
     (refusing connections, or its name not resolving yet).
     """

@@ -2,7 +2,7 @@
 
 Worker I of W takes records I, I+W, I+2W, ... (round robin over the records of
 the file), or, with a partition key, the records whose key maps to I (the same
-stable rule as parameter ids; see psclient.partition). Both rules need no
+stable rule as parameter ids; see psclient.wire.partition). Both rules need no
 coordination: every worker reads the whole file and keeps its share.
 
 csv and tsv records are tuples; a field that reads as an int or a float becomes
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from psclient.partition import key_bucket
+from psclient.wire.partition import key_bucket
 
 FORMATS = ("jsonl", "csv", "tsv", "lines")
 

@@ -23,10 +23,10 @@ from typing import Any
 from psclient.cluster import Cluster, WorkerReported
 from psclient.either import Left, Right
 from psclient.errors import JobFailed, StreampsError
-from psclient.partition import Id
 from psclient.plugins import ship
 from psclient.progress import JobProgress
 from psclient.specs import check_specs
+from psclient.wire.partition import Id
 
 # Each child imports grpc and numpy before it listens; on a busy 2-core machine
 # that can take several seconds.

@@ -29,10 +29,10 @@ from typing import Any
 
 import numpy as np
 
-from psclient.codec import MAX_ELEMENTS
 from psclient.errors import SpecError, StreampsError
-from psclient.partition import Id
 from psclient.plugins import load_object
+from psclient.wire.codec import MAX_ELEMENTS
+from psclient.wire.partition import Id
 
 IdBatch = Sequence[Id] | np.ndarray  # ids as a list, or int ids as an int64 array
 _U64 = np.uint64

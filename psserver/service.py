@@ -20,12 +20,12 @@ import grpc
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from psclient._proto import shard_pb2, shard_pb2_grpc, tensor_pb2
-from psclient.codec import DecodedBatch, decode_batch, encode_batch
 from psclient.errors import WireError
-from psclient.partition import shard_of, shards_of_ints
-from psclient.shard_client import shutting_down_details
+from psclient.rpc.shard_client import shutting_down_details
 from psclient.specs import UserFunctionError
+from psclient.wire.codec import DecodedBatch, decode_batch, encode_batch
+from psclient.wire.partition import shard_of, shards_of_ints
+from psclient.wire.proto import shard_pb2, shard_pb2_grpc, tensor_pb2
 from psserver import metrics
 from psserver.store import ParameterStore
 

@@ -15,7 +15,7 @@ float), `replace` takes the delta, and a user's function decides (its result's
 dtype and shape become the parameter's). A parameter whose signature changes
 moves to the table of its new signature; no other parameter changes.
 
-Batches are `DecodedBatch`es (psclient.codec): int ids (an int64 array), str ids,
+Batches are `DecodedBatch`es (psclient.wire.codec): int ids (an int64 array), str ids,
 and one value row per id in that order. The store is not thread-safe; the shard
 serializes access.
 """
@@ -27,10 +27,10 @@ from typing import Any
 
 import numpy as np
 
-from psclient.codec import ALLOWED_KINDS, INT_IDS_DTYPE, DecodedBatch, split_ids
 from psclient.errors import WireError
-from psclient.partition import Id, check_id
 from psclient.specs import InitFn, UpdateFn, UserFunctionError
+from psclient.wire.codec import ALLOWED_KINDS, INT_IDS_DTYPE, DecodedBatch, split_ids
+from psclient.wire.partition import Id, check_id
 from psserver.index import IntIndex
 from psserver.tables import Signature, Tables, fold_at, signature
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -14,13 +13,25 @@ from typing import Any, TextIO
 
 import click
 
+from psclient.cli.options import (
+    connect_timeout_option,
+    env,
+    fail,
+    input_options,
+    listen_options,
+    logic_option,
+    on_error_option,
+    open_output,
+    process_options,
+    pull_limit_option,
+    security_options,
+    split_addresses,
+)
+from psclient.cli.process import StopSignal, announce, configure_logging, start_metrics
 from psclient.errors import JobFailed, ShardError, SpecError
-from psclient.inputs import FORMATS, InputSpec, MalformedRecord, read_share
-from psclient.plugins import load_object
-from psclient.records import to_json_compatible
-from psclient.security import security_options
-from psclient.serving import LOG_FORMATS, StopSignal, announce, configure_logging, start_metrics
-from psworker.logic import WorkerLogic, with_pull_limit
+from psclient.inputs import InputSpec, MalformedRecord, read_share
+from psclient.wire.records import to_json_compatible
+from psworker.logic import load_logic, with_pull_limit
 from psworker.metrics import register as register_metrics
 from psworker.runtime import WorkerRuntime
 from psworker.service import OutputBuffer, build_worker_server
@@ -33,22 +44,6 @@ FILE_CHUNK = 256
 # waited longer would only hold its port and memory for a reader that most
 # likely is gone (its client saw the job fail elsewhere).
 UNREAD_FAILURE_GRACE_S = 3.0
-
-
-def load_logic(spec: str) -> WorkerLogic:
-    """A WorkerLogic from `module:Class` (or a factory, or an instance), or SpecError."""
-    obj = load_object(spec, what="logic")
-    if isinstance(obj, type):
-        if not issubclass(obj, WorkerLogic):
-            raise SpecError(f"logic {spec!r} is not a WorkerLogic subclass")
-        return obj()
-    if isinstance(obj, WorkerLogic):
-        return obj
-    if callable(obj):
-        made = obj()
-        if isinstance(made, WorkerLogic):
-            return made
-    raise SpecError(f"logic {spec!r} is not a WorkerLogic, a subclass of it, or a factory of one")
 
 
 def _json_writer(handle: TextIO) -> Callable[[Any], None]:
@@ -101,35 +96,12 @@ def _serve_until_read(
         time.sleep(StopSignal.POLL_S)
 
 
-def _fail(message: str, code: int) -> None:
-    click.echo(f"psworker: error: {message}", err=True)
-    sys.exit(code)
-
-
-def env(name: str) -> dict[str, Any]:
-    return {"envvar": f"STREAMPS_{name}", "show_envvar": True}
-
-
-@click.command(context_settings={"show_default": True})
-@click.option("--logic", "logic_spec", required=True, **env("LOGIC"), help="The WorkerLogic, as module:Class.")
+@click.command("psworker", context_settings={"show_default": True})
+@logic_option
 @click.option("--servers", required=True, **env("SERVERS"), help="Shard addresses H:P,H:P,... in shard order.")
 @click.option("--worker-index", type=click.IntRange(min=0), required=True, **env("WORKER_INDEX"))
 @click.option("--num-workers", type=click.IntRange(min=1), required=True, **env("NUM_WORKERS"))
-@click.option(
-    "--input",
-    "input_path",
-    default=None,
-    **env("INPUT"),
-    help="Records file, or - for stdin. Without it, serve the Feed RPC.",
-)
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default="jsonl", **env("FORMAT"), help="Input format.")
-@click.option(
-    "--partition-key",
-    default=None,
-    **env("PARTITION_KEY"),
-    help="Take records by this key (a jsonl field or a csv/tsv column index) instead of round robin.",
-)
-@click.option("--skip-header", is_flag=True, **env("SKIP_HEADER"), help="Ignore the first line of the input.")
+@input_options(required=False, input_help="Records file, or - for stdin. Without it, serve the Feed RPC.")
 @click.option(
     "--output",
     "output_path",
@@ -137,44 +109,11 @@ def env(name: str) -> dict[str, Any]:
     **env("OUTPUT"),
     help="Write outputs as JSON lines here (- for stdout). Default: stdout with --input, else the Outputs RPC.",
 )
-@click.option("--host", default="127.0.0.1", **env("HOST"))
-@click.option(
-    "--port",
-    type=click.IntRange(min=0, max=65535),
-    default=0,
-    **env("PORT"),
-    help="Port of the Worker service; 0 picks a free one.",
-)
-@click.option(
-    "--pull-limit",
-    type=click.IntRange(min=1),
-    default=None,
-    **env("PULL_LIMIT"),
-    help="Most unanswered pulls; input pauses at the limit.",
-)
-@click.option(
-    "--on-error",
-    type=click.Choice(["fail", "skip"]),
-    default="fail",
-    **env("ON_ERROR"),
-    help="On a malformed record or an exception in on_recv or on_pull_recv[_many]: stop the job, or log, count, go on.",
-)
-@click.option(
-    "--connect-timeout",
-    type=float,
-    default=15.0,
-    **env("CONNECT_TIMEOUT"),
-    help="Seconds to wait for each shard that refuses connections or whose name does not resolve yet.",
-)
-@click.option("--log-level", default="INFO", **env("LOG_LEVEL"))
-@click.option("--log-format", type=click.Choice(LOG_FORMATS), default="text", **env("LOG_FORMAT"))
-@click.option(
-    "--metrics-port",
-    type=click.IntRange(min=0, max=65535),
-    default=None,
-    **env("METRICS_PORT"),
-    help="Serve Prometheus metrics on this port (0 picks one).",
-)
+@listen_options
+@pull_limit_option
+@on_error_option
+@connect_timeout_option("shard")
+@process_options
 @security_options
 def main(
     logic_spec: str,
@@ -197,31 +136,29 @@ def main(
 ) -> None:
     """Run one worker: read records, call the logic, pull and push parameters."""
     if worker_index >= num_workers:
-        _fail(f"--worker-index {worker_index} must be below --num-workers {num_workers}", 2)
+        fail(f"--worker-index {worker_index} must be below --num-workers {num_workers}", 2)
     log = configure_logging(f"worker {worker_index}", log_level, log_format)
     try:
         logic = load_logic(logic_spec)
         if pull_limit is not None:
             logic = with_pull_limit(logic, pull_limit)
     except SpecError as exc:
-        _fail(str(exc), 2)
+        fail(str(exc), 2)
     if input_path is not None and input_path != "-" and not Path(input_path).is_file():
-        _fail(f"--input {input_path}: no such file", 2)
+        fail(f"--input {input_path}: no such file", 2)
+    if output_path is None and input_path is not None:
+        output_path = "-"
+    try:
+        start_metrics(metrics_port, host)
+    except OSError as exc:
+        fail(f"cannot serve metrics on port {metrics_port}: {exc}", 2)
 
     with ExitStack() as stack:
         outputs = OutputBuffer()
-        if output_path is None and input_path is not None:
-            output_path = "-"
-        if output_path is not None:
-            handle = (
-                sys.stdout if output_path == "-" else stack.enter_context(Path(output_path).open("w", encoding="utf-8"))
-            )
-            emit = _json_writer(handle)
-        else:
-            emit = outputs.put
+        emit = _json_writer(open_output(stack, output_path)) if output_path is not None else outputs.put
         runtime = WorkerRuntime(
             logic,
-            [s.strip() for s in servers.split(",") if s.strip()],
+            split_addresses(servers),
             worker_index,
             num_workers,
             emit=emit,
@@ -229,53 +166,64 @@ def main(
             position_name="line" if input_path is not None else "record",
             connect_timeout=connect_timeout,
         )
-        try:
-            start_metrics(metrics_port, host)
-        except OSError as exc:
-            _fail(f"cannot serve metrics on port {metrics_port}: {exc}", 2)
         if metrics_port is not None:
             register_metrics(worker_index, runtime.counters)
-        try:
-            runtime.connect()
-        except ShardError as exc:
-            _fail(f"worker {worker_index}: {exc}", 1)
-
         if input_path is not None:
-            spec = InputSpec(input_path, fmt, partition_key, skip_header)
-            threading.Thread(target=_feed_file, args=(runtime, spec), name="file-reader", daemon=True).start()
-            try:
-                runtime.run()
-            except JobFailed as exc:
-                _fail(str(exc), 1)
-            log.info("finished: %d records, %d outputs", runtime.records, runtime.outputs)
-            return
+            _run_on_file(runtime, InputSpec(input_path, fmt, partition_key, skip_header))
+        else:
+            _serve_feed(runtime, outputs, host, port, to_file=output_path is not None)
+    log.info("finished: %d records, %d outputs", runtime.records, runtime.outputs)
 
+
+def _connect(runtime: WorkerRuntime) -> None:
+    try:
+        runtime.connect()
+    except ShardError as exc:
+        fail(f"worker {runtime.worker_index}: {exc}", 1)
+
+
+def _run_on_file(runtime: WorkerRuntime, spec: InputSpec) -> None:
+    """The file path: read this worker's share of the file on a thread, run the logic to the end."""
+    _connect(runtime)
+    threading.Thread(target=_feed_file, args=(runtime, spec), name="file-reader", daemon=True).start()
+    try:
+        runtime.run()  # closes the shard streams however it ends
+    except JobFailed as exc:
+        fail(str(exc), 1)
+
+
+def _serve_feed(runtime: WorkerRuntime, outputs: OutputBuffer, host: str, port: int, *, to_file: bool) -> None:
+    """The Feed path: serve Feed, Outputs and Status until the outputs are read or a signal comes."""
+    try:
+        # Bound before connecting, so that a port in use fails at once rather than
+        # after waiting for the shards; it serves nothing until the shards check out.
+        bound = build_worker_server(runtime, outputs, host, port)
+    except OSError as exc:
+        fail(str(exc), 2)
+    _connect(runtime)
+    stop = StopSignal()
+    done = threading.Event()
+
+    def run_logic() -> None:
         try:
-            bound = build_worker_server(runtime, outputs, host, port)
-        except OSError as exc:
-            _fail(str(exc), 2)
-        stop = StopSignal()
-        bound.server.start()
+            runtime.run()
+        except JobFailed:
+            pass  # runtime.error holds it, for the Outputs reader and the exit below
+        finally:
+            outputs.close()
+            done.set()
+
+    bound.server.start()
+    try:
         bound.set_serving(True)
         announce(bound)
-        done = threading.Event()
-
-        def run_logic() -> None:
-            try:
-                runtime.run()
-            except JobFailed:
-                pass
-            finally:
-                outputs.close()
-                done.set()
-
         threading.Thread(target=run_logic, name="logic", daemon=True).start()
-        _serve_until_read(stop, done, runtime, outputs, to_file=output_path is not None)
+        _serve_until_read(stop, done, runtime, outputs, to_file=to_file)
+    finally:
         bound.set_serving(False)
         bound.server.stop(STOP_GRACE_S).wait()
-        if runtime.error:
-            _fail(runtime.error, 1)
-        log.info("finished: %d records, %d outputs", runtime.records, runtime.outputs)
+    if runtime.error:
+        fail(runtime.error, 1)
 
 
 if __name__ == "__main__":

@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from psclient._proto import shard_pb2, tensor_pb2
-from psclient.codec import INT_IDS_DTYPE, encode_id_array, encode_keys, encode_values
-from psclient.partition import Id, shard_of, split_by_shard, split_int_ids
+from psclient.wire.codec import INT_IDS_DTYPE, encode_id_array, encode_keys, encode_values
+from psclient.wire.partition import Id, shard_of, split_by_shard, split_int_ids
+from psclient.wire.proto import shard_pb2, tensor_pb2
 
 
 class ShardBuffers:

@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from psclient.codec import ALLOWED_KINDS, INT_IDS_DTYPE
 from psclient.errors import StreampsError
-from psclient.partition import Id, check_id
+from psclient.wire.codec import ALLOWED_KINDS, INT_IDS_DTYPE
+from psclient.wire.partition import Id, check_id
 
 RECORD_REPR_LIMIT = 160
 

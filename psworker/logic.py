@@ -1,13 +1,17 @@
-"""The plugin API: what a user writes (`WorkerLogic`) and what it is handed (`ParameterServerClient`)."""
+"""The plugin API: what a user writes (`WorkerLogic`), what it is handed (`ParameterServerClient`),
+and how a worker loads the one its `--logic` names (`load_logic`)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 
-from psclient.partition import Id
+from psclient.errors import SpecError
+from psclient.plugins import load_object
+from psclient.wire.partition import Id
 
 T = TypeVar("T")  # a training record
 P = TypeVar("P")  # a parameter value: numpy array or Python number
@@ -107,6 +111,36 @@ class WorkerLogic(Generic[T, P, WOut]):
 
     def close(self) -> None:
         """Called once, after the worker is quiescent."""
+
+
+def load_logic(spec: str) -> WorkerLogic:
+    """The WorkerLogic that `spec` names, checked to be one.
+
+    `spec` is `module:attr` (or a shipped `@PATH`), whose attr is a WorkerLogic
+    subclass (made with no arguments), a factory that returns a WorkerLogic, or
+    an instance. SpecError, one line naming the spec, when the module or attr is
+    missing, when it is of another type, or when making the logic raises.
+    """
+    obj = load_object(spec, what="logic")
+    if isinstance(obj, WorkerLogic):
+        return obj
+    if isinstance(obj, type) and not issubclass(obj, WorkerLogic):
+        raise SpecError(f"logic {spec!r} is not a WorkerLogic subclass")
+    if not callable(obj):
+        raise SpecError(f"logic {spec!r} is not a WorkerLogic, a subclass of it, or a factory of one")
+    try:
+        made = obj()
+    except Exception as exc:  # a user's constructor or factory can raise anything
+        name = getattr(obj, "__qualname__", type(obj).__qualname__)
+        # The traceback helps whoever debugs that code, but is not the message.
+        logging.getLogger("streamps").info("traceback of %s()", name, exc_info=True)
+        raise SpecError(f"logic {spec!r}: {name}() raised {type(exc).__name__}: {exc}") from exc
+    if not isinstance(made, WorkerLogic):
+        raise SpecError(
+            f"logic {spec!r} is not a WorkerLogic, a subclass of it, or a factory of one "
+            f"(calling it returned a value of type {type(made).__qualname__})"
+        )
+    return made
 
 
 class _PullLimited(WorkerLogic[T, P, WOut]):

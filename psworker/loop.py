@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from psclient.codec import DecodedBatch
 from psclient.errors import JobFailed
-from psclient.partition import Id
+from psclient.wire.codec import DecodedBatch
+from psclient.wire.partition import Id
 from psworker.batching import ShardBuffers
 from psworker.checks import InvalidDelta, short_repr
 from psworker.input_queue import InputQueue, Unreadable

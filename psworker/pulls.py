@@ -12,7 +12,7 @@ from collections import deque
 
 import numpy as np
 
-from psclient.partition import Id
+from psclient.wire.partition import Id
 from psworker.batching import ShardBuffers
 
 

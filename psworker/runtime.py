@@ -39,17 +39,17 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from psclient._proto import shard_pb2
-from psclient.codec import decode_batch, decode_rows
 from psclient.errors import JobFailed, ShardError, StreampsError
-from psclient.partition import Id, check_id
-from psclient.shard_client import (
+from psclient.rpc.shard_client import (
     CLOSE_TIMEOUT_S,
     DEFAULT_CONNECT_TIMEOUT_S,
     EventLoopThread,
     ShardConnection,
     check_layout,
 )
+from psclient.wire.codec import decode_batch, decode_rows
+from psclient.wire.partition import Id, check_id
+from psclient.wire.proto import shard_pb2
 from psworker.batching import ShardBuffers
 from psworker.checks import check_delta, check_deltas, id_groups
 from psworker.input_queue import InputQueue

@@ -9,10 +9,10 @@ from collections.abc import Iterator
 
 import grpc
 
-from psclient._proto import worker_pb2, worker_pb2_grpc
 from psclient.errors import JobFailed, WireError
-from psclient.records import pack, unpack
-from psclient.serving import BoundServer, build_server
+from psclient.rpc.serving import BoundServer, build_server
+from psclient.wire.proto import worker_pb2, worker_pb2_grpc
+from psclient.wire.records import pack, unpack
 from psworker.runtime import State, WorkerRuntime
 
 OUTPUT_CHUNK = 1_024

@@ -17,9 +17,9 @@ from typing import Any
 import cloudpickle
 import numpy as np
 
-from psclient.codec import DecodedBatch, as_value_array, group_values, row_values, split_ids
-from psclient.partition import Id, check_id
 from psclient.specs import make_init, make_update
+from psclient.wire.codec import DecodedBatch, as_value_array, group_values, row_values, split_ids
+from psclient.wire.partition import Id, check_id
 from psserver.store import ParameterStore
 from psworker.checks import check_delta, check_deltas, id_groups
 from psworker.logic import WorkerLogic, pull_limit_of, receives_many

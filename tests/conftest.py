@@ -21,8 +21,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from psclient._proto import shard_pb2, shard_pb2_grpc
 from psclient.local import shard_argv
+from psclient.wire.proto import shard_pb2, shard_pb2_grpc
 
 TESTS_DIR = Path(__file__).resolve().parent
 ROOT = TESTS_DIR.parent

@@ -138,3 +138,23 @@ def bad_update(old: Any, delta: Any) -> Any:
     if delta < 0:
         raise ValueError(f"negative delta {delta}")
     return old + delta
+
+
+class BrokenInit(WorkerLogic):
+    """A logic whose constructor raises, as one given a bad setting does."""
+
+    def __init__(self) -> None:
+        raise ValueError("rank must be positive")
+
+
+def word_count() -> WordCount:
+    """A factory of a logic, as `--logic logics:word_count` takes it."""
+    return WordCount()
+
+
+def not_a_logic() -> dict:
+    """A factory of something else."""
+    return {}
+
+
+ANSWER = 42

@@ -16,8 +16,8 @@ from conftest import Processes, StartShards, error_line, push_once, run_psworker
 from logics import FailOnX
 
 from psclient import Cluster, JobFailed, LocalCluster, transform
-from psclient._proto import shard_pb2, shard_pb2_grpc, tensor_pb2, worker_pb2
-from psclient.codec import decode_rows, encode_int_ids, encode_keys, encode_values
+from psclient.wire.codec import decode_rows, encode_int_ids, encode_keys, encode_values
+from psclient.wire.proto import shard_pb2, shard_pb2_grpc, tensor_pb2, worker_pb2
 
 RUN_TIMEOUT_S = 120
 

@@ -12,7 +12,7 @@ import pytest
 from conftest import Processes, StartShards
 
 from psclient.local import worker_argv
-from psclient.partition import key_bucket
+from psclient.wire.partition import key_bucket
 
 RUN_TIMEOUT_S = 120
 

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 from psclient import WireError
-from psclient._proto import tensor_pb2
-from psclient.codec import (
+from psclient.wire.codec import (
     DecodedBatch,
     decode_batch,
     decode_int_ids,
@@ -24,6 +23,7 @@ from psclient.codec import (
     encode_values,
     split_ids,
 )
+from psclient.wire.proto import tensor_pb2
 
 DTYPES = ["?", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "f2", "f4", "f8", "c8", "c16"]
 SHAPES = [(0,), (1,), (5,), (2, 3), (0, 4), (2, 1, 3)]  # 0-d: its own test below

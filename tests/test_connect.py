@@ -24,9 +24,9 @@ import pytest
 from conftest import Processes, psserver_argv
 
 from psclient import ShardError, connect
-from psclient._proto import shard_pb2, shard_pb2_grpc
 from psclient.local import worker_argv
-from psclient.shard_client import ShardGroup
+from psclient.rpc.shard_client import ShardGroup
+from psclient.wire.proto import shard_pb2, shard_pb2_grpc
 
 RUN_TIMEOUT_S = 120
 

@@ -23,8 +23,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from psclient import connect
-from psclient._proto import shard_pb2, shard_pb2_grpc, tensor_pb2, worker_pb2, worker_pb2_grpc
 from psclient.local import worker_argv
+from psclient.wire.proto import shard_pb2, shard_pb2_grpc, tensor_pb2, worker_pb2, worker_pb2_grpc
 
 REJECTED = {
     grpc.StatusCode.INVALID_ARGUMENT,
@@ -180,7 +180,7 @@ def test_oversized_batch_is_rejected(target: Target) -> None:
 @given(records=st.lists(st.binary(min_size=1, max_size=32), min_size=1, max_size=4))
 @FUZZ
 def test_worker_feed_rejects_undecodable_records_and_keeps_serving(target: Target, records: list[bytes]) -> None:
-    from psclient.records import unpack
+    from psclient.wire.records import unpack
 
     def decodes(data: bytes) -> bool:
         try:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import child_env
 
-from psclient.partition import check_id, key_bucket, shard_of, shards_of_ints, split_by_shard
+from psclient.wire.partition import check_id, key_bucket, shard_of, shards_of_ints, split_by_shard
 
 
 @pytest.mark.parametrize(
@@ -39,7 +39,7 @@ def test_str_ids_use_crc32_of_utf8_bytes() -> None:
 
 def test_str_rule_is_the_same_in_processes_with_other_hash_seeds() -> None:
     ids = ["alpha", "beta", "gamma", "ünïcode", "w1-7", "s42"]
-    code = "import json, sys; from psclient.partition import shard_of; print(json.dumps([shard_of(i, 13) for i in json.loads(sys.argv[1])]))"  # noqa: E501
+    code = "import json, sys; from psclient.wire.partition import shard_of; print(json.dumps([shard_of(i, 13) for i in json.loads(sys.argv[1])]))"  # noqa: E501
 
     answers = [
         json.loads(

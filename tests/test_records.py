@@ -1,4 +1,4 @@
-"""Records and outputs on the wire (psclient.records): what goes in comes out, bad bytes are refused."""
+"""Records and outputs on the wire (psclient.wire.records): what goes in comes out, bad bytes are refused."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from psclient.errors import WireError
-from psclient.records import pack, unpack
+from psclient.wire.records import pack, unpack
 
 
 @pytest.mark.parametrize(

@@ -20,10 +20,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from psclient import ShardError, connect
-from psclient._proto import worker_pb2, worker_pb2_grpc
 from psclient.local import worker_argv
-from psclient.security import Security
-from psclient.serving import open_channel
+from psclient.rpc.security import Security
+from psclient.rpc.serving import open_channel
+from psclient.wire.proto import worker_pb2, worker_pb2_grpc
 
 TOKEN = "s3cret-token-for-tests"
 
@@ -164,3 +164,9 @@ def test_a_token_file_is_required_to_hold_a_token(tmp_path: Path) -> None:
         Security.from_files(token_file=str(tmp_path / "empty"))
     with pytest.raises(ValueError, match="go together"):
         Security.from_files(cert=str(tmp_path / "x.pem"))
+
+
+def test_the_import_path_readme_shows_still_gives_security() -> None:
+    from psclient.security import Security as Documented
+
+    assert Documented is Security

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from psclient._proto import worker_pb2 as psclient_dot___proto_dot_worker__pb2
+from psclient.wire.proto import worker_pb2 as psclient_dot_wire_dot_proto_dot_worker__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in psclient/_proto/worker_pb2_grpc.py depends on'
+        + ' but the generated code in psclient/wire/proto/worker_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,18 +36,18 @@ class WorkerStub:
         """
         self.Feed = channel.stream_unary(
                 '/streamps.v1.Worker/Feed',
-                request_serializer=psclient_dot___proto_dot_worker__pb2.FeedRequest.SerializeToString,
-                response_deserializer=psclient_dot___proto_dot_worker__pb2.FeedResponse.FromString,
+                request_serializer=psclient_dot_wire_dot_proto_dot_worker__pb2.FeedRequest.SerializeToString,
+                response_deserializer=psclient_dot_wire_dot_proto_dot_worker__pb2.FeedResponse.FromString,
                 _registered_method=True)
         self.Outputs = channel.unary_stream(
                 '/streamps.v1.Worker/Outputs',
-                request_serializer=psclient_dot___proto_dot_worker__pb2.OutputsRequest.SerializeToString,
-                response_deserializer=psclient_dot___proto_dot_worker__pb2.OutputChunk.FromString,
+                request_serializer=psclient_dot_wire_dot_proto_dot_worker__pb2.OutputsRequest.SerializeToString,
+                response_deserializer=psclient_dot_wire_dot_proto_dot_worker__pb2.OutputChunk.FromString,
                 _registered_method=True)
         self.Status = channel.unary_unary(
                 '/streamps.v1.Worker/Status',
-                request_serializer=psclient_dot___proto_dot_worker__pb2.StatusRequest.SerializeToString,
-                response_deserializer=psclient_dot___proto_dot_worker__pb2.StatusResponse.FromString,
+                request_serializer=psclient_dot_wire_dot_proto_dot_worker__pb2.StatusRequest.SerializeToString,
+                response_deserializer=psclient_dot_wire_dot_proto_dot_worker__pb2.StatusResponse.FromString,
                 _registered_method=True)
 
 
@@ -85,18 +85,18 @@ def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Feed': grpc.stream_unary_rpc_method_handler(
                     servicer.Feed,
-                    request_deserializer=psclient_dot___proto_dot_worker__pb2.FeedRequest.FromString,
-                    response_serializer=psclient_dot___proto_dot_worker__pb2.FeedResponse.SerializeToString,
+                    request_deserializer=psclient_dot_wire_dot_proto_dot_worker__pb2.FeedRequest.FromString,
+                    response_serializer=psclient_dot_wire_dot_proto_dot_worker__pb2.FeedResponse.SerializeToString,
             ),
             'Outputs': grpc.unary_stream_rpc_method_handler(
                     servicer.Outputs,
-                    request_deserializer=psclient_dot___proto_dot_worker__pb2.OutputsRequest.FromString,
-                    response_serializer=psclient_dot___proto_dot_worker__pb2.OutputChunk.SerializeToString,
+                    request_deserializer=psclient_dot_wire_dot_proto_dot_worker__pb2.OutputsRequest.FromString,
+                    response_serializer=psclient_dot_wire_dot_proto_dot_worker__pb2.OutputChunk.SerializeToString,
             ),
             'Status': grpc.unary_unary_rpc_method_handler(
                     servicer.Status,
-                    request_deserializer=psclient_dot___proto_dot_worker__pb2.StatusRequest.FromString,
-                    response_serializer=psclient_dot___proto_dot_worker__pb2.StatusResponse.SerializeToString,
+                    request_deserializer=psclient_dot_wire_dot_proto_dot_worker__pb2.StatusRequest.FromString,
+                    response_serializer=psclient_dot_wire_dot_proto_dot_worker__pb2.StatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -124,8 +124,8 @@ class Worker:
             request_iterator,
             target,
             '/streamps.v1.Worker/Feed',
-            psclient_dot___proto_dot_worker__pb2.FeedRequest.SerializeToString,
-            psclient_dot___proto_dot_worker__pb2.FeedResponse.FromString,
+            psclient_dot_wire_dot_proto_dot_worker__pb2.FeedRequest.SerializeToString,
+            psclient_dot_wire_dot_proto_dot_worker__pb2.FeedResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -151,8 +151,8 @@ class Worker:
             request,
             target,
             '/streamps.v1.Worker/Outputs',
-            psclient_dot___proto_dot_worker__pb2.OutputsRequest.SerializeToString,
-            psclient_dot___proto_dot_worker__pb2.OutputChunk.FromString,
+            psclient_dot_wire_dot_proto_dot_worker__pb2.OutputsRequest.SerializeToString,
+            psclient_dot_wire_dot_proto_dot_worker__pb2.OutputChunk.FromString,
             options,
             channel_credentials,
             insecure,
@@ -178,8 +178,8 @@ class Worker:
             request,
             target,
             '/streamps.v1.Worker/Status',
-            psclient_dot___proto_dot_worker__pb2.StatusRequest.SerializeToString,
-            psclient_dot___proto_dot_worker__pb2.StatusResponse.FromString,
+            psclient_dot_wire_dot_proto_dot_worker__pb2.StatusRequest.SerializeToString,
+            psclient_dot_wire_dot_proto_dot_worker__pb2.StatusResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -26,8 +26,11 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from psclient._proto import shard_pb2, shard_pb2_grpc, tensor_pb2
-from psclient.codec import (
+from psclient.errors import ShardError
+from psclient.rpc.security import Security
+from psclient.rpc.security import current as current_security
+from psclient.rpc.serving import CHANNEL_OPTIONS, DEFAULT_CONNECT_TIMEOUT_S, open_channel
+from psclient.wire.codec import (
     INT_IDS_DTYPE,
     decode_batch,
     decode_rows,
@@ -35,11 +38,8 @@ from psclient.codec import (
     encode_keys,
     encode_values,
 )
-from psclient.errors import ShardError
-from psclient.partition import Id, check_id, split_by_shard, split_int_ids
-from psclient.security import Security
-from psclient.security import current as current_security
-from psclient.serving import CHANNEL_OPTIONS, DEFAULT_CONNECT_TIMEOUT_S, open_channel
+from psclient.wire.partition import Id, check_id, split_by_shard, split_int_ids
+from psclient.wire.proto import shard_pb2, shard_pb2_grpc, tensor_pb2
 
 _END = object()
 _EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]  # the stubs predate it

@@ -3,7 +3,7 @@
 isort:skip_file
 The ParameterShard service: one shard of the parameter server.
 
-A shard owns every parameter whose id maps to it (see psclient.partition):
+A shard owns every parameter whose id maps to it (see psclient.wire.partition):
 ints by non-negative modulo, strings by a CRC-32 of their UTF-8 bytes.
 A parameter is created on its first pull or push from the shard's init
 function; pushes are folded in with the shard's update function.
@@ -13,7 +13,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
-from psclient._proto import tensor_pb2 as _tensor_pb2
+from psclient.wire.proto import tensor_pb2 as _tensor_pb2
 import builtins as _builtins
 import sys
 import typing as _typing

@@ -3,7 +3,7 @@
 isort:skip_file
 The ParameterShard service: one shard of the parameter server.
 
-A shard owns every parameter whose id maps to it (see psclient.partition):
+A shard owns every parameter whose id maps to it (see psclient.wire.partition):
 ints by non-negative modulo, strings by a CRC-32 of their UTF-8 bytes.
 A parameter is created on its first pull or push from the shard's init
 function; pushes are folded in with the shard's update function.
@@ -11,7 +11,7 @@ function; pushes are folded in with the shard's update function.
 
 from collections import abc as _abc
 from grpc import aio as _aio
-from psclient._proto import shard_pb2 as _shard_pb2
+from psclient.wire.proto import shard_pb2 as _shard_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys

@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from psclient._proto import tensor_pb2
 from psclient.errors import WireError
-from psclient.partition import Id
+from psclient.wire.partition import Id
+from psclient.wire.proto import tensor_pb2
 
 # Numeric kinds only: bool, signed/unsigned ints, floats, complex. Object,
 # string, void and datetime dtypes never cross the wire.

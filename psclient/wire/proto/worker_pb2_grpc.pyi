@@ -3,14 +3,14 @@
 isort:skip_file
 The Worker service: one worker process running a user WorkerLogic.
 
-Records and outputs cross the wire as msgpack bytes (see psclient.records):
+Records and outputs cross the wire as msgpack bytes (see psclient.wire.records):
 plain data (None, bool, int, float, str, bytes, lists, dicts), tuples and
 numpy arrays. Never pickled.
 """
 
 from collections import abc as _abc
 from grpc import aio as _aio
-from psclient._proto import worker_pb2 as _worker_pb2
+from psclient.wire.proto import worker_pb2 as _worker_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from psclient._proto import shard_pb2 as psclient_dot___proto_dot_shard__pb2
+from psclient.wire.proto import shard_pb2 as psclient_dot_wire_dot_proto_dot_shard__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in psclient/_proto/shard_pb2_grpc.py depends on'
+        + ' but the generated code in psclient/wire/proto/shard_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,28 +36,28 @@ class ParameterShardStub:
         """
         self.Pull = channel.stream_stream(
                 '/streamps.v1.ParameterShard/Pull',
-                request_serializer=psclient_dot___proto_dot_shard__pb2.PullRequest.SerializeToString,
-                response_deserializer=psclient_dot___proto_dot_shard__pb2.PullResponse.FromString,
+                request_serializer=psclient_dot_wire_dot_proto_dot_shard__pb2.PullRequest.SerializeToString,
+                response_deserializer=psclient_dot_wire_dot_proto_dot_shard__pb2.PullResponse.FromString,
                 _registered_method=True)
         self.Push = channel.stream_stream(
                 '/streamps.v1.ParameterShard/Push',
-                request_serializer=psclient_dot___proto_dot_shard__pb2.PushRequest.SerializeToString,
-                response_deserializer=psclient_dot___proto_dot_shard__pb2.PushAck.FromString,
+                request_serializer=psclient_dot_wire_dot_proto_dot_shard__pb2.PushRequest.SerializeToString,
+                response_deserializer=psclient_dot_wire_dot_proto_dot_shard__pb2.PushAck.FromString,
                 _registered_method=True)
         self.Exchange = channel.stream_stream(
                 '/streamps.v1.ParameterShard/Exchange',
-                request_serializer=psclient_dot___proto_dot_shard__pb2.ExchangeRequest.SerializeToString,
-                response_deserializer=psclient_dot___proto_dot_shard__pb2.ExchangeResponse.FromString,
+                request_serializer=psclient_dot_wire_dot_proto_dot_shard__pb2.ExchangeRequest.SerializeToString,
+                response_deserializer=psclient_dot_wire_dot_proto_dot_shard__pb2.ExchangeResponse.FromString,
                 _registered_method=True)
         self.Snapshot = channel.unary_stream(
                 '/streamps.v1.ParameterShard/Snapshot',
-                request_serializer=psclient_dot___proto_dot_shard__pb2.SnapshotRequest.SerializeToString,
-                response_deserializer=psclient_dot___proto_dot_shard__pb2.SnapshotChunk.FromString,
+                request_serializer=psclient_dot_wire_dot_proto_dot_shard__pb2.SnapshotRequest.SerializeToString,
+                response_deserializer=psclient_dot_wire_dot_proto_dot_shard__pb2.SnapshotChunk.FromString,
                 _registered_method=True)
         self.Info = channel.unary_unary(
                 '/streamps.v1.ParameterShard/Info',
-                request_serializer=psclient_dot___proto_dot_shard__pb2.InfoRequest.SerializeToString,
-                response_deserializer=psclient_dot___proto_dot_shard__pb2.InfoResponse.FromString,
+                request_serializer=psclient_dot_wire_dot_proto_dot_shard__pb2.InfoRequest.SerializeToString,
+                response_deserializer=psclient_dot_wire_dot_proto_dot_shard__pb2.InfoResponse.FromString,
                 _registered_method=True)
 
 
@@ -120,28 +120,28 @@ def add_ParameterShardServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Pull': grpc.stream_stream_rpc_method_handler(
                     servicer.Pull,
-                    request_deserializer=psclient_dot___proto_dot_shard__pb2.PullRequest.FromString,
-                    response_serializer=psclient_dot___proto_dot_shard__pb2.PullResponse.SerializeToString,
+                    request_deserializer=psclient_dot_wire_dot_proto_dot_shard__pb2.PullRequest.FromString,
+                    response_serializer=psclient_dot_wire_dot_proto_dot_shard__pb2.PullResponse.SerializeToString,
             ),
             'Push': grpc.stream_stream_rpc_method_handler(
                     servicer.Push,
-                    request_deserializer=psclient_dot___proto_dot_shard__pb2.PushRequest.FromString,
-                    response_serializer=psclient_dot___proto_dot_shard__pb2.PushAck.SerializeToString,
+                    request_deserializer=psclient_dot_wire_dot_proto_dot_shard__pb2.PushRequest.FromString,
+                    response_serializer=psclient_dot_wire_dot_proto_dot_shard__pb2.PushAck.SerializeToString,
             ),
             'Exchange': grpc.stream_stream_rpc_method_handler(
                     servicer.Exchange,
-                    request_deserializer=psclient_dot___proto_dot_shard__pb2.ExchangeRequest.FromString,
-                    response_serializer=psclient_dot___proto_dot_shard__pb2.ExchangeResponse.SerializeToString,
+                    request_deserializer=psclient_dot_wire_dot_proto_dot_shard__pb2.ExchangeRequest.FromString,
+                    response_serializer=psclient_dot_wire_dot_proto_dot_shard__pb2.ExchangeResponse.SerializeToString,
             ),
             'Snapshot': grpc.unary_stream_rpc_method_handler(
                     servicer.Snapshot,
-                    request_deserializer=psclient_dot___proto_dot_shard__pb2.SnapshotRequest.FromString,
-                    response_serializer=psclient_dot___proto_dot_shard__pb2.SnapshotChunk.SerializeToString,
+                    request_deserializer=psclient_dot_wire_dot_proto_dot_shard__pb2.SnapshotRequest.FromString,
+                    response_serializer=psclient_dot_wire_dot_proto_dot_shard__pb2.SnapshotChunk.SerializeToString,
             ),
             'Info': grpc.unary_unary_rpc_method_handler(
                     servicer.Info,
-                    request_deserializer=psclient_dot___proto_dot_shard__pb2.InfoRequest.FromString,
-                    response_serializer=psclient_dot___proto_dot_shard__pb2.InfoResponse.SerializeToString,
+                    request_deserializer=psclient_dot_wire_dot_proto_dot_shard__pb2.InfoRequest.FromString,
+                    response_serializer=psclient_dot_wire_dot_proto_dot_shard__pb2.InfoResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -169,8 +169,8 @@ class ParameterShard:
             request_iterator,
             target,
             '/streamps.v1.ParameterShard/Pull',
-            psclient_dot___proto_dot_shard__pb2.PullRequest.SerializeToString,
-            psclient_dot___proto_dot_shard__pb2.PullResponse.FromString,
+            psclient_dot_wire_dot_proto_dot_shard__pb2.PullRequest.SerializeToString,
+            psclient_dot_wire_dot_proto_dot_shard__pb2.PullResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -196,8 +196,8 @@ class ParameterShard:
             request_iterator,
             target,
             '/streamps.v1.ParameterShard/Push',
-            psclient_dot___proto_dot_shard__pb2.PushRequest.SerializeToString,
-            psclient_dot___proto_dot_shard__pb2.PushAck.FromString,
+            psclient_dot_wire_dot_proto_dot_shard__pb2.PushRequest.SerializeToString,
+            psclient_dot_wire_dot_proto_dot_shard__pb2.PushAck.FromString,
             options,
             channel_credentials,
             insecure,
@@ -223,8 +223,8 @@ class ParameterShard:
             request_iterator,
             target,
             '/streamps.v1.ParameterShard/Exchange',
-            psclient_dot___proto_dot_shard__pb2.ExchangeRequest.SerializeToString,
-            psclient_dot___proto_dot_shard__pb2.ExchangeResponse.FromString,
+            psclient_dot_wire_dot_proto_dot_shard__pb2.ExchangeRequest.SerializeToString,
+            psclient_dot_wire_dot_proto_dot_shard__pb2.ExchangeResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -250,8 +250,8 @@ class ParameterShard:
             request,
             target,
             '/streamps.v1.ParameterShard/Snapshot',
-            psclient_dot___proto_dot_shard__pb2.SnapshotRequest.SerializeToString,
-            psclient_dot___proto_dot_shard__pb2.SnapshotChunk.FromString,
+            psclient_dot_wire_dot_proto_dot_shard__pb2.SnapshotRequest.SerializeToString,
+            psclient_dot_wire_dot_proto_dot_shard__pb2.SnapshotChunk.FromString,
             options,
             channel_credentials,
             insecure,
@@ -277,8 +277,8 @@ class ParameterShard:
             request,
             target,
             '/streamps.v1.ParameterShard/Info',
-            psclient_dot___proto_dot_shard__pb2.InfoRequest.SerializeToString,
-            psclient_dot___proto_dot_shard__pb2.InfoResponse.FromString,
+            psclient_dot_wire_dot_proto_dot_shard__pb2.InfoRequest.SerializeToString,
+            psclient_dot_wire_dot_proto_dot_shard__pb2.InfoResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -3,7 +3,7 @@
 isort:skip_file
 The Worker service: one worker process running a user WorkerLogic.
 
-Records and outputs cross the wire as msgpack bytes (see psclient.records):
+Records and outputs cross the wire as msgpack bytes (see psclient.wire.records):
 plain data (None, bool, int, float, str, bytes, lists, dicts), tuples and
 numpy arrays. Never pickled.
 """

@@ -18,23 +18,11 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `examples` is a directory of the repo, not an installed package
     sys.path.insert(0, str(ROOT))
 
-from examples.logistic_regression import (  # noqa: E402
-    LogisticRegression,
-    collisions,
-    feature_hash,
-    log_loss_step,
-    sklearn_lr,
-)
-from examples.passive_aggressive import (  # noqa: E402
-    DATASETS,
-    INTERCEPT_ID,
-    Dataset,
-    averaged_model,
-    load_dataset,
-    sklearn_accuracy,
-    train_distributed,
-    train_in_process,
-)
+from examples.datasets import DATASETS, Dataset, load_dataset  # noqa: E402
+from examples.linear_driver import train_distributed, train_in_process  # noqa: E402
+from examples.linear_model import INTERCEPT_ID, averaged_model  # noqa: E402
+from examples.logistic_regression import LogisticRegression, collisions, feature_hash, log_loss_step  # noqa: E402
+from examples.references import sklearn_accuracy, sklearn_lr  # noqa: E402
 
 BITS = 18
 ETA = 0.01

@@ -13,16 +13,11 @@ from typing import Any
 import pytest
 
 from examples.datasets import DatasetError
-from examples.movielens_mf import (
-    IMPLICIT_LR,
-    IMPLICIT_REG,
-    Hyper,
-    load_split,
-    popularity_auc,
-    reference_offline,
-    run_offline,
-    run_online,
-)
+from examples.mf import Hyper
+from examples.movielens_mf import load_split
+from examples.offline_mf import IMPLICIT_LR, IMPLICIT_REG, run_offline
+from examples.online_biased_mf import run_online
+from examples.references import popularity_auc, reference_offline
 
 # The target of issue 4: Surprise's SVD scores 0.934 on ml-100k.
 TARGET_RMSE = 0.935

@@ -18,28 +18,20 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `examples` is a directory of the repo, not an installed package
     sys.path.insert(0, str(ROOT))
 
-from examples.passive_aggressive import (  # noqa: E402
+from examples.datasets import DATASETS, Dataset, load_dataset  # noqa: E402
+from examples.linear_driver import InProcessPS, train_distributed, train_in_process  # noqa: E402
+from examples.linear_model import (  # noqa: E402
     CLOCK_PREFIX,
-    DATASETS,
     DONE,
     INTERCEPT_ID,
-    VARIANTS,
-    Dataset,
-    InProcessPS,
-    PassiveAggressive,
     average_id,
     averaged_model,
-    load_dataset,
-    namespaced_id,
-    pa_tau,
-    sklearn_accuracy,
-    sklearn_pa,
     sparse_features,
-    split_namespaced_id,
     split_record,
-    train_distributed,
-    train_in_process,
 )
+from examples.passive_aggressive import VARIANTS, PassiveAggressive, pa_tau  # noqa: E402
+from examples.references import sklearn_accuracy, sklearn_pa  # noqa: E402
+from examples.side_by_side import namespaced_id, split_namespaced_id  # noqa: E402
 
 C = 0.01
 EPOCHS = 5
@@ -48,7 +40,7 @@ TOLERANCE = 0.01  # the target: within one point of scikit-learn
 # The final iterate of plain PA (no bound on the step) on phishing is chaotic: scikit-learn
 # itself scores 0.832 +- 0.044 over 10 shuffled orders of the same data, and any asynchrony
 # moves ours (0.850..0.866 over our runs, vs 0.869 for scikit-learn's one order). Its averaged
-# model is within TOLERANCE. See the report in examples/passive_aggressive.py's docstring.
+# model is within TOLERANCE. See examples/RESULTS.md.
 FINAL_TOLERANCE = {("phishing", "PA"): 0.03}
 MIN_ACCURACY = {"breast_cancer": 0.93, "digits": 0.92, "phishing": 0.84}
 

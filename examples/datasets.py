@@ -14,12 +14,14 @@ them.
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -113,32 +115,38 @@ def split_80_20(ratings: list[Rating], seed: int) -> tuple[list[Rating], list[Ra
 
 @dataclass
 class Dataset:
-    """A fixed, seeded, stratified train/test split, standardized with the train statistics.
+    """A train/test split for the sparse linear examples: records for the cluster, matrices for scikit-learn.
 
-    `X_*` are dense matrices (for scikit-learn), `train`/`test` the same rows as
-    sparse records (features, label): (indices, values) arrays, or for phishing
-    dicts keyed by feature name.
+    `X_train`, `X_test` are each a dense 2-D array, a scipy sparse matrix (CSR,
+    or anything with `tocsr()`), or a sequence of sparse rows `(indices, values)`;
+    a sparse one is never made dense. `train`/`test` are the same rows as records
+    (features, label): `(indices, values)` arrays, or with `feature_names` dicts
+    keyed by feature name. `matrices()` gives what scikit-learn fits on.
     """
 
     name: str
-    X_train: np.ndarray
+    X_train: Any
     y_train: np.ndarray
-    X_test: np.ndarray
+    X_test: Any
     y_test: np.ndarray
     feature_names: list[str] | None = None
     classes: tuple[Any, ...] = field(init=False)
 
     def __post_init__(self) -> None:
+        self.y_train, self.y_test = np.asarray(self.y_train), np.asarray(self.y_test)
         self.classes = tuple(np.unique(self.y_train).tolist())
 
-    def _records(self, X: np.ndarray, y: np.ndarray) -> list[Record]:
+    def _records(self, X: Any, y: np.ndarray) -> list[Record]:
+        labels = y.tolist()
+        if len(labels) != _row_count(X):
+            raise ValueError(f"{self.name}: {_row_count(X)} rows but {len(labels)} labels")
         records: list[Record] = []
-        for row, label in zip(X, y.tolist(), strict=True):
-            (nonzero,) = np.nonzero(row)
+        for (indices, values), label in zip(_sparse_rows(X), labels, strict=True):
             if self.feature_names is None:
-                records.append(((nonzero.astype(np.int64), row[nonzero]), label))
+                records.append(((indices, values), label))
             else:
-                records.append(({self.feature_names[j]: float(row[j]) for j in nonzero}, label))
+                pairs = zip(indices.tolist(), values.tolist(), strict=True)
+                records.append(({self.feature_names[j]: value for j, value in pairs}, label))
         return records
 
     @cached_property
@@ -148,6 +156,69 @@ class Dataset:
     @cached_property
     def test(self) -> list[Record]:
         return self._records(self.X_test, self.y_test)
+
+    @property
+    def n_features(self) -> int:
+        """Columns of the matrices: as given, or 1 + the largest index of the rows."""
+        if self.feature_names is not None:
+            return len(self.feature_names)
+        if hasattr(self.X_train, "shape"):
+            return int(self.X_train.shape[1])
+        return 1 + max((int(ids.max()) for ids, _ in self._rows() if len(ids)), default=-1)
+
+    def _rows(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for X in (self.X_train, self.X_test):
+            for ids, values in _sparse_rows(X):
+                if ids.dtype.kind not in "iu":
+                    raise ValueError(f"{self.name}: rows with str feature ids make no matrix (int indices do)")
+                yield ids, values
+
+    def matrices(self) -> tuple[Any, Any]:
+        """(X_train, X_test) as scikit-learn takes them: dense arrays and sparse matrices as they are,
+        rows of (indices, values) as scipy CSR matrices (scipy comes with scikit-learn).
+
+        On sparse input scikit-learn's SGD scales the intercept's steps by 0.01, on dense input it
+        does not: its model is the twin of ours on dense input, or without an intercept."""
+        if not isinstance(self.X_train, list | tuple) and not isinstance(self.X_test, list | tuple):
+            return self.X_train, self.X_test
+        from scipy.sparse import csr_matrix
+
+        rows = list(self._rows())
+        width, cut = self.n_features, _row_count(self.X_train)
+        matrices = []
+        for part in (rows[:cut], rows[cut:]):
+            indptr = np.cumsum([0] + [len(ids) for ids, _ in part])
+            flat_ids = np.concatenate([ids for ids, _ in part]) if part else np.empty(0, np.int64)
+            flat_values = np.concatenate([values for _, values in part]) if part else np.empty(0)
+            matrices.append(csr_matrix((flat_values, flat_ids, indptr), shape=(len(part), width)))
+        return matrices[0], matrices[1]
+
+
+def _row_count(X: Any) -> int:
+    return X.shape[0] if hasattr(X, "shape") else len(X)
+
+
+def _sparse_rows(X: Any) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(indices, values) of each row's non-zero entries, from a dense array, a sparse matrix or rows."""
+    if hasattr(X, "tocsr"):
+        csr = X.tocsr()
+        for start, end in itertools.pairwise(csr.indptr.tolist()):
+            values = np.asarray(csr.data[start:end], dtype=np.float64)
+            keep = values != 0.0
+            yield csr.indices[start:end][keep].astype(np.int64), values[keep]
+    elif isinstance(X, np.ndarray):
+        if X.ndim != 2:
+            raise ValueError(f"a dense X must be 2-D, got shape {X.shape}")
+        for row in X:
+            (nonzero,) = np.nonzero(row)
+            yield nonzero.astype(np.int64), np.asarray(row[nonzero], dtype=np.float64)
+    else:
+        for number, row in enumerate(X):
+            try:
+                indices, values = row
+            except (TypeError, ValueError):
+                raise ValueError(f"row {number}: a sparse row is a pair (indices, values)") from None
+            yield np.asarray(indices), np.asarray(values, dtype=np.float64)
 
 
 def load_dataset(name: str, seed: int = SPLIT_SEED, test_size: float = TEST_SIZE) -> Dataset:

@@ -157,7 +157,7 @@ class LogisticRegression(SparseLinearLearner):
 
 def collisions(data: Dataset, bits: int) -> tuple[int, int]:
     """(features, features sharing a bucket with another one) of a data set under `bits`."""
-    names = data.feature_names if data.feature_names is not None else list(range(data.X_train.shape[1]))
+    names = data.feature_names if data.feature_names is not None else list(range(data.n_features))
     buckets = [feature_hash(name, bits)[0] for name in names]
     counts: dict[int, int] = {}
     for bucket in buckets:

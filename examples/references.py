@@ -51,8 +51,9 @@ def sklearn_accuracy(estimator: Any, data: Dataset) -> float:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        estimator.fit(data.X_train, data.y_train)
-    return float(estimator.score(data.X_test, data.y_test))
+        X_train, X_test = data.matrices()
+        estimator.fit(X_train, data.y_train)
+    return float(estimator.score(X_test, data.y_test))
 
 
 # -- matrix factorization: a numpy loop, and baselines ----------------------------------

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from examples.datasets import DATASETS, Dataset, load_dataset
-from examples.linear_model import Id, Prediction, Record, averaged_model, param_init_for
+from examples.linear_model import Id, Prediction, Record, averaged_model, param_init_for, split_model
 from examples.plotting import check_plotting, plot_learning_curves
 from examples.side_by_side import SideBySide, split_namespaced_id
 from examples.sparse_linear import SparseLinearLearner
@@ -53,13 +53,17 @@ class InProcessPS(InProcessClient):
 
 @dataclass
 class Run:
-    """What training one model gave: its outputs in arrival order, its final model, test accuracy."""
+    """What training one model gave: its outputs in arrival order, its final and averaged models
+    (weights only: feature id -> value, and INTERCEPT_ID), their test accuracies, and apart the
+    learner's own parameters (`internals`: averaging accumulators and clocks)."""
 
     label: str
     outputs: list[Prediction]
     model: dict[Id, Any]
+    averaged: dict[Id, Any] | None  # None unless the learner averages
+    internals: dict[Id, Any]
     test_accuracy: float
-    averaged_accuracy: float  # of the averaged model (nan unless the learner averages)
+    averaged_accuracy: float  # nan unless the learner averages
     seconds: float
 
     def correct(self) -> np.ndarray:
@@ -80,15 +84,16 @@ def evaluate(
     label: str,
     logic: SparseLinearLearner,
     outputs: list[Prediction],
-    model: dict[Id, Any],
+    params: dict[Id, Any],
     data: Dataset,
     seconds: float,
 ) -> Run:
     """Test accuracy of the final model and, if the learner averages, of the averaged one."""
-    averaged = float("nan")
-    if logic.average:
-        averaged = accuracy_on(logic, averaged_model(model, len(data.train) * logic.epochs), data.test)
-    return Run(label, outputs, model, accuracy_on(logic, model, data.test), averaged, seconds)
+    weights, internals = split_model(params)
+    averaged = averaged_model(params, len(data.train) * logic.epochs) if logic.average else None
+    accuracy = accuracy_on(logic, weights, data.test)
+    averaged_accuracy = accuracy_on(logic, averaged, data.test) if averaged is not None else float("nan")
+    return Run(label, outputs, weights, averaged, internals, accuracy, averaged_accuracy, seconds)
 
 
 def train_distributed(

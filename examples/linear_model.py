@@ -113,8 +113,24 @@ def average_id(param_id: Id) -> str:
     return f"{AVERAGE_PREFIX}{param_id}"
 
 
-def averaged_model(model: dict[Id, Any], steps: int) -> dict[Id, Any]:
-    """The average of the weights after each of `steps` updates, from the final weights.
+def is_own(param_id: Id) -> bool:
+    """True for the learner's own parameters (accumulators and clocks), False for the model's weights."""
+    return isinstance(param_id, str) and param_id.startswith((AVERAGE_PREFIX, CLOCK_PREFIX))
+
+
+def split_model(params: dict[Id, Any]) -> tuple[dict[Id, Any], dict[Id, Any]]:
+    """(weights, the learner's own parameters) of a job's final parameters (e.g. its Right stream,
+    or the file `psclient run --model` wrote)."""
+    weights = {param_id: value for param_id, value in params.items() if not is_own(param_id)}
+    return weights, {param_id: value for param_id, value in params.items() if is_own(param_id)}
+
+
+def averaged_model(params: dict[Id, Any], steps: int | None = None) -> dict[Id, Any]:
+    """The average of the weights after each of `steps` updates, from the final weights and accumulators.
+
+    `params`: a job's final parameters, weights and accumulators (and clocks: ignored). `steps`:
+    the updates made, the records times the passes; None takes it from the clocks, which count
+    the records every worker learned from (a job with `max_lead`).
 
     With w_t the weights after step t = w_T - (sum of the deltas of steps after t),
     sum over t of w_t = (T + 1) w_T - sum over steps s of s * delta_s, and each
@@ -122,11 +138,15 @@ def averaged_model(model: dict[Id, Any], steps: int) -> dict[Id, Any]:
     extra round trip. This is scikit-learn's `average=True` (ASGD) model. On a
     cluster s is the worker's estimate of the record's place in the stream.
     """
+    weights, own = split_model(params)
+    if steps is None:
+        clocks = [value for param_id, value in own.items() if str(param_id).startswith(CLOCK_PREFIX)]
+        if not clocks:
+            raise ValueError("averaged_model: no clocks among the parameters; give steps (records x passes)")
+        steps = round(sum(clock_count(value)[0] for value in clocks))
     averaged: dict[Id, Any] = {}
-    for param_id, value in model.items():
-        if isinstance(param_id, str) and param_id.startswith(AVERAGE_PREFIX):
-            continue
-        weighted = model.get(average_id(param_id), 0.0)
+    for param_id, value in weights.items():
+        weighted = own.get(average_id(param_id), 0.0)
         mean = ((steps + 1) * np.asarray(value, dtype=np.float64) - weighted) / steps
         averaged[param_id] = float(mean) if mean.ndim == 0 else mean
     return averaged

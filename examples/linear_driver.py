@@ -20,14 +20,10 @@ from examples.datasets import DATASETS, Dataset, load_dataset
 from examples.linear_model import Id, Prediction, Record, averaged_model, param_init_for, split_model
 from examples.plotting import check_plotting, plot_learning_curves
 from examples.side_by_side import SideBySide, split_namespaced_id
-from examples.sparse_linear import SparseLinearLearner
+from examples.sparse_linear import DEFAULT_EPOCHS, DEFAULT_MAX_LEAD, SparseLinearLearner
 from psclient import Left, Right, transform
 from psworker import WorkerLogic
 from psworker.testing import InProcessClient
-
-# What the examples run with (the settings of examples/RESULTS.md).
-EXAMPLE_EPOCHS = 5
-EXAMPLE_MAX_LEAD = 1
 
 
 class InProcessPS(InProcessClient):
@@ -163,12 +159,12 @@ def report_row(name: str, run: Run, reference: float, reference_averaged: float)
 def add_run_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The options every sparse linear example takes: data, passes, asynchrony, cluster, plot."""
     parser.add_argument("--dataset", choices=[*DATASETS, "all"], default="all")
-    parser.add_argument("--epochs", type=int, default=EXAMPLE_EPOCHS, help="passes over the training data")
+    parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help="passes over the training data")
     parser.add_argument("--window", type=int, default=1, help="records in flight per worker")
     parser.add_argument(
         "--max-lead",
         type=int,
-        default=EXAMPLE_MAX_LEAD,
+        default=DEFAULT_MAX_LEAD,
         help="records a worker may be ahead of the slowest one (-1: unbounded)",
     )
     parser.add_argument("--workers", type=int, default=2)

@@ -94,8 +94,8 @@ class LogisticRegression(SparseLinearLearner):
     """Binary or one-vs-rest logistic regression on hashed features, SGD with L2.
 
     Arguments left as None come from STREAMPS_LR_<NAME> environment variables,
-    or else from the defaults (2**18 buckets, eta 0.01, alpha 1e-4, classes 0
-    and 1, one pass).
+    or else from the defaults, the settings of examples/RESULTS.md: 2**18
+    buckets, eta 0.01, alpha 1e-4, classes 0 and 1, 5 passes, averaged, max_lead 1.
     """
 
     ENV_PREFIX = "LR"

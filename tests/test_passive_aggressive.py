@@ -27,6 +27,7 @@ from examples.linear_model import (  # noqa: E402
     average_id,
     averaged_model,
     sparse_features,
+    split_model,
     split_record,
 )
 from examples.passive_aggressive import VARIANTS, PassiveAggressive, pa_tau  # noqa: E402
@@ -241,9 +242,14 @@ def test_runs_as_a_psclient_run_plugin(tmp_path: Path, procs: Processes, monkeyp
     outputs = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert sorted(epoch for epoch, _, _ in outputs) == [1] * 60 + [2] * 60
     assert np.mean([label == predicted for epoch, label, predicted in outputs if epoch == 2]) > 0.9
-    model = {row["id"]: row["value"] for row in map(json.loads, (tmp_path / "model.jsonl").read_text().splitlines())}
+    params = {row["id"]: row["value"] for row in map(json.loads, (tmp_path / "model.jsonl").read_text().splitlines())}
+    # By default the learner averages and bounds the lead: the file holds its accumulators and clocks too.
+    model, own = split_model(params)
     assert set(model) == {"f0", "f1", "f2", INTERCEPT_ID}
+    assert set(own) == {average_id(i) for i in model} | {f"{CLOCK_PREFIX}0", f"{CLOCK_PREFIX}1"}
     assert all(model[f"f{j}"] > 0 for j in range(3))
+    averaged = averaged_model(params)  # the steps from the clocks: 60 records, 2 passes
+    assert averaged == averaged_model(params, 120) and set(averaged) == set(model)
 
 
 # -- the bounded lead, in one process --------------------------------------------------------

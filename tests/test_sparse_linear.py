@@ -21,8 +21,9 @@ if str(ROOT) not in sys.path:  # `examples` is a directory of the repo, not an i
 from examples.datasets import Dataset, load_dataset  # noqa: E402
 from examples.linear_driver import train_in_process  # noqa: E402
 from examples.linear_model import INTERCEPT_ID  # noqa: E402
+from examples.logistic_regression import LogisticRegression  # noqa: E402
 from examples.passive_aggressive import PassiveAggressive  # noqa: E402
-from examples.references import sklearn_pa  # noqa: E402
+from examples.references import sklearn_accuracy, sklearn_pa  # noqa: E402
 
 sparse = pytest.importorskip("scipy.sparse")
 
@@ -108,3 +109,20 @@ def test_2_to_the_18_hashed_columns_stay_sparse_and_learn_scikit_learns_weights(
     np.testing.assert_allclose([run.model[i] for i in used], final.coef_[0, used], rtol=0, atol=1e-9)
     assert run.test_accuracy == final.score(data.X_test, data.y_test)
     assert run.averaged_accuracy == averaged.score(data.X_test, data.y_test)
+
+
+def test_the_settings_of_the_documented_results_are_the_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    pa, lr = PassiveAggressive(), LogisticRegression()
+    assert (pa.variant, pa.C, pa.classes, pa.epochs, pa.average, pa.max_lead) == ("PA-I", 0.01, (0, 1), 5, True, 1)
+    assert (lr.bits, lr.eta, lr.alpha, lr.epochs, lr.average, lr.max_lead) == (18, 0.01, 1e-4, 5, True, 1)
+    # In one process the defaults are scikit-learn's PA-I, C=0.01, 5 passes, final and averaged.
+    data = dataset("breast_cancer")
+    run = train_in_process("PA-I", functools.partial(PassiveAggressive, classes=data.classes), data)
+    assert run.test_accuracy == sklearn_accuracy(sklearn_pa("PA-I", 0.01, 5), data)
+    assert run.averaged_accuracy == sklearn_accuracy(sklearn_pa("PA-I", 0.01, 5, average=True), data)
+    # The environment still overrides them; a negative lead is unbounded.
+    monkeypatch.setenv("STREAMPS_PA_MAX_LEAD", "-1")
+    monkeypatch.setenv("STREAMPS_PA_EPOCHS", "2")
+    monkeypatch.setenv("STREAMPS_PA_AVERAGE", "no")
+    assert (PassiveAggressive().max_lead, PassiveAggressive().epochs, PassiveAggressive().average) == (None, 2, False)
+    assert PassiveAggressive(max_lead=-1).max_lead is None and PassiveAggressive(max_lead=0).max_lead == 0

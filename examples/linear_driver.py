@@ -162,6 +162,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help="passes over the training data")
     parser.add_argument("--window", type=int, default=1, help="records in flight per worker")
     parser.add_argument(
+        "--shuffle", type=int, metavar="SEED", help="each pass after the first in a fresh order (sklearn: each pass)"
+    )
+    parser.add_argument(
         "--max-lead",
         type=int,
         default=DEFAULT_MAX_LEAD,

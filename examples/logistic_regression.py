@@ -186,12 +186,13 @@ def main(argv: list[str] | None = None) -> None:
             epochs=args.epochs,
             window=args.window,
             max_lead=args.max_lead,
+            shuffle=args.shuffle,
             average=True,
         )
         return {"LR": factory}
 
     def reference(_label: str, data: Dataset, average: bool) -> float:
-        return sklearn_accuracy(sklearn_lr(args.eta, args.alpha, args.epochs, average), data)
+        return sklearn_accuracy(sklearn_lr(args.eta, args.alpha, args.epochs, average, args.shuffle), data)
 
     def note(data: Dataset) -> str:
         features, shared = collisions(data, args.bits)
@@ -202,7 +203,8 @@ def main(argv: list[str] | None = None) -> None:
         f"logistic regression, 2**{args.bits} hash buckets ({'un' if args.unsigned else ''}signed), "
         f"eta={args.eta}, alpha={args.alpha}, {args.epochs} passes, {args.workers} workers x {args.shards} shards.\n"
         f"Test accuracy next to SGDClassifier(loss='log_loss', penalty='l2', alpha, learning_rate='constant', "
-        f"eta0=eta, shuffle=False, tol=None, max_iter=passes[, average=True]) on the same split (its features "
+        f"eta0=eta, shuffle={args.shuffle is not None}, random_state={args.shuffle}, tol=None, "
+        f"max_iter=passes[, average=True]) on the same split (its features "
         f"unhashed); 1st pass: prequential accuracy.",
         factories,
         reference,

@@ -171,20 +171,22 @@ def main(argv: list[str] | None = None) -> None:
                 multiclass=args.multiclass,
                 window=args.window,
                 max_lead=args.max_lead,
+                shuffle=args.shuffle,
                 average=True,
             )
             for variant in variants
         }
 
     def reference(variant: str, data: Dataset, average: bool) -> float:
-        return sklearn_accuracy(sklearn_pa(variant, args.C, args.epochs, average), data)
+        return sklearn_accuracy(sklearn_pa(variant, args.C, args.epochs, average, args.shuffle), data)
 
     compare_on_datasets(
         args,
         f"passive-aggressive, {args.epochs} passes, C={args.C}, multiclass {args.multiclass}, "
         f"{args.workers} workers x {args.shards} shards, the variants side by side in one job per data set.\n"
         f"Test accuracy next to SGDClassifier(loss='hinge', penalty=None, learning_rate='pa1' (PA: eta0=1e300, "
-        f"PA-I: eta0=C) or 'pa2' (PA-II), shuffle=False, tol=None, max_iter=passes[, average=True]) on the same "
+        f"PA-I: eta0=C) or 'pa2' (PA-II), shuffle={args.shuffle is not None}, random_state={args.shuffle}, "
+        f"tol=None, max_iter=passes[, average=True]) on the same "
         f"split; 1st pass: prequential accuracy.",
         factories,
         reference,

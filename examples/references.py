@@ -18,15 +18,18 @@ from examples.mf import MAX_STARS, MIN_STARS, Hyper, biased_step, item_rows, pre
 from examples.offline_mf import Curve, Record
 
 
-def _sgd_classifier(epochs: int, average: bool, **loss_and_rate: Any) -> Any:
-    """SGDClassifier making `epochs` passes in the data's order, with no stopping rule."""
+def _sgd_classifier(epochs: int, average: bool, shuffle: int | None, **loss_and_rate: Any) -> Any:
+    """SGDClassifier making `epochs` passes, in the data's order or shuffled by seed `shuffle`,
+    with no stopping rule."""
     from sklearn.linear_model import SGDClassifier
 
-    return SGDClassifier(max_iter=epochs, tol=None, shuffle=False, average=average, **loss_and_rate)
+    return SGDClassifier(
+        max_iter=epochs, tol=None, shuffle=shuffle is not None, random_state=shuffle, average=average, **loss_and_rate
+    )
 
 
-def sklearn_pa(variant: str, C: float, epochs: int, average: bool = False) -> Any:
-    """scikit-learn's equivalent: SGDClassifier with the PA learning rates (1.8+), no shuffling.
+def sklearn_pa(variant: str, C: float, epochs: int, average: bool = False, shuffle: int | None = None) -> Any:
+    """scikit-learn's equivalent: SGDClassifier with the PA learning rates (1.8+), shuffled by seed `shuffle`.
 
     PassiveAggressiveClassifier is deprecated since scikit-learn 1.8 and points
     here. Plain PA is pa1 with an unbounded step (eta0 must be finite: 1e300).
@@ -35,13 +38,14 @@ def sklearn_pa(variant: str, C: float, epochs: int, average: bool = False) -> An
     if variant not in rates:
         raise ValueError(f"unknown PA variant {variant!r}: use one of {', '.join(rates)}")
     rate, eta0 = rates[variant]
-    return _sgd_classifier(epochs, average, loss="hinge", penalty=None, learning_rate=rate, eta0=eta0)
+    return _sgd_classifier(epochs, average, shuffle, loss="hinge", penalty=None, learning_rate=rate, eta0=eta0)
 
 
-def sklearn_lr(eta: float, alpha: float, epochs: int, average: bool = False) -> Any:
-    """scikit-learn's equivalent: SGDClassifier on the log loss, L2, constant learning rate, no shuffling."""
+def sklearn_lr(eta: float, alpha: float, epochs: int, average: bool = False, shuffle: int | None = None) -> Any:
+    """scikit-learn's equivalent: SGDClassifier on the log loss, L2, constant learning rate, shuffled by
+    seed `shuffle`."""
     return _sgd_classifier(
-        epochs, average, loss="log_loss", penalty="l2", alpha=alpha, learning_rate="constant", eta0=eta
+        epochs, average, shuffle, loss="log_loss", penalty="l2", alpha=alpha, learning_rate="constant", eta0=eta
     )
 
 

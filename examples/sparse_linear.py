@@ -13,7 +13,10 @@ sees every update this worker made, and the other workers' updates up to its
 pull). Weights pulled for a record in flight are shared by the records in
 flight with it and updated locally as they learn. Passes: with `epochs=E`, the
 worker keeps its records and, when its input ends, goes through them E-1 more
-times (the driver feeds the data once).
+times (the driver feeds the data once): in the same order, or with
+`shuffle=SEED` each pass in a fresh order, `pass_order(SEED, worker, pass, n)`
+(scikit-learn's `shuffle=True, random_state=SEED`, but the first pass stays
+the stream's order, and each worker shuffles its own records).
 
 Bounded lead (`max_lead=N`): each worker counts the records it has learned
 from in its clock parameter (`clock_id`) and pulls the other workers' clocks
@@ -66,6 +69,11 @@ DEFAULT_AVERAGE = True
 DEFAULT_MAX_LEAD = 1  # records a worker may be ahead of the slowest one; negative: unbounded
 
 
+def pass_order(seed: int, worker: int, epoch: int, records: int) -> np.ndarray:
+    """The order in which a worker with `shuffle=seed` goes through its `records` records in pass `epoch` (>= 2)."""
+    return np.random.default_rng([seed, worker, epoch]).permutation(records)
+
+
 @dataclass(slots=True)
 class _InFlight:
     place: int  # in this worker's stream of records (all passes)
@@ -88,7 +96,8 @@ class SparseLinearLearner(WorkerLogic[Record, Any, Prediction]):
     `epochs`: passes over this worker's records. `window`: records in flight.
     `average`: also push the accumulators of the averaged model. `max_lead`:
     records this worker may be ahead of the slowest one (negative: unbounded).
-    `predictions`: output (epoch, label, predicted label) for every record.
+    `shuffle`: the seed of a fresh order for each pass after the first (None:
+    the same order). `predictions`: output (epoch, label, predicted label).
     """
 
     # Subclasses name their settings' prefix: what they are not given comes from
@@ -103,6 +112,7 @@ class SparseLinearLearner(WorkerLogic[Record, Any, Prediction]):
         window: int | None = None,
         average: bool | None = None,
         max_lead: int | None = None,
+        shuffle: int | None = None,
         fit_intercept: bool = True,
         predictions: bool = True,
     ):
@@ -119,6 +129,7 @@ class SparseLinearLearner(WorkerLogic[Record, Any, Prediction]):
         self.average = average if average is not None else self.setting("AVERAGE", flag, DEFAULT_AVERAGE)
         lead = max_lead if max_lead is not None else self.setting("MAX_LEAD", int, DEFAULT_MAX_LEAD)
         self.max_lead = None if lead < 0 else lead  # None: unbounded
+        self.shuffle = shuffle if shuffle is not None else self.setting("SHUFFLE", int, None)
         self.predictions = predictions
         self.lead_waits = 0  # times a record was put back because this worker was too far ahead
         self._learned = 0  # records learned from, by this worker
@@ -204,7 +215,11 @@ class SparseLinearLearner(WorkerLogic[Record, Any, Prediction]):
 
     def on_input_end(self, ps: Client) -> None:
         for epoch in range(2, self.epochs + 1):
-            for ids, x, label in self._kept:
+            order = range(len(self._kept)) if self.shuffle is None else pass_order(
+                self.shuffle, ps.worker_index, epoch, len(self._kept)
+            )  # fmt: skip
+            for k in order:
+                ids, x, label = self._kept[k]
                 self._queue.append((self._queued, epoch, ids, x, label))
                 self._queued += 1
         self._kept = []

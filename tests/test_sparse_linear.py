@@ -24,6 +24,7 @@ from examples.linear_model import INTERCEPT_ID  # noqa: E402
 from examples.logistic_regression import LogisticRegression  # noqa: E402
 from examples.passive_aggressive import PassiveAggressive  # noqa: E402
 from examples.references import sklearn_accuracy, sklearn_pa  # noqa: E402
+from examples.sparse_linear import pass_order  # noqa: E402
 
 sparse = pytest.importorskip("scipy.sparse")
 
@@ -126,3 +127,30 @@ def test_the_settings_of_the_documented_results_are_the_defaults(monkeypatch: py
     monkeypatch.setenv("STREAMPS_PA_AVERAGE", "no")
     assert (PassiveAggressive().max_lead, PassiveAggressive().epochs, PassiveAggressive().average) == (None, 2, False)
     assert PassiveAggressive(max_lead=-1).max_lead is None and PassiveAggressive(max_lead=0).max_lead == 0
+
+
+def test_a_seeded_shuffle_gives_each_pass_a_fresh_order_and_scikit_learns_updates_in_it() -> None:
+    """In one process, with shuffle=SEED, pass 1 is the stream's order and pass e >= 2 is
+    pass_order(SEED, 0, e, n); the model equals scikit-learn's fitted on the passes in those orders."""
+    data = dataset("breast_cancer")
+    n, epochs = len(data.train), 3
+    factory = functools.partial(PassiveAggressive, "PA-II", 0.01, data.classes, epochs=epochs, shuffle=7)
+
+    run = train_in_process("PA-II", factory, data)
+
+    orders = [np.arange(n), *(pass_order(7, 0, epoch, n) for epoch in range(2, epochs + 1))]
+    assert sorted(orders[1].tolist()) == list(range(n)) and orders[1].tolist() != orders[2].tolist()
+    assert [label for _, label, _ in run.outputs] == data.y_train[np.concatenate(orders)].tolist()
+    assert [epoch for epoch, _, _ in run.outputs] == [e for e in range(1, epochs + 1) for _ in range(n)]
+    stream = np.concatenate(orders)  # one pass over the passes back to back makes scikit-learn's epochs
+    for model, average in ((run.model, False), (run.averaged, True)):
+        reference = sklearn_pa("PA-II", 0.01, 1, average=average)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            reference.fit(data.X_train[stream], data.y_train[stream])
+        np.testing.assert_allclose([model.get(j, 0.0) for j in range(data.n_features)], reference.coef_[0], atol=1e-9)
+        assert model[INTERCEPT_ID] == pytest.approx(reference.intercept_[0], abs=1e-9)
+    # Another seed, another order; no seed, the stream's order every pass.
+    assert pass_order(8, 0, 2, n).tolist() != orders[1].tolist()
+    plain = train_in_process("PA-II", functools.partial(factory, shuffle=None), data)
+    assert [label for _, label, _ in plain.outputs] == data.y_train.tolist() * epochs

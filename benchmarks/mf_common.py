@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from examples.datasets import ML100K_FILE, ML100K_HEADER, movielens_100k
+from examples.datasets import movielens_100k
 from examples.mf import (
     MAX_STARS,
     MIN_STARS,
@@ -72,22 +72,10 @@ class Ratings:
 
 
 def movielens_by_time(data_dir: Path = DATA_DIR) -> Ratings:
-    """MovieLens 100K sorted by timestamp (ties in file order).
-
-    examples.datasets fetches and checks the file and yields (user, item, stars)
-    in file order; the timestamps are read here from the same file.
-    """
+    """MovieLens 100K sorted by timestamp (ties in file order)."""
     rated = movielens_100k(data_dir)
-    path = data_dir / ML100K_FILE
-    with path.open(encoding="utf-8") as handle:
-        header = handle.readline().rstrip("\n").split("\t")
-        if header != ML100K_HEADER:
-            raise RuntimeError(f"{path}: unexpected header {header}")
-        stamps = np.array([float(line.split("\t")[3]) for line in handle])
-    if len(stamps) != len(rated):
-        raise RuntimeError(f"{path}: {len(stamps)} timestamps for {len(rated)} ratings")
-    order = np.argsort(stamps, kind="stable")
-    columns = np.array(rated, dtype=np.float64)[order]
+    order = np.argsort(np.array([stamp for *_, stamp in rated]), kind="stable")
+    columns = np.array([rating[:3] for rating in rated], dtype=np.float64)[order]
     return Ratings(columns[:, 0].astype(np.int64), columns[:, 1].astype(np.int64), columns[:, 2])
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make `examples` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from examples.datasets import movielens_100k, split_80_20
+from examples.datasets import movielens_100k, split_80_20, split_by_time
 from examples.mf import Hyper
 from examples.offline_mf import (
     DEFAULT_PULL_LIMIT,
@@ -46,16 +46,28 @@ from examples.offline_mf import (
 )
 from examples.online_biased_mf import run_online
 from examples.plotting import check_plotting, plot_offline, plot_online
-from examples.references import popularity_auc, reference_offline
+from examples.references import item_bias_rmse, mean_rmse, popularity_auc, reference_offline, unseen_users
 
 DEFAULTS = Hyper()
 DEFAULT_SPLIT_SEED = 0
+SPLITS = ("random", "time")
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 
 
-def load_split(seed: int = DEFAULT_SPLIT_SEED, data_dir: Path = DATA_DIR) -> tuple[list[Record], list[Record]]:
-    """MovieLens 100K as (train, test), 80/20, fixed by `seed`."""
-    return split_80_20(movielens_100k(data_dir), seed)
+def load_split(
+    seed: int = DEFAULT_SPLIT_SEED, data_dir: Path = DATA_DIR, split: str = "random"
+) -> tuple[list[Record], list[Record]]:
+    """MovieLens 100K as (train, test) ratings (user, item, stars), 80/20: at random, fixed by `seed`,
+    or by time (`split="time"`: the oldest 80% to train on, each part in time order)."""
+    ratings = movielens_100k(data_dir)
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
+    train, test = split_80_20(ratings, seed) if split == "random" else split_by_time(ratings)
+    return [(u, i, r) for u, i, r, _ in train], [(u, i, r) for u, i, r, _ in test]
+
+
+def describe_split(args: argparse.Namespace) -> str:
+    return f"{args.split} 80/20 split ({f'seed {args.split_seed}' if args.split == 'random' else 'oldest first'})"
 
 
 def export_split(path: Path, train: Sequence[Record], test: Sequence[Record]) -> None:
@@ -75,7 +87,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reg", type=float, help=f"L2 (default {DEFAULTS.reg}; {IMPLICIT_REG} with --negatives)")
     parser.add_argument("--init-std", type=float, default=DEFAULTS.init_std)
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seeds the model")
-    parser.add_argument("--split-seed", type=int, default=DEFAULT_SPLIT_SEED, help="seeds the 80/20 split")
+    parser.add_argument("--split", choices=SPLITS, default="random", help="80/20 at random, or by time")
+    parser.add_argument("--split-seed", type=int, default=DEFAULT_SPLIT_SEED, help="seeds the random split")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--pull-limit", type=int, default=DEFAULT_PULL_LIMIT, help="0: no limit")
@@ -90,18 +103,18 @@ def main(argv: list[str] | None = None) -> None:
     lr = args.lr if args.lr is not None else IMPLICIT_LR if args.negatives else DEFAULTS.lr
     reg = args.reg if args.reg is not None else IMPLICIT_REG if args.negatives else DEFAULTS.reg
     hyper = Hyper(args.rank, lr, reg, args.init_std, args.seed, args.epochs)
-    train, test = load_split(args.split_seed, args.data_dir)
+    train, test = load_split(args.split_seed, args.data_dir, args.split)
     if args.export:
         export_split(args.export, train, test)
         mean = sum(r[2] for r in train) / len(train)
         print(f"wrote {len(train):,} training and {len(test):,} test ratings to {args.export}; mean {mean:.4f}")
         return
     setup = f"{args.workers} workers x {args.shards} shards"
-    print(f"MovieLens 100K, 80/20 split (seed {args.split_seed}): {len(train):,} train, {len(test):,} test ratings")
+    print(f"MovieLens 100K, {describe_split(args)}: {len(train):,} train, {len(test):,} test ratings")
     print(f"{setup}; rank {hyper.rank}, lr {hyper.lr}, reg {hyper.reg}, init std {hyper.init_std}", flush=True)
 
     if args.mode == "online":
-        stream = list(train) + list(test)  # the split's shuffled order: one pass over all ratings
+        stream = list(train) + list(test)  # one pass over all ratings, in the split's order
         result = run_online(stream, hyper, workers=args.workers, shards=args.shards)
         print(f"online, one pass over {len(result.actual):,} ratings in {result.seconds:.1f} s")
         print(f"prequential RMSE: {result.rmse:.4f}")
@@ -120,13 +133,19 @@ def main(argv: list[str] | None = None) -> None:
     reference = reference_offline(train, test, hyper) if args.reference and not args.negatives else None
     if args.negatives:
         print(f"baseline, items ranked by popularity: test AUC (sampled) {popularity_auc(train, test):.4f}")
+    else:
+        print(
+            f"baselines: test RMSE {mean_rmse(train, test):.4f} predicting the training mean, "
+            f"{item_bias_rmse(train, test):.4f} with item biases too; "
+            f"{unseen_users(train, test):,} of {len(test):,} test ratings are by users with no training rating"
+        )
     for epoch, value in enumerate(curve.test, start=1):
         ref = f"   numpy reference {reference.test[epoch - 1]:.4f}" if reference else ""
         print(f"epoch {epoch:2d}: test {measure} {value:.4f}{ref}")
     print(f"test {measure}: streamps {curve.test[-1]:.4f}", end="")
     print(f", numpy reference {reference.test[-1]:.4f} ({reference.seconds:.1f} s)" if reference else "")
     if args.plot:
-        plot_offline(args.plot, curve, reference, setup)
+        plot_offline(args.plot, curve, reference, setup, f"{args.split} 80/20 split")
         print(f"wrote {args.plot}")
 
 

@@ -149,7 +149,7 @@ def plot_learning_curves(
 # -- matrix factorization on MovieLens ------------------------------------------------
 
 
-def plot_offline(path: str, ours: Any, reference: Any, label: str) -> None:
+def plot_offline(path: str, ours: Any, reference: Any, label: str, split: str = "80/20 split") -> None:
     """Test RMSE (or AUC) per epoch, next to the numpy reference when there is one."""
     lines = {f"streamps, {label}": ours.test}
     xs = {f"streamps, {label}": list(range(1, len(ours.test) + 1))}
@@ -157,7 +157,7 @@ def plot_offline(path: str, ours: Any, reference: Any, label: str) -> None:
         lines["single-process numpy, same SGD"] = reference.test
         xs["single-process numpy, same SGD"] = list(range(1, len(reference.test) + 1))
     save_curve(
-        path, xs, lines, "Biased MF on MovieLens 100K, 80/20 split", "epoch",
+        path, xs, lines, f"Biased MF on MovieLens 100K, {split}", "epoch",
         "test RMSE" if reference is not None else "test AUC (sampled)",
         hlines={"Surprise SVD, published (0.934)": 0.934} if reference is not None else None,
     )  # fmt: skip

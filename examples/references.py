@@ -137,3 +137,38 @@ def popularity_auc(train: Sequence[Record], test: Sequence[Record], seed: int = 
         right += 1.0 if score_i > score_j else 0.5 if score_i == score_j else 0.0
         pairs += 1
     return right / pairs
+
+
+# Koren's damping of the item biases ("Factor in the neighbors", 2010): an item rated n times
+# gets sum(stars - mean) / (n + 25), so a rarely rated item stays near the mean.
+ITEM_BIAS_DAMPING = 25.0
+
+
+def _rmse_of(predicted: np.ndarray, test: Sequence[Record]) -> float:
+    stars = np.array([r for _, _, r, *_ in test], dtype=np.float64)
+    return rmse(float(np.sum((np.clip(predicted, MIN_STARS, MAX_STARS) - stars) ** 2)), len(test))
+
+
+def mean_rmse(train: Sequence[Record], test: Sequence[Record]) -> float:
+    """Test RMSE of predicting every rating by the mean of the training ratings."""
+    mean = sum(r for _, _, r, *_ in train) / len(train)
+    return _rmse_of(np.full(len(test), mean), test)
+
+
+def item_bias_rmse(train: Sequence[Record], test: Sequence[Record], damping: float = ITEM_BIAS_DAMPING) -> float:
+    """Test RMSE of `mean + item bias`, the biases damped (ITEM_BIAS_DAMPING): the baseline that needs
+    nothing of the user, so it is the one to beat where test users are new (a time split)."""
+    mean = sum(r for _, _, r, *_ in train) / len(train)
+    sums: dict[Any, float] = {}
+    counts: dict[Any, int] = {}
+    for _, i, r, *_ in train:
+        sums[i] = sums.get(i, 0.0) + (r - mean)
+        counts[i] = counts.get(i, 0) + 1
+    biases = {i: sums[i] / (counts[i] + damping) for i in sums}
+    return _rmse_of(np.array([mean + biases.get(i, 0.0) for _, i, *_ in test]), test)
+
+
+def unseen_users(train: Sequence[Record], test: Sequence[Record]) -> int:
+    """Test ratings by users with no training rating (whose user vector the model never trained)."""
+    known = {u for u, *_ in train}
+    return sum(1 for u, *_ in test if u not in known)

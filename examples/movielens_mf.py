@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> None:
         result = run_online(stream, hyper, workers=args.workers, shards=args.shards)
         print(f"online, one pass over {len(result.actual):,} ratings in {result.seconds:.1f} s")
         print(f"prequential RMSE: {result.rmse:.4f}")
-        print(f"baseline, the global mean of the whole stream: {result.baseline_rmse:.4f}")
+        print(f"baseline, the running mean of the ratings before each one: {result.running_mean_rmse:.4f}")
+        print(f"baseline, the global mean of the whole stream (seen the future): {result.baseline_rmse:.4f}")
         if args.plot:
             plot_online(args.plot, result)
             print(f"wrote {args.plot}")

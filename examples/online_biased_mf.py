@@ -37,6 +37,7 @@ from examples.mf import (
     item_values,
     transform_by_user,
 )
+from examples.references import running_means
 from psclient import Left
 
 
@@ -71,6 +72,11 @@ class OnlineResult:
     def baseline_rmse(self) -> float:
         """Predicting the mean of all the stream's ratings (a baseline that has seen the future)."""
         return float(np.std(self.actual))
+
+    @property
+    def running_mean_rmse(self) -> float:
+        """Predicting each rating by the mean of those output before it: the prequential baseline."""
+        return math.sqrt(float(np.mean((running_means(self.actual) - self.actual) ** 2)))
 
 
 def run_online(

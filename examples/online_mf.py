@@ -54,6 +54,7 @@ if __package__ in (None, ""):  # run as a script: make `examples` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from examples.mf import MAX_STARS, MIN_STARS, PRIOR_MEAN, FactorModel, Hyper, ParkByItem, sgd_step
+from examples.references import running_means
 from examples.synthetic_ratings import ITEMS, TRUE_RANK, USERS, synthetic_ratings
 from psclient import Left, Right, transform
 from psworker import ParameterServerClient
@@ -199,7 +200,11 @@ def run(args: argparse.Namespace) -> None:
     print(f"{count:,} predictions in {elapsed:.1f} s ({count / max(elapsed, 1e-9):,.0f} ratings/s)")
     print(f"RMSE of the last 10% of predictions ({tail:,} ratings): {rmse(predicted_tail, actual_tail):.4f}")
     print(
-        f"baseline, predicting the global mean {mean:.3f} on the same ratings: "
+        f"baseline, the running mean of the ratings before each one, on the same ratings: "
+        f"{rmse(running_means(actual)[count - tail :], actual_tail):.4f}"
+    )
+    print(
+        f"baseline, the global mean {mean:.3f} of the whole stream (seen the future), on the same ratings: "
         f"{rmse(np.full(tail, mean), actual_tail):.4f}"
     )
     print(f"parameters returned (Right items): {params:,}")
@@ -218,17 +223,22 @@ def windowed_rmse(predicted: np.ndarray, actual: np.ndarray, window: int) -> tup
 
 
 def plot_curve(path: str, predicted: np.ndarray, actual: np.ndarray, source: str, args: argparse.Namespace) -> None:
-    """Save the prequential RMSE over the stream, windowed, next to the global-mean baseline."""
+    """Save the prequential RMSE over the stream, windowed, next to the running-mean and global-mean baselines."""
     from examples.plotting import save_curve
 
     window = max(1, len(actual) // PLOT_WINDOWS)
     xs, ours = windowed_rmse(predicted, actual, window)
     mean = float(actual.mean()) if len(actual) else float("nan")
     _, baseline = windowed_rmse(np.full(len(actual), mean), actual, window)
+    _, running = windowed_rmse(running_means(actual), actual, window)
     save_curve(
         path,
         xs,
-        {"online MF (predicted before learning)": ours, f"global mean {mean:.2f} (baseline)": baseline},
+        {
+            "online MF (predicted before learning)": ours,
+            "running mean of the ratings before each one (baseline)": running,
+            f"global mean {mean:.2f}, seen the whole stream (baseline)": baseline,
+        },
         f"Online MF, prequential RMSE per window of {window:,} ratings\n"
         f"{source}; {args.workers} workers x {args.shards} shards, rank {args.rank}, lr {args.lr}",
         "ratings seen",

@@ -172,5 +172,8 @@ def plot_online(path: str, result: Any, window: int = 5000) -> None:
     lines = {f"last {window:,} ratings": recent, "all ratings so far": so_far[window - 1 :]}
     save_curve(
         path, seen[window - 1 :], lines, "Online biased MF on MovieLens 100K, one pass", "ratings seen",
-        "prequential RMSE", hlines={"global mean (seen the whole stream)": result.baseline_rmse},
+        "prequential RMSE", hlines={
+            "running mean of the ratings before each one": result.running_mean_rmse,
+            "global mean (seen the whole stream)": result.baseline_rmse,
+        },
     )  # fmt: skip

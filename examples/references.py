@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from examples.datasets import Dataset
-from examples.mf import MAX_STARS, MIN_STARS, Hyper, biased_step, item_rows, predict, rmse, user_row
+from examples.mf import MAX_STARS, MIN_STARS, PRIOR_MEAN, Hyper, biased_step, item_rows, predict, rmse, user_row
 from examples.offline_mf import Curve, Record
 
 
@@ -172,3 +172,12 @@ def unseen_users(train: Sequence[Record], test: Sequence[Record]) -> int:
     """Test ratings by users with no training rating (whose user vector the model never trained)."""
     known = {u for u, *_ in train}
     return sum(1 for u, *_ in test if u not in known)
+
+
+def running_means(stars: np.ndarray, prior: float = PRIOR_MEAN) -> np.ndarray:
+    """Each rating of a stream predicted by the mean of the ratings before it (`prior` for the first):
+    the prequential baseline, which unlike the mean of the whole stream has not seen the future."""
+    stars = np.asarray(stars, dtype=np.float64)
+    if not len(stars):
+        return stars.copy()
+    return np.concatenate([[prior], np.cumsum(stars)[:-1] / np.arange(1, len(stars))])

@@ -83,11 +83,19 @@ def test_online_biased_mf_beats_the_global_mean(split: Split, capsys: pytest.Cap
     report(
         capsys,
         f"online biased MF, one pass over {len(stream):,} ratings: prequential RMSE {result.rmse:.4f}; "
+        f"running mean of the ratings before each one: {result.running_mean_rmse:.4f}; "
         f"global mean of the whole stream: {result.baseline_rmse:.4f}",
     )
     assert len(result.actual) == len(stream)
     assert sorted(result.actual.tolist()) == sorted(r for _, _, r in stream)
     assert result.rmse < result.baseline_rmse - 0.05
+    # The prequential baseline: each rating predicted by the mean of those output before it.
+    total, squared = 0.0, 0.0
+    for seen, stars in enumerate(result.actual.tolist()):
+        squared += ((total / seen if seen else 3.0) - stars) ** 2
+        total += stars
+    assert result.running_mean_rmse == pytest.approx((squared / len(stream)) ** 0.5, rel=1e-12)
+    assert result.rmse < result.running_mean_rmse - 0.05
 
 
 @pytest.mark.timeout(180)

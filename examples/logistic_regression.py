@@ -39,7 +39,7 @@ As a worker plugin (jsonl records `[features, label]`):
 with hyperparameters from the environment: STREAMPS_LR_BITS, STREAMPS_LR_ETA,
 STREAMPS_LR_ALPHA, STREAMPS_LR_CLASSES (comma-separated labels; default 0,1;
 more than two needs `--init zeros:K`), STREAMPS_LR_EPOCHS, STREAMPS_LR_SIGNED,
-STREAMPS_LR_AVERAGE, STREAMPS_LR_MAX_LEAD, STREAMPS_LR_WINDOW.
+STREAMPS_LR_AVERAGE, STREAMPS_LR_MAX_LEAD, STREAMPS_LR_WINDOW, STREAMPS_LR_SHUFFLE.
 """
 
 from __future__ import annotations

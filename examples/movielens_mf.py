@@ -12,6 +12,12 @@ OnlineBiasedMF (examples/online_biased_mf.py) over all ratings.
     python examples/movielens_mf.py --mode offline [--epochs 10] [--plot curve.png]
     python examples/movielens_mf.py --mode online [--plot curve.png]
     python examples/movielens_mf.py --mode offline --negatives 4      # implicit feedback, AUC
+    python examples/movielens_mf.py --split time     # train on the oldest 80%, test on the newest
+
+Offline it prints the baselines of the split too (the training mean, and mean
+plus item biases, the one to beat when most test users are new, as on the time
+split); online, the running mean of the ratings before each one and the mean of
+the whole stream.
 
 MovieLens 100K is fetched once into data/ (examples/datasets.py); 2 workers x 2
 shards. As a worker plugin, write the split as a tsv file and run it with

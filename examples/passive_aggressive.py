@@ -31,7 +31,9 @@ with hyperparameters from the environment: STREAMPS_PA_VARIANT (PA, PA-I,
 PA-II), STREAMPS_PA_C, STREAMPS_PA_CLASSES (comma-separated labels; default
 0,1; more than two needs `--init zeros:K`), STREAMPS_PA_EPOCHS,
 STREAMPS_PA_MULTICLASS (ovr, crammer), STREAMPS_PA_WINDOW, STREAMPS_PA_AVERAGE,
-STREAMPS_PA_MAX_LEAD.
+STREAMPS_PA_MAX_LEAD, STREAMPS_PA_SHUFFLE. The file `--model` writes holds the
+learner's accumulators and clocks too: examples.linear_model.split_model and
+averaged_model separate them.
 """
 
 from __future__ import annotations

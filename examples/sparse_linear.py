@@ -18,7 +18,7 @@ times (the driver feeds the data once): in the same order, or with
 (scikit-learn's `shuffle=True, random_state=SEED`, but the first pass stays
 the stream's order, and each worker shuffles its own records).
 
-Bounded lead (`max_lead=N`): each worker counts the records it has learned
+Bounded lead (`max_lead=N`, 1 by default): each worker counts the records it has learned
 from in its clock parameter (`clock_id`) and pulls the other workers' clocks
 with every record. A worker more than N records ahead of the slowest one puts
 the record back and pulls the clocks alone until that one catches up (a
@@ -26,7 +26,7 @@ finished worker adds DONE to its clock, so nobody waits for it). Without it,
 one worker can run far ahead of the other, which reorders the stream the model
 learns from.
 
-Averaged model (`average=True`): next to each delta `d` of step `s` (the
+Averaged model (`average=True`, the default): next to each delta `d` of step `s` (the
 record's place in the stream, from the clocks, or estimated), the learner
 pushes `s * d` to `average_id(id)`; `averaged_model` turns final weights and
 accumulators into scikit-learn's `average=True` (ASGD) model, at no extra round

@@ -23,33 +23,31 @@ from typing import Any
 
 import numpy as np
 
-from examples.datasets import ML100K_FILE, ML100K_HEADER, movielens_100k
+from examples.datasets import movielens_100k
+from examples.mf import (
+    MAX_STARS,
+    MIN_STARS,
+    PRIOR_MEAN,
+    Hyper,
+    ParkByItem,
+    biased_init_spec,
+    biased_step,
+    item_rows,
+    item_values,
+    user_row,
+)
 from psworker import ParameterServerClient, WorkerLogic, with_pull_limit
 
 Client = ParameterServerClient[np.ndarray, float]
 
-RANK = 16
-LR = 0.02
-REG = 0.02
-INIT_STD = 0.1
-SEED = 1
+HYPER = Hyper(rank=16, lr=0.02, reg=0.02, init_std=0.1, seed=1)
 # The item parameter: the vector, then the bias.
-PARAM_DIM = RANK + 1
-INIT_SPEC = f"normal:{PARAM_DIM},std={INIT_STD},seed={SEED}"
-PRIOR_MEAN = 3.0  # the mean a process assumes before it has learned from a rating
-MIN_STARS, MAX_STARS = 1.0, 5.0
+PARAM_DIM = HYPER.rank + 1
+INIT_SPEC = biased_init_spec(HYPER.rank, HYPER.init_std, HYPER.seed)
 # The staleness bounds every implementation is run at: ratings per peer window,
 # and streamps' pull limit.
 WINDOWS = (64, 256, 1_024)
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
-
-# Working rows. A user is [vector, bias, 1] and an item [vector, 1, bias] (float64),
-# so one dot product gives `vector . vector + user_bias + item_bias` and one scaled
-# add steps vector and bias together; the constant 1s are put back after each step.
-ROW_DIM = RANK + 2
-ITEM_ONE = RANK
-# The columns of an item row that make its parameter ([vector, bias]).
-PARAM_COLUMNS = np.r_[0:RANK, RANK + 1]
 
 
 class Ratings:
@@ -74,22 +72,10 @@ class Ratings:
 
 
 def movielens_by_time(data_dir: Path = DATA_DIR) -> Ratings:
-    """MovieLens 100K sorted by timestamp (ties in file order).
-
-    examples.datasets fetches and checks the file and yields (user, item, stars)
-    in file order; the timestamps are read here from the same file.
-    """
+    """MovieLens 100K sorted by timestamp (ties in file order)."""
     rated = movielens_100k(data_dir)
-    path = data_dir / ML100K_FILE
-    with path.open(encoding="utf-8") as handle:
-        header = handle.readline().rstrip("\n").split("\t")
-        if header != ML100K_HEADER:
-            raise RuntimeError(f"{path}: unexpected header {header}")
-        stamps = np.array([float(line.split("\t")[3]) for line in handle])
-    if len(stamps) != len(rated):
-        raise RuntimeError(f"{path}: {len(stamps)} timestamps for {len(rated)} ratings")
-    order = np.argsort(stamps, kind="stable")
-    columns = np.array(rated, dtype=np.float64)[order]
+    order = np.argsort(np.array([stamp for *_, stamp in rated]), kind="stable")
+    columns = np.array([rating[:3] for rating in rated], dtype=np.float64)[order]
     return Ratings(columns[:, 0].astype(np.int64), columns[:, 1].astype(np.int64), columns[:, 2])
 
 
@@ -100,16 +86,9 @@ def item_init(ids: Sequence[int] | np.ndarray) -> np.ndarray:
     return np.asarray(make_init(INIT_SPEC).batch(np.asarray(ids, dtype=np.int64)), dtype=np.float32)
 
 
-def item_rows(values: np.ndarray) -> np.ndarray:
-    """Item parameters (n, PARAM_DIM) as working rows (n, ROW_DIM)."""
-    rows = np.ones((len(values), ROW_DIM))
-    rows[:, PARAM_COLUMNS] = values
-    return rows
-
-
 def item_deltas(rows: np.ndarray, before: np.ndarray) -> np.ndarray:
-    """What to push for working rows that started as `before`: float32 parameter deltas."""
-    return (rows[:, PARAM_COLUMNS] - before[:, PARAM_COLUMNS]).astype(np.float32)
+    """What to push for working rows (examples.mf.item_rows) that started as `before`: float32 deltas."""
+    return (item_values(rows) - item_values(before)).astype(np.float32)
 
 
 def item_row(value: np.ndarray) -> np.ndarray:
@@ -137,9 +116,7 @@ class Learner:
     def user(self, user: int) -> np.ndarray:
         row = self.users.get(user)
         if row is None:
-            row = self.users[user] = np.empty(ROW_DIM)
-            row[:RANK] = np.random.default_rng([SEED, user]).normal(0.0, INIT_STD, RANK)
-            row[RANK:] = (0.0, 1.0)
+            row = self.users[user] = user_row(HYPER.rank, HYPER.init_std, HYPER.seed, user)
         return row
 
     def step(self, user: int, stars: float, item: np.ndarray) -> float:
@@ -147,40 +124,24 @@ class Learner:
         row = self.user(user)
         mean = self.total / self.seen if self.seen else PRIOR_MEAN
         raw = mean + float(row @ item)
-        err = stars - raw
-        scale, decay = LR * err, 1.0 - LR * REG
-        user_step = scale * item
-        item *= decay
-        item += scale * row
-        row *= decay
-        row += user_step
-        row[-1] = 1.0
-        item[ITEM_ONE] = 1.0
+        biased_step(row, item, stars - raw, HYPER.lr, HYPER.reg)
         self.seen += 1
         self.total += stars
         return min(max(raw, MIN_STARS), MAX_STARS) - stars
 
 
-class StreamMF(WorkerLogic[tuple[int, int, float], np.ndarray, float]):
+class StreamMF(ParkByItem):
     """The job written the natural way for streamps.
 
     on_recv parks the rating and pulls its item (a rating for an item already
-    on its way joins that wait); on_pull_recv trains the parked ratings against
-    the worker's copy of the item, outputs each error and pushes the item's delta.
+    on its way joins that wait: examples.mf.ParkByItem); on_pull_recv trains the
+    parked ratings against the worker's copy of the item, outputs each error and
+    pushes the item's delta.
     """
 
     def __init__(self) -> None:
+        super().__init__()
         self.learner = Learner()
-        self.waiting: dict[int, list[tuple[int, float]]] = {}
-
-    def on_recv(self, data: tuple[int, int, float], ps: Client) -> None:
-        user, item, stars = data
-        parked = self.waiting.get(item)
-        if parked is None:
-            self.waiting[item] = [(user, stars)]
-            ps.pull(item)
-        else:
-            parked.append((user, stars))
 
     def on_pull_recv(self, param_id: Any, param_value: np.ndarray, ps: Client) -> None:
         row, step = item_row(param_value), self.learner.step

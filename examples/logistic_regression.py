@@ -9,7 +9,7 @@ the shards: a float for a binary model, a vector with one entry per label for a
 multiclass (one-vs-rest) model. The model never needs to know the feature names
 in advance, and its size is fixed at `2**bits` whatever the data.
 
-The data flow is the one of examples/passive_aggressive.py (SparseLinearLearner):
+The data flow is SparseLinearLearner's (examples/sparse_linear.py):
 for each record `(features, label)` the worker pulls the weights of its buckets
 (one `ps.pull_many`), parks the record until they are all answered, outputs
 `(epoch, label, predicted label)` before learning (prequential in the first
@@ -25,24 +25,12 @@ every weight at every step (its L2 term is dense); here only the weights of the
 record's buckets shrink, since the others are not even pulled (the usual sparse
 L2). On data where every record has every feature the two are the same.
 
-Run on scikit-learn's breast_cancer and digits and river's phishing data, on 2
-workers x 2 shards, next to SGDClassifier(loss="log_loss", penalty="l2") with
-the same learning rate, split and passes:
+The script trains it on scikit-learn's breast_cancer and digits and river's
+phishing data, on 2 workers x 2 shards, next to SGDClassifier(loss="log_loss",
+penalty="l2") with the same learning rate, split and passes (results:
+examples/RESULTS.md):
 
     python examples/logistic_regression.py [--dataset all] [--bits 18] [--plot curve.png]
-
-Test accuracy on the split of examples/passive_aggressive.py (stratified 75/25,
-seed 0, standardized), 2**18 signed buckets (no two features share one on these
-data sets), eta 0.01, alpha 1e-4, 5 passes, max_lead 1 (one run, scikit-learn
-1.9.1; the tests check every row within 0.01):
-
-    data set       final: ours  sklearn   averaged: ours  sklearn
-    breast_cancer       0.965    0.965            0.951    0.951
-    digits              0.949    0.949            0.947    0.947
-    phishing            0.888    0.888            0.879    0.879
-
-The steps are small, so the asynchrony of 2 workers changes no prediction of
-the test split; in one process the weights equal scikit-learn's to ~1e-13.
 
 As a worker plugin (jsonl records `[features, label]`):
 
@@ -51,7 +39,7 @@ As a worker plugin (jsonl records `[features, label]`):
 with hyperparameters from the environment: STREAMPS_LR_BITS, STREAMPS_LR_ETA,
 STREAMPS_LR_ALPHA, STREAMPS_LR_CLASSES (comma-separated labels; default 0,1;
 more than two needs `--init zeros:K`), STREAMPS_LR_EPOCHS, STREAMPS_LR_SIGNED,
-STREAMPS_LR_AVERAGE, STREAMPS_LR_MAX_LEAD, STREAMPS_LR_WINDOW.
+STREAMPS_LR_AVERAGE, STREAMPS_LR_MAX_LEAD, STREAMPS_LR_WINDOW, STREAMPS_LR_SHUFFLE.
 """
 
 from __future__ import annotations
@@ -60,7 +48,7 @@ import argparse
 import functools
 import sys
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,28 +57,12 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make `examples` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from examples.passive_aggressive import (
-    DATASETS,
-    DEFAULT_CLASSES,
-    EXAMPLE_EPOCHS,
-    EXAMPLE_MAX_LEAD,
-    INTERCEPT_ID,
-    Dataset,
-    Id,
-    Run,
-    SparseLinearLearner,
-    _classes_from_text,
-    _env,
-    _flag,
-    load_dataset,
-    plot_learning_curves,
-    report_header,
-    report_row,
-    sklearn_accuracy,
-    sparse_features,
-    train_distributed,
-    train_in_process,
-)
+from examples.datasets import Dataset
+from examples.linear_driver import add_run_arguments, compare_on_datasets
+from examples.linear_model import INTERCEPT_ID, Id, sparse_features
+from examples.references import sklearn_accuracy, sklearn_lr
+from examples.settings import flag
+from examples.sparse_linear import SparseLinearLearner
 
 DEFAULT_BITS = 18
 DEFAULT_ETA = 0.01
@@ -122,9 +94,11 @@ class LogisticRegression(SparseLinearLearner):
     """Binary or one-vs-rest logistic regression on hashed features, SGD with L2.
 
     Arguments left as None come from STREAMPS_LR_<NAME> environment variables,
-    or else from the defaults (2**18 buckets, eta 0.01, alpha 1e-4, classes 0
-    and 1, one pass).
+    or else from the defaults, the settings of examples/RESULTS.md: 2**18
+    buckets, eta 0.01, alpha 1e-4, classes 0 and 1, 5 passes, averaged, max_lead 1.
     """
+
+    ENV_PREFIX = "LR"
 
     def __init__(
         self,
@@ -134,30 +108,18 @@ class LogisticRegression(SparseLinearLearner):
         classes: Sequence[Any] | None = None,
         *,
         signed: bool | None = None,
-        epochs: int | None = None,
-        window: int | None = None,
-        average: bool | None = None,
-        max_lead: int | None = None,
-        fit_intercept: bool = True,
-        predictions: bool = True,
+        **options: Any,
     ):
-        super().__init__(
-            classes if classes is not None else _env("LR", "CLASSES", _classes_from_text, DEFAULT_CLASSES),
-            epochs=epochs if epochs is not None else _env("LR", "EPOCHS", int, 1),
-            window=window if window is not None else _env("LR", "WINDOW", int, 1),
-            average=average if average is not None else _env("LR", "AVERAGE", _flag, False),
-            max_lead=max_lead if max_lead is not None else _env("LR", "MAX_LEAD", int, None),
-            fit_intercept=fit_intercept,
-            predictions=predictions,
-        )
-        self.bits = bits if bits is not None else _env("LR", "BITS", int, DEFAULT_BITS)
+        """`options`: SparseLinearLearner's (epochs, window, average, max_lead, fit_intercept, predictions)."""
+        super().__init__(classes, **options)
+        self.bits = bits if bits is not None else self.setting("BITS", int, DEFAULT_BITS)
         if not 1 <= self.bits <= MAX_BITS:
             raise ValueError(f"bits must be in 1..{MAX_BITS}, got {self.bits}")
-        self.eta = eta if eta is not None else _env("LR", "ETA", float, DEFAULT_ETA)
-        self.alpha = alpha if alpha is not None else _env("LR", "ALPHA", float, DEFAULT_ALPHA)
+        self.eta = eta if eta is not None else self.setting("ETA", float, DEFAULT_ETA)
+        self.alpha = alpha if alpha is not None else self.setting("ALPHA", float, DEFAULT_ALPHA)
         if not self.eta > 0 or self.alpha < 0:
             raise ValueError(f"eta must be > 0 and alpha >= 0, got eta={self.eta}, alpha={self.alpha}")
-        self.signed = signed if signed is not None else _env("LR", "SIGNED", _flag, True)
+        self.signed = signed if signed is not None else self.setting("SIGNED", flag, True)
         self._hashes: dict[Any, tuple[int, float]] = {}
 
     def bucket(self, name: Any) -> tuple[int, float]:
@@ -193,26 +155,9 @@ class LogisticRegression(SparseLinearLearner):
         return deltas
 
 
-def sklearn_lr(eta: float, alpha: float, epochs: int, average: bool = False) -> Any:
-    """scikit-learn's equivalent: SGDClassifier on the log loss, L2, constant learning rate, no shuffling."""
-    from sklearn.linear_model import SGDClassifier
-
-    return SGDClassifier(
-        loss="log_loss",
-        penalty="l2",
-        alpha=alpha,
-        learning_rate="constant",
-        eta0=eta,
-        max_iter=epochs,
-        tol=None,
-        shuffle=False,
-        average=average,
-    )
-
-
 def collisions(data: Dataset, bits: int) -> tuple[int, int]:
     """(features, features sharing a bucket with another one) of a data set under `bits`."""
-    names = data.feature_names if data.feature_names is not None else list(range(data.X_train.shape[1]))
+    names = data.feature_names if data.feature_names is not None else list(range(data.n_features))
     buckets = [feature_hash(name, bits)[0] for name in names]
     counts: dict[int, int] = {}
     for bucket in buckets:
@@ -224,37 +169,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description="Logistic regression with hashed features on streamps, next to scikit-learn's SGDClassifier."
     )
-    parser.add_argument("--dataset", choices=[*DATASETS, "all"], default="all")
     parser.add_argument("--bits", type=int, default=DEFAULT_BITS, help="2**bits hash buckets")
     parser.add_argument("--eta", type=float, default=DEFAULT_ETA, help="constant learning rate")
     parser.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="L2 strength")
     parser.add_argument("--unsigned", action="store_true", help="plain (unsigned) feature hashing")
-    parser.add_argument("--epochs", type=int, default=EXAMPLE_EPOCHS, help="passes over the training data")
-    parser.add_argument("--window", type=int, default=1, help="records in flight per worker")
-    parser.add_argument(
-        "--max-lead",
-        type=int,
-        default=EXAMPLE_MAX_LEAD,
-        help="records a worker may be ahead of the slowest one (-1: unbounded)",
-    )
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--shards", type=int, default=2)
-    parser.add_argument("--plot", metavar="PATH", help="write a learning-curve PNG (needs matplotlib)")
-    args = parser.parse_args(argv)
+    args = add_run_arguments(parser).parse_args(argv)
 
-    datasets = DATASETS if args.dataset == "all" else (args.dataset,)
-    report_header(
-        f"logistic regression, 2**{args.bits} hash buckets ({'un' if args.unsigned else ''}signed), "
-        f"eta={args.eta}, alpha={args.alpha}, {args.epochs} passes, {args.workers} workers x {args.shards} shards.\n"
-        f"Test accuracy next to SGDClassifier(loss='log_loss', penalty='l2', alpha, learning_rate='constant', "
-        f"eta0=eta, shuffle=False, tol=None, max_iter=passes[, average=True]) on the same split (its features "
-        f"unhashed); 1st pass: prequential accuracy."
-    )
-    panels: dict[str, list[tuple[Run, Run, float]]] = {}
-    sizes: dict[str, int] = {}
-    for name in datasets:
-        data = load_dataset(name)
-        sizes[name] = len(data.train)
+    def factories(data: Dataset) -> dict[str, Callable[[], SparseLinearLearner]]:
         factory = functools.partial(
             LogisticRegression,
             args.bits,
@@ -264,20 +185,32 @@ def main(argv: list[str] | None = None) -> None:
             signed=not args.unsigned,
             epochs=args.epochs,
             window=args.window,
-            max_lead=None if args.max_lead < 0 else args.max_lead,
+            max_lead=args.max_lead,
+            shuffle=args.shuffle,
             average=True,
         )
-        run = train_distributed({"LR": factory}, data, args.workers, args.shards)["LR"]
-        reference = sklearn_accuracy(sklearn_lr(args.eta, args.alpha, args.epochs), data)
-        reference_averaged = sklearn_accuracy(sklearn_lr(args.eta, args.alpha, args.epochs, average=True), data)
-        report_row(name, run, reference, reference_averaged)
+        return {"LR": factory}
+
+    def reference(_label: str, data: Dataset, average: bool) -> float:
+        return sklearn_accuracy(sklearn_lr(args.eta, args.alpha, args.epochs, average, args.shuffle), data)
+
+    def note(data: Dataset) -> str:
         features, shared = collisions(data, args.bits)
-        print(f"{'':<14}({run.seconds:.1f} s; {features} features in 2**{args.bits} buckets, {shared} share one)")
-        if args.plot:
-            panels[name] = [(run, train_in_process("LR", factory, data), reference)]
-    if args.plot:
-        plot_learning_curves(args.plot, f"logistic regression, eta={args.eta}, alpha={args.alpha}", panels, sizes)
-        print(f"learning curves written to {args.plot}")
+        return f"; {features} features in 2**{args.bits} buckets, {shared} share one"
+
+    compare_on_datasets(
+        args,
+        f"logistic regression, 2**{args.bits} hash buckets ({'un' if args.unsigned else ''}signed), "
+        f"eta={args.eta}, alpha={args.alpha}, {args.epochs} passes, {args.workers} workers x {args.shards} shards.\n"
+        f"Test accuracy next to SGDClassifier(loss='log_loss', penalty='l2', alpha, learning_rate='constant', "
+        f"eta0=eta, shuffle={args.shuffle is not None}, random_state={args.shuffle}, tol=None, "
+        f"max_iter=passes[, average=True]) on the same split (its features "
+        f"unhashed); 1st pass: prequential accuracy.",
+        factories,
+        reference,
+        plot_title=f"logistic regression, eta={args.eta}, alpha={args.alpha}",
+        note=note,
+    )
 
 
 if __name__ == "__main__":

@@ -14,9 +14,10 @@ evaluation: every prediction is on unseen data), and then takes one SGD step
 with L2 regularization on both vectors. The item's change is pushed as a delta.
 
 Pulls are asynchronous. `on_recv` pulls the item and parks the rating; ratings
-for an item that is already being pulled join the same wait. `on_pull_recv`
-then works through all ratings parked on that item, against a local copy of
-the item vector, and pushes the summed change once.
+for an item that is already being pulled join the same wait (ParkByItem, and
+the SGD step, are shared with the biased examples: examples/mf.py).
+`on_pull_recv` then works through all ratings parked on that item, against a
+local copy of the item vector, and pushes the summed change once.
 
 Run the demo (synthetic stream, 2 shards, 2 workers, progress on stderr):
 
@@ -40,7 +41,6 @@ import csv
 import functools
 import math
 import operator
-import os
 import sys
 import time
 import zlib
@@ -53,31 +53,20 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make `examples` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from examples.mf import MAX_STARS, MIN_STARS, PRIOR_MEAN, FactorModel, Hyper, ParkByItem, sgd_step
+from examples.references import running_means
 from examples.synthetic_ratings import ITEMS, TRUE_RANK, USERS, synthetic_ratings
 from psclient import Left, Right, transform
-from psworker import ParameterServerClient, WorkerLogic
+from psworker import ParameterServerClient
 
 Rating = tuple[Any, int, float]  # (user, item, stars)
 Prediction = tuple[float, float]  # (predicted stars, actual stars)
 Client = ParameterServerClient[np.ndarray, Prediction]
 
-DEFAULT_RANK = 10
-DEFAULT_LR = 0.05
-DEFAULT_REG = 0.02
-DEFAULT_INIT_STD = 0.1
-DEFAULT_SEED = 1
-MIN_STARS, MAX_STARS = 1.0, 5.0
-# The mean a worker assumes before it has seen any rating (the middle of 1..5).
-PRIOR_MEAN = 3.0
 TAIL_FRACTION = 0.1
 PLOT_WINDOWS = 50  # --plot: the stream is cut into this many windows
 # About 10 s on 2 cores; long enough for one pass of SGD to get near the noise floor.
 DEMO_RATINGS = 1_000_000
-
-
-def _env(name: str, cast: Any, default: Any) -> Any:
-    text = os.environ.get(f"STREAMPS_MF_{name}")
-    return default if text is None or text == "" else cast(text)
 
 
 def item_init_spec(rank: int, init_std: float, seed: int) -> str:
@@ -92,28 +81,17 @@ def _id_key(user: Any) -> int:
     return int(user) & 0xFFFF_FFFF_FFFF_FFFF
 
 
-class OnlineMF(WorkerLogic[Rating, np.ndarray, Prediction]):
+class OnlineMF(ParkByItem, FactorModel):
     """SGD matrix factorization; user vectors local, item vectors on the shards.
 
-    Arguments left as None come from STREAMPS_MF_<NAME> environment variables,
-    or else from the DEFAULT_<NAME> constants of this module.
+    Arguments (rank, lr, reg, init_std, seed) left as None come from
+    STREAMPS_MF_<NAME> environment variables, or else from DEFAULTS.
     """
 
-    def __init__(
-        self,
-        rank: int | None = None,
-        lr: float | None = None,
-        reg: float | None = None,
-        init_std: float | None = None,
-        seed: int | None = None,
-    ):
-        self.rank = rank if rank is not None else _env("RANK", int, DEFAULT_RANK)
-        self.lr = lr if lr is not None else _env("LR", float, DEFAULT_LR)
-        self.reg = reg if reg is not None else _env("REG", float, DEFAULT_REG)
-        self.init_std = init_std if init_std is not None else _env("INIT_STD", float, DEFAULT_INIT_STD)
-        self.seed = seed if seed is not None else _env("SEED", int, DEFAULT_SEED)
-        self.users: dict[Any, np.ndarray] = {}
-        self.waiting: dict[int, list[tuple[Any, float]]] = {}  # item -> ratings parked on its pull
+    DEFAULTS = Hyper(rank=10, lr=0.05, reg=0.02, init_std=0.1, seed=1)
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
         self.seen = 0
         self.total = 0.0
 
@@ -124,15 +102,6 @@ class OnlineMF(WorkerLogic[Rating, np.ndarray, Prediction]):
             rng = np.random.default_rng([self.seed, _id_key(user)])
             vector = self.users[user] = rng.normal(0.0, self.init_std, self.rank).astype(np.float32)
         return vector
-
-    def on_recv(self, data: Rating, ps: Client) -> None:
-        user, item, stars = data
-        parked = self.waiting.get(item)
-        if parked is None:
-            self.waiting[item] = [(user, float(stars))]
-            ps.pull(item)
-        else:
-            parked.append((user, float(stars)))
 
     def on_pull_recv(self, param_id: Any, param_value: np.ndarray, ps: Client) -> None:
         if param_value.shape != (self.rank,):
@@ -148,10 +117,7 @@ class OnlineMF(WorkerLogic[Rating, np.ndarray, Prediction]):
             mean = self.total / self.seen if self.seen else PRIOR_MEAN
             raw = mean + float(user_vector @ item_vector)
             ps.output((min(max(raw, MIN_STARS), MAX_STARS), stars))
-            error = stars - raw
-            user_step = lr * (error * item_vector - reg * user_vector)
-            item_vector += lr * (error * user_vector - reg * item_vector)
-            user_vector += user_step
+            sgd_step(user_vector, item_vector, stars - raw, lr, reg)
             self.seen += 1
             self.total += stars
         ps.push(param_id, item_vector - before)
@@ -234,7 +200,11 @@ def run(args: argparse.Namespace) -> None:
     print(f"{count:,} predictions in {elapsed:.1f} s ({count / max(elapsed, 1e-9):,.0f} ratings/s)")
     print(f"RMSE of the last 10% of predictions ({tail:,} ratings): {rmse(predicted_tail, actual_tail):.4f}")
     print(
-        f"baseline, predicting the global mean {mean:.3f} on the same ratings: "
+        f"baseline, the running mean of the ratings before each one, on the same ratings: "
+        f"{rmse(running_means(actual)[count - tail :], actual_tail):.4f}"
+    )
+    print(
+        f"baseline, the global mean {mean:.3f} of the whole stream (seen the future), on the same ratings: "
         f"{rmse(np.full(tail, mean), actual_tail):.4f}"
     )
     print(f"parameters returned (Right items): {params:,}")
@@ -253,17 +223,22 @@ def windowed_rmse(predicted: np.ndarray, actual: np.ndarray, window: int) -> tup
 
 
 def plot_curve(path: str, predicted: np.ndarray, actual: np.ndarray, source: str, args: argparse.Namespace) -> None:
-    """Save the prequential RMSE over the stream, windowed, next to the global-mean baseline."""
+    """Save the prequential RMSE over the stream, windowed, next to the running-mean and global-mean baselines."""
     from examples.plotting import save_curve
 
     window = max(1, len(actual) // PLOT_WINDOWS)
     xs, ours = windowed_rmse(predicted, actual, window)
     mean = float(actual.mean()) if len(actual) else float("nan")
     _, baseline = windowed_rmse(np.full(len(actual), mean), actual, window)
+    _, running = windowed_rmse(running_means(actual), actual, window)
     save_curve(
         path,
         xs,
-        {"online MF (predicted before learning)": ours, f"global mean {mean:.2f} (baseline)": baseline},
+        {
+            "online MF (predicted before learning)": ours,
+            "running mean of the ratings before each one (baseline)": running,
+            f"global mean {mean:.2f}, seen the whole stream (baseline)": baseline,
+        },
         f"Online MF, prequential RMSE per window of {window:,} ratings\n"
         f"{source}; {args.workers} workers x {args.shards} shards, rank {args.rank}, lr {args.lr}",
         "ratings seen",
@@ -290,13 +265,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ratings", type=int, default=DEMO_RATINGS, help="length of the synthetic stream")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--shards", type=int, default=2)
-    parser.add_argument("--rank", type=int, default=DEFAULT_RANK)
+    parser.add_argument("--rank", type=int, default=OnlineMF.DEFAULTS.rank)
     parser.add_argument(
-        "--lr", type=float, default=DEFAULT_LR, help="SGD step; on short streams (~100k ratings) 0.15 learns faster"
+        "--lr",
+        type=float,
+        default=OnlineMF.DEFAULTS.lr,
+        help="SGD step; on short streams (~100k ratings) 0.15 learns faster",
     )
-    parser.add_argument("--reg", type=float, default=DEFAULT_REG)
-    parser.add_argument("--init-std", type=float, default=DEFAULT_INIT_STD)
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seeds the synthetic stream and the model")
+    parser.add_argument("--reg", type=float, default=OnlineMF.DEFAULTS.reg)
+    parser.add_argument("--init-std", type=float, default=OnlineMF.DEFAULTS.init_std)
+    parser.add_argument(
+        "--seed", type=int, default=OnlineMF.DEFAULTS.seed, help="seeds the synthetic stream and the model"
+    )
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     parser.add_argument(
         "--plot", metavar="PATH", help="write a PNG of the prequential RMSE over the stream (needs the plot extra)"

@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import math
-import os
 import sys
 from collections import Counter
 from collections.abc import Iterable
@@ -55,6 +54,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make `examples` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from examples.settings import env
 from examples.wordcount import SAMPLE_TEXT, words
 from psclient import Left, Right, transform
 from psworker import ParameterServerClient, WorkerLogic
@@ -87,11 +87,6 @@ def hash_values(item: str, count: int, seed: int = DEFAULT_SEED) -> list[int]:
         digest = hashlib.blake2b(data, digest_size=_DIGEST_BYTES, key=key, person=block.to_bytes(16, "little")).digest()
         values.extend(int.from_bytes(digest[i : i + 8], "little") for i in range(0, _DIGEST_BYTES, 8))
     return values[:count]
-
-
-def _env(name: str, default: int) -> int:
-    text = os.environ.get(f"STREAMPS_SKETCH_{name}")
-    return default if text is None or text == "" else int(text)
 
 
 def _positive(name: str, value: int) -> int:
@@ -248,9 +243,9 @@ class CountMinLogic(_SketchLogic):
     def __init__(self, depth: int | None = None, width: int | None = None, seed: int | None = None):
         super().__init__()
         self.sketch = CountMinSketch(
-            depth if depth is not None else _env("DEPTH", DEFAULT_DEPTH),
-            width if width is not None else _env("WIDTH", DEFAULT_WIDTH),
-            seed if seed is not None else _env("SEED", DEFAULT_SEED),
+            depth if depth is not None else env("SKETCH", "DEPTH", int, DEFAULT_DEPTH),
+            width if width is not None else env("SKETCH", "WIDTH", int, DEFAULT_WIDTH),
+            seed if seed is not None else env("SKETCH", "SEED", int, DEFAULT_SEED),
         )
 
 
@@ -263,9 +258,9 @@ class BloomLogic(_SketchLogic):
     def __init__(self, bits: int | None = None, hashes: int | None = None, seed: int | None = None):
         super().__init__()
         self.sketch = BloomFilter(
-            bits if bits is not None else _env("BITS", DEFAULT_BITS),
-            hashes if hashes is not None else _env("HASHES", DEFAULT_HASHES),
-            seed if seed is not None else _env("SEED", DEFAULT_SEED),
+            bits if bits is not None else env("SKETCH", "BITS", int, DEFAULT_BITS),
+            hashes if hashes is not None else env("SKETCH", "HASHES", int, DEFAULT_HASHES),
+            seed if seed is not None else env("SKETCH", "SEED", int, DEFAULT_SEED),
         )
 
 

@@ -52,6 +52,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `examples` is a directory of the repo, not an installed package
     sys.path.insert(0, str(ROOT))
 
+from examples.linear_model import param_init_for  # noqa: E402
+from examples.mf import biased_init_spec  # noqa: E402
+from examples.passive_aggressive import PassiveAggressive  # noqa: E402
 from psclient import Left, Right, transform  # noqa: E402
 from psworker import WorkerLogic, with_pull_limit  # noqa: E402
 from psworker.testing import InProcessClient, canonical, check_logic  # noqa: E402
@@ -89,8 +92,10 @@ REGISTRY: dict[str, Builder] = {}
 # WorkerLogic subclasses of examples/ that are not meant to run as they are, and why.
 NOT_RUNNABLE: dict[str, str] = {
     "examples.sketches:_SketchLogic": "base of CountMinLogic and BloomLogic; it has no sketch of its own",
-    "examples.movielens_mf:_BiasedMF": "base of OnlineMF and OfflineMF; it has no on_recv",
-    "examples.passive_aggressive:SparseLinearLearner": "base of PassiveAggressive and LogisticRegression; "
+    "examples.mf:FactorModel": "base of OnlineMF and BiasedMF: hyperparameters and users, no callbacks",
+    "examples.mf:BiasedMF": "base of OnlineBiasedMF and OfflineMF; it has no on_recv",
+    "examples.mf:ParkByItem": "base of OnlineMF and OnlineBiasedMF; it has no on_pull_recv",
+    "examples.sparse_linear:SparseLinearLearner": "base of PassiveAggressive and LogisticRegression; "
     "update() is abstract",
 }
 
@@ -174,13 +179,13 @@ def _online_mf(cls: type, module: ModuleType) -> Job:
     )
 
 
-@entry("examples.movielens_mf:OnlineMF")
+@entry("examples.online_biased_mf:OnlineBiasedMF")
 def _movielens_online(cls: type, module: ModuleType) -> Job:
     logic = functools.partial(cls, rank=4, lr=0.03, reg=0.1, init_std=0.1, seed=3)
     return Job(
         logic,
         ratings,
-        module.item_init_spec(4, 0.1, 3),
+        biased_init_spec(4, 0.1, 3),
         "add",
         partition_by=operator.itemgetter(0),
         schedule_dependent=SCHEDULE,
@@ -192,13 +197,13 @@ def _is_eval_summary(out: Any) -> bool:
     return isinstance(out, tuple) and len(out) == 5 and out[0] in ("train", "test", "auc") and out[4] == 0
 
 
-@entry("examples.movielens_mf:OfflineMF")
+@entry("examples.offline_mf:OfflineMF")
 def _movielens_offline(cls: type, module: ModuleType) -> Job:
     logic = functools.partial(cls, rank=4, lr=0.03, reg=0.1, init_std=0.1, seed=3, epochs=2, window=4)
     return Job(
         logic,
         lambda: ratings(60, held_out_every=5),
-        module.item_init_spec(4, 0.1, 3),
+        biased_init_spec(4, 0.1, 3),
         "add",
         partition_by=operator.itemgetter(0),
         summary=_is_eval_summary,
@@ -210,13 +215,13 @@ def _movielens_offline(cls: type, module: ModuleType) -> Job:
 def _passive_aggressive(cls: type, module: ModuleType) -> Job:
     classes = (0, 1, 2)  # multiclass: a vector per feature, from a callable init
     logic = functools.partial(cls, "PA-II", 0.1, classes, epochs=2)
-    return Job(logic, lambda: sparse_records(classes=3), module.param_init_for(classes), "add")
+    return Job(logic, lambda: sparse_records(classes=3), param_init_for(classes), "add")
 
 
-@entry("examples.passive_aggressive:SideBySide")
+@entry("examples.side_by_side:SideBySide")
 def _side_by_side(cls: type, module: ModuleType) -> Job:
-    learners = [module.PassiveAggressive(variant, 0.1, (0, 1)) for variant in ("PA", "PA-I", "PA-II")]
-    return Job(cls(learners), sparse_records, module.param_init_for((0, 1)), "add")
+    learners = [PassiveAggressive(variant, 0.1, (0, 1)) for variant in ("PA", "PA-I", "PA-II")]
+    return Job(cls(learners), sparse_records, param_init_for((0, 1)), "add")
 
 
 @entry("examples.logistic_regression:LogisticRegression")

@@ -18,23 +18,11 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `examples` is a directory of the repo, not an installed package
     sys.path.insert(0, str(ROOT))
 
-from examples.logistic_regression import (  # noqa: E402
-    LogisticRegression,
-    collisions,
-    feature_hash,
-    log_loss_step,
-    sklearn_lr,
-)
-from examples.passive_aggressive import (  # noqa: E402
-    DATASETS,
-    INTERCEPT_ID,
-    Dataset,
-    averaged_model,
-    load_dataset,
-    sklearn_accuracy,
-    train_distributed,
-    train_in_process,
-)
+from examples.datasets import DATASETS, Dataset, load_dataset  # noqa: E402
+from examples.linear_driver import train_distributed, train_in_process  # noqa: E402
+from examples.linear_model import INTERCEPT_ID  # noqa: E402
+from examples.logistic_regression import LogisticRegression, collisions, feature_hash, log_loss_step  # noqa: E402
+from examples.references import sklearn_accuracy, sklearn_lr  # noqa: E402
 
 BITS = 18
 ETA = 0.01
@@ -136,7 +124,7 @@ def test_in_one_process_the_updates_are_scikit_learns(name: str) -> None:
     assert run.test_accuracy == sklearn_accuracy(final, data)
     assert run.averaged_accuracy == sklearn_accuracy(averaged, data)
     logic = make()
-    for model, reference in ((run.model, final), (averaged_model(run.model, len(data.train) * EPOCHS), averaged)):
+    for model, reference in ((run.model, final), (run.averaged, averaged)):
         coef, intercept = _weights(logic, model, data)
         np.testing.assert_allclose(coef, reference.coef_, rtol=0, atol=1e-9)
         np.testing.assert_allclose(intercept, reference.intercept_, rtol=0, atol=1e-9)

@@ -32,7 +32,6 @@ from examples.mf import (
     ParkByItem,
     biased_init_spec,
     biased_step,
-    item_rows,
     item_values,
     user_row,
 )
@@ -91,18 +90,23 @@ def item_deltas(rows: np.ndarray, before: np.ndarray) -> np.ndarray:
     return (item_values(rows) - item_values(before)).astype(np.float32)
 
 
+# A working item row is [vector, 1, bias] (examples.mf.item_rows); these columns hold the parameter.
+_PARAM_COLUMNS = np.r_[0 : HYPER.rank, HYPER.rank + 1]
+
+
 def item_row(value: np.ndarray) -> np.ndarray:
     """One item parameter as a working row: `item_rows` of one, with plain slices."""
-    row = np.empty(ROW_DIM)
-    row[:RANK] = value[:RANK]
-    row[ITEM_ONE] = 1.0
-    row[RANK + 1] = value[RANK]
+    rank = HYPER.rank
+    row = np.empty(rank + 2)
+    row[:rank] = value[:rank]
+    row[rank] = 1.0
+    row[rank + 1] = value[rank]
     return row
 
 
 def item_delta(row: np.ndarray, value: np.ndarray) -> np.ndarray:
     """`item_deltas` of one working row that started as parameter `value` (the same float32 bits)."""
-    return (row[PARAM_COLUMNS] - value).astype(np.float32)
+    return (row[_PARAM_COLUMNS] - value).astype(np.float32)
 
 
 class Learner:

@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.mf_common import INIT_SPEC, Learner, Ratings, item_deltas, item_rows, rmse, stream_mf
+from benchmarks.mf_common import INIT_SPEC, Learner, Ratings, item_deltas, rmse, stream_mf
+from examples.mf import item_rows
 from psclient.cluster import Cluster
 from psclient.either import Left
 from psclient.local import LocalCluster

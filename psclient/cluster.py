@@ -18,16 +18,11 @@ import numpy as np
 
 from psclient.either import Left, Right
 from psclient.errors import JobFailed, ShardError, StreampsError
+from psclient.rpc.errors import describe_rpc_error
+from psclient.rpc.layout import check_layout, fetch_info
 from psclient.rpc.security import Security
-from psclient.rpc.serving import open_channel
-from psclient.rpc.shard_client import (
-    DEFAULT_CONNECT_TIMEOUT_S,
-    ShardGroup,
-    check_layout,
-    describe_rpc_error,
-    fetch_info,
-    ready_channel,
-)
+from psclient.rpc.serving import DEFAULT_CONNECT_TIMEOUT_S, open_channel, ready_channel
+from psclient.rpc.shard_group import ShardGroup
 from psclient.wire.codec import decode_rows
 from psclient.wire.partition import Id, key_bucket
 from psclient.wire.proto import shard_pb2, shard_pb2_grpc, worker_pb2, worker_pb2_grpc

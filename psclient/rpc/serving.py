@@ -53,10 +53,12 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
 DEFAULT_MAX_WORKERS = 256
 
 
+def _health_status(serving: bool) -> health_pb2.HealthCheckResponse.ServingStatus.ValueType:
+    return health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+
+
 @dataclass
-class BoundServer:
-    server: grpc.Server
-    health: health.HealthServicer
+class _Bound:
     host: str
     port: int
 
@@ -64,27 +66,25 @@ class BoundServer:
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
+
+@dataclass
+class BoundServer(_Bound):
+    server: grpc.Server
+    health: health.HealthServicer
+
     def set_serving(self, serving: bool) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        self.health.set("", status)
+        self.health.set("", _health_status(serving))
 
 
 @dataclass
-class BoundAioServer:
+class BoundAioServer(_Bound):
     """An aio server, bound; `start`, `set_serving` and `stop` are coroutines."""
 
     server: grpc.aio.Server
     health: health_aio.HealthServicer
-    host: str
-    port: int
-
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
 
     async def set_serving(self, serving: bool) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        await self.health.set("", status)
+        await self.health.set("", _health_status(serving))
 
 
 def build_aio_server(
@@ -99,7 +99,7 @@ def build_aio_server(
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    return BoundAioServer(server, health_servicer, host, _bind(server, host, port))
+    return BoundAioServer(host=host, port=_bind(server, host, port), server=server, health=health_servicer)
 
 
 def build_server(
@@ -121,7 +121,7 @@ def build_server(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
     reflection.enable_server_reflection(names, server)
-    bound = BoundServer(server, health_servicer, host, _bind(server, host, port))
+    bound = BoundServer(host=host, port=_bind(server, host, port), server=server, health=health_servicer)
     bound.set_serving(False)
     return bound
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -18,93 +17,25 @@ import numpy as np
 
 from psclient.either import Left, Right
 from psclient.errors import JobFailed, ShardError, StreampsError
+from psclient.feeding import feed_workers
+from psclient.rpc.errors import describe_rpc_error
+from psclient.rpc.layout import check_layout, fetch_info
 from psclient.rpc.security import Security
-from psclient.rpc.serving import open_channel
-from psclient.rpc.shard_client import (
-    DEFAULT_CONNECT_TIMEOUT_S,
-    ShardGroup,
-    check_layout,
-    describe_rpc_error,
-    fetch_info,
-    ready_channel,
-)
+from psclient.rpc.serving import DEFAULT_CONNECT_TIMEOUT_S, open_channel, ready_channel
+from psclient.rpc.shard_group import ShardGroup
 from psclient.wire.codec import decode_rows
-from psclient.wire.partition import Id, key_bucket
+from psclient.wire.partition import Id
 from psclient.wire.proto import shard_pb2, shard_pb2_grpc, worker_pb2, worker_pb2_grpc
-from psclient.wire.records import pack, unpack
+from psclient.wire.records import unpack
 
-FEED_BATCH = 512
-# A partly filled feed batch is sent after this long without new records, so
-# slow streams are not held back waiting for a full batch.
-FEED_LINGER_S = 0.05
-FEED_QUEUE_MESSAGES = 8
-# Records read ahead of the router, at most.
-SOURCE_READ_AHEAD = 4 * FEED_BATCH
 # After a worker failed, how long to wait for the feeder to report its own error.
 FEEDER_JOIN_S = 5.0
-_END = object()
+# Marks the end of one worker's outputs.
+_DONE = object()
 
 
 class WorkerReported(JobFailed):
     """A worker's own one-line report that its job failed (it is still there to say so)."""
-
-
-class _Failure:
-    def __init__(self, error: BaseException):
-        self.error = error
-
-
-class _Source:
-    """The records of an iterable, read ahead on a thread of their own and taken in runs.
-
-    The thread lets the router time silence (a source may block between
-    records) and linger partial batches. Records pass through a deque, taken
-    all at once by the router, rather than one by one through a queue whose
-    lock and wake-up would cost more than the record's encoding.
-    """
-
-    def __init__(self, records: Iterable[Any]):
-        self._pending: deque[Any] = deque()
-        self._ready = threading.Event()  # set when records may be pending
-        self._room = threading.Condition()  # the reader waits here while the deque is full
-        self._stopped = False
-        threading.Thread(target=self._read, args=(records,), name="record-reader", daemon=True).start()
-
-    def _read(self, records: Iterable[Any]) -> None:
-        pending, ready = self._pending, self._ready
-        try:
-            for record in records:
-                pending.append(record)
-                if not ready.is_set():
-                    ready.set()
-                if len(pending) >= SOURCE_READ_AHEAD:
-                    with self._room:
-                        self._room.wait_for(lambda: len(pending) < SOURCE_READ_AHEAD or self._stopped)
-                    if self._stopped:
-                        return
-            pending.append(_END)
-        except BaseException as exc:
-            pending.append(_Failure(exc))
-        ready.set()
-
-    def take(self, timeout: float) -> list[Any]:
-        """Every record read so far (possibly ending in _END or a _Failure); [] after
-        `timeout` without one."""
-        pending = self._pending
-        if not pending:
-            self._ready.clear()
-            # A record appended before the clear is seen here; one appended after it sets the event.
-            if not pending and not self._ready.wait(timeout):
-                return []
-        taken = [pending.popleft() for _ in range(len(pending))]
-        with self._room:
-            self._room.notify()
-        return taken
-
-    def stop(self) -> None:
-        with self._room:
-            self._stopped = True
-            self._room.notify()
 
 
 class Cluster:
@@ -205,22 +136,26 @@ class Cluster:
 
     def info(self, timeout: float = 5.0) -> list[shard_pb2.InfoResponse | ShardError]:
         """Each shard's Info, or the error that stands in for it."""
-        answers: list[shard_pb2.InfoResponse | ShardError] = []
-        for shard, stub in enumerate(self._shard_stubs):
-            try:
-                answers.append(stub.Info(shard_pb2.InfoRequest(), timeout=timeout))
-            except grpc.RpcError as exc:
-                answers.append(ShardError(f"shard {shard} at {self.servers[shard]}: {describe_rpc_error(exc)}"))
-        return answers
+        return self._ask_each("shard", lambda stub: stub.Info(shard_pb2.InfoRequest(), timeout=timeout))
 
     def status(self, timeout: float = 5.0) -> list[worker_pb2.StatusResponse | StreampsError]:
         """Each worker's Status, or the error that stands in for it."""
-        answers: list[worker_pb2.StatusResponse | StreampsError] = []
-        for index, stub in enumerate(self._worker_stubs):
+        return self._ask_each("worker", lambda stub: stub.Status(worker_pb2.StatusRequest(), timeout=timeout))
+
+    def _ask_each(self, kind: str, ask: Callable[[Any], Any]) -> list[Any]:
+        """`ask(stub)` of every shard or every worker in turn; one that fails is answered
+        by an error naming it, so one server that is down does not hide the others."""
+        stubs, addresses, error = (
+            (self._shard_stubs, self.servers, ShardError)
+            if kind == "shard"
+            else (self._worker_stubs, self.workers, StreampsError)
+        )
+        answers: list[Any] = []
+        for index, stub in enumerate(stubs):
             try:
-                answers.append(stub.Status(worker_pb2.StatusRequest(), timeout=timeout))
+                answers.append(ask(stub))
             except grpc.RpcError as exc:
-                answers.append(StreampsError(f"worker {index} at {self.workers[index]}: {describe_rpc_error(exc)}"))
+                answers.append(error(f"{kind} {index} at {addresses[index]}: {describe_rpc_error(exc)}"))
         return answers
 
     # -- records and outputs -----------------------------------------------
@@ -256,100 +191,13 @@ class Cluster:
         self.check_shards()
         for index in range(len(self.workers)):
             self._ready_worker(index)
-        sender_queues: list[queue.Queue[Any]] = [queue.Queue(FEED_QUEUE_MESSAGES) for _ in self.workers]
-        failures: list[BaseException] = []
-
-        def send(index: int) -> None:
-            def requests() -> Iterator[worker_pb2.FeedRequest]:
-                while (message := sender_queues[index].get()) is not _END:
-                    yield message
-                # After the call failed, gRPC's thread still takes one message, which may
-                # be this _END: hand it on to the loop below, which would wait for it for good.
-                sender_queues[index].put(_END)
-
-            try:
-                self._worker_stubs[index].Feed(requests())
-            except grpc.RpcError as exc:
-                failures.append(JobFailed(exc.details() or f"feeding worker {index} failed: {describe_rpc_error(exc)}"))
-                while sender_queues[index].get() is not _END:  # unblock the router
-                    pass
-
-        senders = [
-            threading.Thread(target=send, args=(i,), name=f"feed-{i}", daemon=True) for i in range(len(self.workers))
-        ]
-        for sender in senders:
-            sender.start()
-        count = 0
-        try:
-            count = self._route(records, sender_queues, partition_by, iteration_wait_time, failures)
-        finally:
-            for index, sender_queue in enumerate(sender_queues):
-                sender_queue.put(worker_pb2.FeedRequest(end_of_input=end_of_input))
-                sender_queue.put(_END)
-                senders[index].join()
-        if failures:
-            raise failures[0]
-        return count
-
-    def _route(
-        self,
-        records: Iterable[Any],
-        sender_queues: list[queue.Queue[Any]],
-        partition_by: Callable[[Any], Hashable] | None,
-        iteration_wait_time: float | None,
-        failures: list[BaseException],
-    ) -> int:
-        num_workers = len(sender_queues)
-        batches: list[list[bytes]] = [[] for _ in range(num_workers)]
-        source = _Source(records)
-
-        def flush(index: int) -> None:
-            if batches[index]:
-                sender_queues[index].put(worker_pb2.FeedRequest(records=batches[index]))
-                batches[index] = []
-
-        try:
-            return self._route_loop(source, batches, flush, partition_by, iteration_wait_time, failures)
-        finally:
-            source.stop()
-            # Records taken before an error of the iterator still reach their worker.
-            for index in range(num_workers):
-                flush(index)
-
-    @staticmethod
-    def _route_loop(
-        source: _Source,
-        batches: list[list[bytes]],
-        flush: Callable[[int], None],
-        partition_by: Callable[[Any], Hashable] | None,
-        iteration_wait_time: float | None,
-        failures: list[BaseException],
-    ) -> int:
-        num_workers = len(batches)
-        count = 0
-        silence = 0.0
-        while not failures:
-            taken = source.take(FEED_LINGER_S)
-            if not taken:
-                silence += FEED_LINGER_S
-                for index in range(num_workers):
-                    flush(index)
-                if iteration_wait_time is not None and silence >= iteration_wait_time:
-                    break
-                continue
-            silence = 0.0
-            for record in taken:
-                if record is _END:
-                    return count
-                if isinstance(record, _Failure):
-                    raise record.error
-                index = count % num_workers if partition_by is None else key_bucket(partition_by(record), num_workers)
-                batch = batches[index]
-                batch.append(pack(record))
-                count += 1
-                if len(batch) >= FEED_BATCH:
-                    flush(index)
-        return count
+        return feed_workers(
+            self._worker_stubs,
+            records,
+            partition_by=partition_by,
+            end_of_input=end_of_input,
+            iteration_wait_time=iteration_wait_time,
+        )
 
     def outputs(self) -> Iterator[Any]:
         """Every worker's outputs, merged as they arrive, until all workers finished.
@@ -364,26 +212,24 @@ class Cluster:
             try:
                 for chunk in self._worker_stubs[index].Outputs(worker_pb2.OutputsRequest()):
                     merged.put([unpack(data) for data in chunk.outputs])
-                merged.put(_END)
+                merged.put(_DONE)
             except grpc.RpcError as exc:
                 if exc.code() == grpc.StatusCode.ABORTED:
-                    merged.put(_Failure(WorkerReported(exc.details())))
+                    merged.put(WorkerReported(exc.details()))
                 else:
-                    merged.put(
-                        _Failure(JobFailed(f"worker {index} at {self.workers[index]}: {describe_rpc_error(exc)}"))
-                    )
+                    merged.put(JobFailed(f"worker {index} at {self.workers[index]}: {describe_rpc_error(exc)}"))
             except StreampsError as exc:
-                merged.put(_Failure(JobFailed(f"worker {index}: {exc}")))
+                merged.put(JobFailed(f"worker {index}: {exc}"))
 
         for index in range(len(self.workers)):
             threading.Thread(target=read, args=(index,), name=f"outputs-{index}", daemon=True).start()
         running = len(self.workers)
         while running:
             item = merged.get()
-            if item is _END:
+            if item is _DONE:
                 running -= 1
-            elif isinstance(item, _Failure):
-                raise item.error
+            elif isinstance(item, BaseException):
+                raise item
             else:
                 yield from item
 

@@ -21,7 +21,7 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from psclient.errors import WireError
-from psclient.rpc.shard_client import shutting_down_details
+from psclient.rpc.errors import shutting_down_details
 from psclient.specs import UserFunctionError
 from psclient.wire.codec import DecodedBatch, decode_batch, encode_batch
 from psclient.wire.partition import shard_of, shards_of_ints

@@ -8,6 +8,22 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
 
+# Totals since the worker started, and levels right now.
+COUNTERS = {
+    "records": "Records processed",
+    "records_failed": "Records that failed (malformed or raised) and were skipped",
+    "outputs": "Outputs emitted",
+    "pulls": "Pulls issued",
+    "pushes": "Pushes issued",
+}
+GAUGES = {
+    "pulls_in_flight": "Pulls sent and not answered",
+    "pulls_queued": "Pulls held back by the pull limit",
+    "pushes_unacked": "Push batches not acknowledged",
+    "input_queue_chunks": "Chunks of records waiting for the logic",
+    "answer_queue_chunks": "Pull answers waiting for the logic",
+}
+
 
 class RuntimeCollector(Collector):
     """Reports the runtime's own counters at scrape time: nothing on the hot path."""
@@ -18,28 +34,15 @@ class RuntimeCollector(Collector):
 
     def collect(self) -> Any:
         values = self.read()
-        counters = {
-            "records": "Records processed",
-            "records_failed": "Records that failed (malformed or raised) and were skipped",
-            "outputs": "Outputs emitted",
-            "pulls": "Pulls issued",
-            "pushes": "Pushes issued",
-        }
-        for name, text in counters.items():
-            family = CounterMetricFamily(f"streamps_worker_{name}", text, labels=["worker"])
-            family.add_metric([self.worker], values[name])
-            yield family
-        gauges = {
-            "pulls_in_flight": "Pulls sent and not answered",
-            "pulls_queued": "Pulls held back by the pull limit",
-            "pushes_unacked": "Push batches not acknowledged",
-            "input_queue_chunks": "Chunks of records waiting for the logic",
-            "answer_queue_chunks": "Pull answers waiting for the logic",
-        }
-        for name, text in gauges.items():
-            gauge = GaugeMetricFamily(f"streamps_worker_{name}", text, labels=["worker"])
-            gauge.add_metric([self.worker], values[name])
-            yield gauge
+        kinds: list[tuple[type[CounterMetricFamily | GaugeMetricFamily], dict[str, str]]] = [
+            (CounterMetricFamily, COUNTERS),
+            (GaugeMetricFamily, GAUGES),
+        ]
+        for family_type, described in kinds:
+            for name, text in described.items():
+                family = family_type(f"streamps_worker_{name}", text, labels=["worker"])
+                family.add_metric([self.worker], values[name])
+                yield family
 
 
 def register(worker_index: int, read: Callable[[], dict[str, Any]]) -> None:

@@ -40,13 +40,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from psclient.errors import JobFailed, ShardError, StreampsError
-from psclient.rpc.shard_client import (
-    CLOSE_TIMEOUT_S,
-    DEFAULT_CONNECT_TIMEOUT_S,
-    EventLoopThread,
-    ShardConnection,
-    check_layout,
-)
+from psclient.rpc.connection import CLOSE_TIMEOUT_S, EventLoopThread, ShardConnection
+from psclient.rpc.layout import check_layout
+from psclient.rpc.serving import DEFAULT_CONNECT_TIMEOUT_S
 from psclient.wire.codec import decode_batch, decode_rows
 from psclient.wire.partition import Id, check_id
 from psclient.wire.proto import shard_pb2

@@ -25,7 +25,7 @@ from conftest import Processes, psserver_argv
 
 from psclient import ShardError, connect
 from psclient.local import worker_argv
-from psclient.rpc.shard_client import ShardGroup
+from psclient.rpc.shard_group import ShardGroup
 from psclient.wire.proto import shard_pb2, shard_pb2_grpc
 
 RUN_TIMEOUT_S = 120

@@ -167,7 +167,15 @@ def test_compose_builds_one_image_and_waits_patiently_for_health() -> None:
     assert services["job"]["volumes"] == ["./out:/out"]
 
 
-HEAVY = ("psclient.cluster", "psclient.local", "psclient.rpc.shard_client", "psclient.wire.proto.shard_pb2", "tqdm")
+HEAVY = (
+    "psclient.cluster",
+    "psclient.local",
+    "psclient.rpc.connection",
+    "psclient.rpc.layout",
+    "psclient.rpc.shard_group",
+    "psclient.wire.proto.shard_pb2",
+    "tqdm",
+)
 
 
 def test_psclient_health_answers_without_loading_the_cluster_code(start_shards: StartShards) -> None:

@@ -16,7 +16,7 @@ from logics import Exactness, FailOnX, InputEnd, KeyedEcho, PullChain, ReadYourW
 
 import psclient.local
 from psclient import JobFailed, Left, LocalCluster, Right, StreampsError, transform
-from psclient.rpc.shard_client import ShardGroup
+from psclient.rpc.shard_group import ShardGroup
 from psclient.wire.codec import decode_rows, encode_keys, encode_values
 from psclient.wire.proto import shard_pb2, shard_pb2_grpc
 from psworker import WorkerLogic, with_pull_limit

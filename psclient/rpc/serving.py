@@ -1,4 +1,5 @@
-"""What every streamps gRPC server and channel shares: options, limits, health, reflection.
+"""What every streamps gRPC server and channel shares: options, limits, health, reflection,
+and the wait for a server that is still starting (`ready_channel`).
 
 A server factory binds and returns; it never starts or exits. The caller's
 `main()` owns `start()`, the SIGTERM/SIGINT handler and the graceful stop
@@ -7,6 +8,7 @@ A server factory binds and returns; it never starts or exits. The caller's
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from concurrent import futures
 from dataclasses import dataclass
@@ -16,6 +18,8 @@ from grpc_health.v1 import _async as health_aio  # the package's aio servicer (h
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from psclient.errors import ShardError
+from psclient.rpc.errors import describe_rpc_error
 from psclient.rpc.security import Security
 from psclient.rpc.security import current as current_security
 
@@ -49,10 +53,12 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
 DEFAULT_MAX_WORKERS = 256
 
 
+def _health_status(serving: bool) -> health_pb2.HealthCheckResponse.ServingStatus.ValueType:
+    return health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+
+
 @dataclass
-class BoundServer:
-    server: grpc.Server
-    health: health.HealthServicer
+class _Bound:
     host: str
     port: int
 
@@ -60,27 +66,25 @@ class BoundServer:
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
+
+@dataclass
+class BoundServer(_Bound):
+    server: grpc.Server
+    health: health.HealthServicer
+
     def set_serving(self, serving: bool) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        self.health.set("", status)
+        self.health.set("", _health_status(serving))
 
 
 @dataclass
-class BoundAioServer:
+class BoundAioServer(_Bound):
     """An aio server, bound; `start`, `set_serving` and `stop` are coroutines."""
 
     server: grpc.aio.Server
     health: health_aio.HealthServicer
-    host: str
-    port: int
-
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
 
     async def set_serving(self, serving: bool) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        await self.health.set("", status)
+        await self.health.set("", _health_status(serving))
 
 
 def build_aio_server(
@@ -95,7 +99,7 @@ def build_aio_server(
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    return BoundAioServer(server, health_servicer, host, _bind(server, host, port))
+    return BoundAioServer(host=host, port=_bind(server, host, port), server=server, health=health_servicer)
 
 
 def build_server(
@@ -117,7 +121,7 @@ def build_server(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
     reflection.enable_server_reflection(names, server)
-    bound = BoundServer(server, health_servicer, host, _bind(server, host, port))
+    bound = BoundServer(host=host, port=_bind(server, host, port), server=server, health=health_servicer)
     bound.set_serving(False)
     return bound
 
@@ -125,6 +129,74 @@ def build_server(
 def open_channel(address: str, security: Security | None = None) -> grpc.Channel:
     """A channel with the standard options and this process's (or the given) security."""
     return (security or current_security()).channel(address, CHANNEL_OPTIONS)
+
+
+def _retry_reason(exc: grpc.RpcError, what: str) -> str:
+    """Why a failed health check is worth repeating ("refused", "unresolved"), or raise.
+
+    A refused connection is a server still starting, and a name that does not
+    resolve yet is one Kubernetes has not published yet (it publishes a pod's
+    DNS name only once the pod is ready): both heal by waiting. Any other failure
+    to connect (a TLS handshake that fails, plaintext against TLS) will not, so
+    it is reported at once.
+    """
+    detail = exc.details() or ""
+    code = exc.code()
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return "refused"
+    if code == grpc.StatusCode.UNAVAILABLE:
+        if "resolv" in detail.lower():  # "errors resolving H:P", "DNS resolution failed for H:P"
+            return "unresolved"
+        if "refused" in detail.lower():
+            return "refused"
+        raise ShardError(
+            f"{what}: cannot connect ({detail}); check that both sides agree on TLS "
+            "(--tls-ca/--tls-cert/--tls-key) and the token"
+        ) from None
+    raise ShardError(f"{what}: {describe_rpc_error(exc)}") from None
+
+
+def _host(address: str) -> str:
+    target = address.split("///")[-1]  # dns:///name:port
+    host, colon, port = target.rpartition(":")
+    return host.strip("[]") if colon and port.isdigit() else target
+
+
+def ready_channel(address: str, what: str, timeout: float, security: Security | None = None) -> grpc.Channel:
+    """A channel to `address` whose server answers its health check.
+
+    Waits up to `timeout` for a server that refuses connections or whose name
+    does not resolve yet; raises ShardError naming `what` and the reason. A
+    health Check (rather than channel_ready_future) leaves no polling thread
+    behind that could trip over the channel being closed later.
+    """
+    deadline = time.monotonic() + timeout
+    pause = 0.05
+    channel = open_channel(address, security)
+    try:
+        while True:
+            try:
+                health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=max(deadline - time.monotonic(), 0.01)
+                )
+                return channel
+            except grpc.RpcError as exc:
+                reason = _retry_reason(exc, what)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                if reason == "unresolved":
+                    raise ShardError(f"{what}: the name {_host(address)} did not resolve within {timeout:g} s")
+                raise ShardError(f"{what} is unreachable (no answer after {timeout:g} s)")
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, 1.0)
+            if reason == "unresolved":
+                # A channel whose lookup failed retries it on its own backoff, which
+                # grows to minutes; a new channel looks the name up again now.
+                channel.close()
+                channel = open_channel(address, security)
+    except BaseException:
+        channel.close()
+        raise
 
 
 def _bind(server: grpc.Server | grpc.aio.Server, host: str, port: int) -> int:

@@ -1,0 +1,190 @@
+"""Records to workers: `feed_workers` reads a source ahead, routes each record to its
+worker (round robin, or by a key), batches them and sends one Feed stream per worker.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from typing import Any
+
+import grpc
+
+from psclient.errors import JobFailed
+from psclient.rpc.errors import describe_rpc_error
+from psclient.wire.partition import key_bucket
+from psclient.wire.proto import worker_pb2, worker_pb2_grpc
+from psclient.wire.records import pack
+
+FEED_BATCH = 512
+# A partly filled feed batch is sent after this long without new records, so
+# slow streams are not held back waiting for a full batch.
+FEED_LINGER_S = 0.05
+FEED_QUEUE_MESSAGES = 8
+# Records read ahead of the router, at most.
+SOURCE_READ_AHEAD = 4 * FEED_BATCH
+_END = object()
+
+
+class _Failure:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+class _Source:
+    """The records of an iterable, read ahead on a thread of their own and taken in runs.
+
+    The thread lets the router time silence (a source may block between
+    records) and linger partial batches. Records pass through a deque, taken
+    all at once by the router, rather than one by one through a queue whose
+    lock and wake-up would cost more than the record's encoding.
+    """
+
+    def __init__(self, records: Iterable[Any]):
+        self._pending: deque[Any] = deque()
+        self._ready = threading.Event()  # set when records may be pending
+        self._room = threading.Condition()  # the reader waits here while the deque is full
+        self._stopped = False
+        threading.Thread(target=self._read, args=(records,), name="record-reader", daemon=True).start()
+
+    def _read(self, records: Iterable[Any]) -> None:
+        pending, ready = self._pending, self._ready
+        try:
+            for record in records:
+                pending.append(record)
+                if not ready.is_set():
+                    ready.set()
+                if len(pending) >= SOURCE_READ_AHEAD:
+                    with self._room:
+                        self._room.wait_for(lambda: len(pending) < SOURCE_READ_AHEAD or self._stopped)
+                    if self._stopped:
+                        return
+            pending.append(_END)
+        except BaseException as exc:
+            pending.append(_Failure(exc))
+        ready.set()
+
+    def take(self, timeout: float) -> list[Any]:
+        """Every record read so far (possibly ending in _END or a _Failure); [] after
+        `timeout` without one."""
+        pending = self._pending
+        if not pending:
+            self._ready.clear()
+            # A record appended before the clear is seen here; one appended after it sets the event.
+            if not pending and not self._ready.wait(timeout):
+                return []
+        taken = [pending.popleft() for _ in range(len(pending))]
+        with self._room:
+            self._room.notify()
+        return taken
+
+    def stop(self) -> None:
+        with self._room:
+            self._stopped = True
+            self._room.notify()
+
+
+def feed_workers(
+    stubs: Sequence[worker_pb2_grpc.WorkerStub],
+    records: Iterable[Any],
+    *,
+    partition_by: Callable[[Any], Hashable] | None,
+    end_of_input: bool,
+    iteration_wait_time: float | None,
+) -> int:
+    """Send `records` to the workers behind `stubs` and return how many were sent; blocks
+    until all are accepted. See `Cluster.feed`."""
+    sender_queues: list[queue.Queue[Any]] = [queue.Queue(FEED_QUEUE_MESSAGES) for _ in stubs]
+    failures: list[BaseException] = []
+
+    def send(index: int) -> None:
+        def requests() -> Iterator[worker_pb2.FeedRequest]:
+            while (message := sender_queues[index].get()) is not _END:
+                yield message
+            # After the call failed, gRPC's thread still takes one message, which may
+            # be this _END: hand it on to the loop below, which would wait for it for good.
+            sender_queues[index].put(_END)
+
+        try:
+            stubs[index].Feed(requests())
+        except grpc.RpcError as exc:
+            failures.append(JobFailed(exc.details() or f"feeding worker {index} failed: {describe_rpc_error(exc)}"))
+            while sender_queues[index].get() is not _END:  # unblock the router
+                pass
+
+    senders = [threading.Thread(target=send, args=(i,), name=f"feed-{i}", daemon=True) for i in range(len(stubs))]
+    for sender in senders:
+        sender.start()
+    count = 0
+    try:
+        count = _route(records, sender_queues, partition_by, iteration_wait_time, failures)
+    finally:
+        for index, sender_queue in enumerate(sender_queues):
+            sender_queue.put(worker_pb2.FeedRequest(end_of_input=end_of_input))
+            sender_queue.put(_END)
+            senders[index].join()
+    if failures:
+        raise failures[0]
+    return count
+
+
+def _route(
+    records: Iterable[Any],
+    sender_queues: list[queue.Queue[Any]],
+    partition_by: Callable[[Any], Hashable] | None,
+    iteration_wait_time: float | None,
+    failures: list[BaseException],
+) -> int:
+    num_workers = len(sender_queues)
+    batches: list[list[bytes]] = [[] for _ in range(num_workers)]
+    source = _Source(records)
+
+    def flush(index: int) -> None:
+        if batches[index]:
+            sender_queues[index].put(worker_pb2.FeedRequest(records=batches[index]))
+            batches[index] = []
+
+    try:
+        return _route_loop(source, batches, flush, partition_by, iteration_wait_time, failures)
+    finally:
+        source.stop()
+        # Records taken before an error of the iterator still reach their worker.
+        for index in range(num_workers):
+            flush(index)
+
+
+def _route_loop(
+    source: _Source,
+    batches: list[list[bytes]],
+    flush: Callable[[int], None],
+    partition_by: Callable[[Any], Hashable] | None,
+    iteration_wait_time: float | None,
+    failures: list[BaseException],
+) -> int:
+    num_workers = len(batches)
+    count = 0
+    silence = 0.0
+    while not failures:
+        taken = source.take(FEED_LINGER_S)
+        if not taken:
+            silence += FEED_LINGER_S
+            for index in range(num_workers):
+                flush(index)
+            if iteration_wait_time is not None and silence >= iteration_wait_time:
+                break
+            continue
+        silence = 0.0
+        for record in taken:
+            if record is _END:
+                return count
+            if isinstance(record, _Failure):
+                raise record.error
+            index = count % num_workers if partition_by is None else key_bucket(partition_by(record), num_workers)
+            batch = batches[index]
+            batch.append(pack(record))
+            count += 1
+            if len(batch) >= FEED_BATCH:
+                flush(index)
+    return count

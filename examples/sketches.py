@@ -56,7 +56,7 @@ if __package__ in (None, ""):  # run as a script: make `examples` importable
 
 from examples.settings import env
 from examples.wordcount import SAMPLE_TEXT, words
-from psclient import Left, Right, transform
+from psclient import Right, transform
 from psworker import ParameterServerClient, WorkerLogic
 
 # eps = e / 272 ~ 1% of the stream length, delta = exp(-5) ~ 0.7%.
@@ -158,8 +158,7 @@ class BloomFilter:
     """A Bloom filter in memory: `bits` cells of 0 or 1, `hashes` hash functions."""
 
     def __init__(self, bits: int = DEFAULT_BITS, hashes: int = DEFAULT_HASHES, seed: int = DEFAULT_SEED):
-        self.bits = _positive("bits", bits)
-        self.hashes = _positive("hashes", hashes)
+        self.bits, self.hashes = _positive("bits", bits), _positive("hashes", hashes)
         self.seed = seed
         self.array = np.zeros(bits, dtype=np.uint8)
 
@@ -213,9 +212,11 @@ class BloomFilter:
 class _SketchLogic(WorkerLogic[str, int, Summary]):
     """Push 1 to every cell of every word of each line; one summary per worker at the end."""
 
-    sketch: CountMinSketch | BloomFilter
+    init = "const:0"  # every cell starts at 0
 
-    def __init__(self) -> None:
+    def __init__(self, sketch: CountMinSketch | BloomFilter, update: str):
+        self.sketch = sketch
+        self.update = update  # how the shards fold the 1s pushed to a cell
         self.lines = 0
         self.words = 0
 
@@ -234,75 +235,38 @@ class _SketchLogic(WorkerLogic[str, int, Summary]):
         ps.output({"worker": ps.worker_index, "lines": self.lines, "words": self.words})
 
 
+def _setting(value: int | None, name: str, default: int = DEFAULT_SEED) -> int:
+    """An argument given, else STREAMPS_SKETCH_<NAME>, else the default."""
+    return value if value is not None else env("SKETCH", name, int, default)
+
+
 class CountMinLogic(_SketchLogic):
     """Count-min sketch cells as parameters: init `const:0`, update `add`."""
 
-    init = "const:0"
-    update = "add"
-
     def __init__(self, depth: int | None = None, width: int | None = None, seed: int | None = None):
-        super().__init__()
-        self.sketch = CountMinSketch(
-            depth if depth is not None else env("SKETCH", "DEPTH", int, DEFAULT_DEPTH),
-            width if width is not None else env("SKETCH", "WIDTH", int, DEFAULT_WIDTH),
-            seed if seed is not None else env("SKETCH", "SEED", int, DEFAULT_SEED),
-        )
+        depth, width = _setting(depth, "DEPTH", DEFAULT_DEPTH), _setting(width, "WIDTH", DEFAULT_WIDTH)
+        super().__init__(CountMinSketch(depth, width, _setting(seed, "SEED")), "add")
 
 
 class BloomLogic(_SketchLogic):
     """Bloom filter bits as parameters: init `const:0`, update `max` (a bit, once set, stays set)."""
 
-    init = "const:0"
-    update = "max"
-
     def __init__(self, bits: int | None = None, hashes: int | None = None, seed: int | None = None):
-        super().__init__()
-        self.sketch = BloomFilter(
-            bits if bits is not None else env("SKETCH", "BITS", int, DEFAULT_BITS),
-            hashes if hashes is not None else env("SKETCH", "HASHES", int, DEFAULT_HASHES),
-            seed if seed is not None else env("SKETCH", "SEED", int, DEFAULT_SEED),
-        )
+        bits, hashes = _setting(bits, "BITS", DEFAULT_BITS), _setting(hashes, "HASHES", DEFAULT_HASHES)
+        super().__init__(BloomFilter(bits, hashes, _setting(seed, "SEED")), "max")
 
 
 # -- the driver -------------------------------------------------------------------------------------
 
 
-def _run(lines: Iterable[str], logic: _SketchLogic, workers: int, shards: int) -> tuple[list[tuple[Any, Any]], int]:
-    model: list[tuple[Any, Any]] = []
-    words_seen = 0
-    for item in transform(lines, logic, logic.init, logic.update, worker_parallelism=workers, ps_parallelism=shards):
-        match item:
-            case Left(summary):
-                words_seen += summary["words"]
-            case Right(cell):
-                model.append(cell)
-    return model, words_seen
-
-
-def count_min(
-    lines: Iterable[str],
-    depth: int = DEFAULT_DEPTH,
-    width: int = DEFAULT_WIDTH,
-    seed: int = DEFAULT_SEED,
-    workers: int = 2,
-    shards: int = 2,
-) -> CountMinSketch:
-    """Build a count-min sketch of the words of `lines` on an embedded cluster."""
-    model, _ = _run(lines, CountMinLogic(depth, width, seed), workers, shards)
-    return CountMinSketch.from_model(model, depth, width, seed)
-
-
-def bloom_filter(
-    lines: Iterable[str],
-    bits: int = DEFAULT_BITS,
-    hashes: int = DEFAULT_HASHES,
-    seed: int = DEFAULT_SEED,
-    workers: int = 2,
-    shards: int = 2,
-) -> BloomFilter:
-    """Build a Bloom filter of the words of `lines` on an embedded cluster."""
-    model, _ = _run(lines, BloomLogic(bits, hashes, seed), workers, shards)
-    return BloomFilter.from_model(model, bits, hashes, seed)
+def build(lines: Iterable[str], logic: _SketchLogic, workers: int = 2, shards: int = 2) -> Any:
+    """`logic`'s sketch of the words of `lines`, built on an embedded cluster (a CountMinSketch or a BloomFilter)."""
+    transformed = transform(lines, logic, logic.init, logic.update, worker_parallelism=workers, ps_parallelism=shards)
+    model = [item.value for item in transformed if isinstance(item, Right)]
+    sketch = logic.sketch
+    if isinstance(sketch, CountMinSketch):
+        return CountMinSketch.from_model(model, sketch.depth, sketch.width, sketch.seed)
+    return BloomFilter.from_model(model, sketch.bits, sketch.hashes, sketch.seed)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -325,7 +289,7 @@ def main(argv: list[str] | None = None) -> None:
     truth = Counter(stream)
     print(f"{len(stream):,} words, {len(truth):,} distinct; {args.workers} workers x {args.shards} shards", flush=True)
 
-    cms = count_min(lines, args.depth, args.width, args.seed, args.workers, args.shards)
+    cms = build(lines, CountMinLogic(args.depth, args.width, args.seed), args.workers, args.shards)
     reference = CountMinSketch(args.depth, args.width, args.seed).update(stream)
     same = np.array_equal(cms.table, reference.table)
     over = [cms.estimate(word) - count for word, count in truth.items()]
@@ -335,7 +299,7 @@ def main(argv: list[str] | None = None) -> None:
         f"(bound e/width * N = {cms.error_bound():.1f})"
     )
 
-    bloom = bloom_filter(lines, args.bits, args.hashes, args.seed, args.workers, args.shards)
+    bloom = build(lines, BloomLogic(args.bits, args.hashes, args.seed), args.workers, args.shards)
     reference_bloom = BloomFilter(args.bits, args.hashes, args.seed).update(stream)
     same = np.array_equal(bloom.array, reference_bloom.array)
     missed = sum(word not in bloom for word in truth)

@@ -50,11 +50,14 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def shard_argv(shard: int, num_shards: int, init_spec: str, update_spec: str, log_level: str = "WARNING") -> list[str]:
-    """The command line of one shard on a free loopback port, as a deployment would run it."""
+def shard_argv(
+    shard: int, num_shards: int, init_spec: str, update_spec: str, log_level: str = "WARNING", *extra: str
+) -> list[str]:
+    """The command line of one shard on a free loopback port, as a deployment would run it;
+    `extra` adds flags (`--data-dir DIR`, `--load FILE`)."""
     return [
         sys.executable, "-m", "psserver", "--shard", str(shard), "--num-shards", str(num_shards), "--port", "0",
-        "--init", init_spec, "--update", update_spec, "--log-level", log_level,
+        "--init", init_spec, "--update", update_spec, "--log-level", log_level, *extra,
     ]  # fmt: skip
 
 

@@ -1,0 +1,298 @@
+"""psserver --data-dir: pushes acknowledged by a shard survive its SIGKILL, exactly once.
+
+Each test drives real psserver processes over raw Exchange streams, so that it
+picks the worker_id and every seq itself, as a restarted worker resends them.
+Deltas are random float32: any push applied twice, lost, or reordered changes
+the model's bits.
+"""
+
+from __future__ import annotations
+
+import queue
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from conftest import START_TIMEOUT_S, Processes, Service
+
+from psclient.local import shard_argv
+from psclient.wire.codec import decode_batch, encode_id_array
+from psclient.wire.partition import shards_of_ints
+from psclient.wire.proto import shard_pb2, shard_pb2_grpc
+from psserver.wal import HEADER_SIZE, read_records, segment_numbers, segment_path
+
+DIM = 4
+IDS = 400
+WORKER = "worker-a"
+
+
+def batches(count: int, seed: int = 7, size: int = 64) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`count` push batches of random ids (repeats included) and float32 deltas."""
+    rng = np.random.default_rng(seed)
+    return [
+        (rng.integers(0, IDS, size).astype(np.int64), rng.standard_normal((size, DIM)).astype(np.float32))
+        for _ in range(count)
+    ]
+
+
+def expected_model(pushes: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """The model of a fault-free run: every push folded in once, in order (as ufunc.at does)."""
+    model = np.zeros((IDS, DIM), dtype=np.float32)
+    for ids, deltas in pushes:
+        np.add.at(model, ids, deltas)
+    return model
+
+
+class Stream:
+    """One Exchange stream to a shard; `send` does not wait, `ack` reads the next answer."""
+
+    def __init__(self, address: str):
+        self.channel = grpc.insecure_channel(address)
+        grpc.channel_ready_future(self.channel).result(timeout=START_TIMEOUT_S)
+        self.stub = shard_pb2_grpc.ParameterShardStub(self.channel)
+        self._requests: queue.Queue[shard_pb2.ExchangeRequest | None] = queue.Queue()
+        self._answers = self.stub.Exchange(self._iterate(), timeout=60)
+
+    def _iterate(self) -> Iterator[shard_pb2.ExchangeRequest]:
+        while (request := self._requests.get()) is not None:
+            yield request
+
+    def send(self, seq: int, ids: np.ndarray, deltas: np.ndarray) -> None:
+        push = shard_pb2.PushRequest(worker_id=WORKER, seq=seq, batches=[encode_id_array(ids, deltas)])
+        self._requests.put(shard_pb2.ExchangeRequest(push=push))
+
+    def ack(self) -> shard_pb2.PushAck:
+        return next(self._answers).ack
+
+    def push(self, seq: int, ids: np.ndarray, deltas: np.ndarray) -> shard_pb2.PushAck:
+        self.send(seq, ids, deltas)
+        return self.ack()
+
+    def pull(self, ids: np.ndarray) -> np.ndarray:
+        pull = shard_pb2.PullRequest(request_id=1, keys=encode_id_array(ids))
+        self._requests.put(shard_pb2.ExchangeRequest(pull=pull))
+        (batch,) = next(self._answers).pull.batches
+        values = decode_batch(batch, with_values=True).values
+        assert values is not None
+        return values
+
+    def watermarks(self) -> dict[str, int]:
+        return dict(self.stub.Info(shard_pb2.InfoRequest(), timeout=10).watermarks)
+
+    def close(self) -> None:
+        self._requests.put(None)
+        self._answers.cancel()
+        self.channel.close()
+
+
+@pytest.fixture
+def streams() -> Iterator[list[Stream]]:
+    opened: list[Stream] = []
+    try:
+        yield opened
+    finally:
+        for stream in opened:
+            stream.close()
+
+
+def start_shard(procs: Processes, shard: int, num_shards: int, data_dir: Path, *extra: str) -> Service:
+    argv = shard_argv(shard, num_shards, f"zeros:{DIM}", "add", "INFO", "--data-dir", str(data_dir), *extra)
+    return procs.start_server(argv)
+
+
+def kill(service: Service) -> None:
+    service.process.send_signal(signal.SIGKILL)
+    service.process.wait(timeout=10)
+
+
+def split(ids: np.ndarray, deltas: np.ndarray, num_shards: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    owners = shards_of_ints(ids, num_shards)
+    return [(ids[owners == shard], deltas[owners == shard]) for shard in range(num_shards)]
+
+
+def model_of(streams: list[Stream]) -> np.ndarray:
+    ids = np.arange(IDS, dtype=np.int64)
+    model = np.zeros((IDS, DIM), dtype=np.float32)
+    for shard, (mine, _) in enumerate(split(ids, np.zeros((IDS, DIM), np.float32), len(streams))):
+        model[mine] = streams[shard].pull(mine)
+    return model
+
+
+def wal_warnings(service: Service) -> list[str]:
+    return [line for line in service.stderr_path.read_text().splitlines() if " WARNING " in line and "WAL" in line]
+
+
+def test_shard_killed_mid_stream_recovers_every_acked_push_once(
+    procs: Processes, streams: list[Stream], tmp_path: Path
+) -> None:
+    pushes = batches(60)
+    dirs = [tmp_path / "shard0", tmp_path / "shard1"]
+    for directory in dirs:
+        directory.mkdir()
+    shards = [start_shard(procs, i, 2, dirs[i]) for i in range(2)]
+    streams.extend(Stream(shard.address) for shard in shards)
+    per_shard = [[split(ids, deltas, 2)[shard] for ids, deltas in pushes] for shard in range(2)]
+    for seq in range(1, 31):
+        for shard in range(2):
+            assert streams[shard].push(seq, *per_shard[shard][seq - 1]) == shard_pb2.PushAck(seq=seq)
+    # Ten pushes in flight to shard 1 when it dies: some acked, some maybe applied, some not.
+    for seq in range(31, 41):
+        streams[1].send(seq, *per_shard[1][seq - 1])
+    acked = 30
+    acked += 1 if streams[1].ack().seq == 31 else 0
+    kill(shards[1])
+    with pytest.raises(grpc.RpcError):
+        while True:
+            assert streams[1].ack().seq == acked + 1
+            acked += 1
+    streams[1].close()
+
+    shards[1] = start_shard(procs, 1, 2, dirs[1])
+    streams[1] = Stream(shards[1].address)
+    recovered = streams[1].watermarks()[WORKER]
+    assert acked <= recovered <= 40
+    # The worker resends from well before its last ack, with the original seqs.
+    for seq in range(25, 61):
+        ack = streams[1].push(seq, *per_shard[1][seq - 1])
+        assert ack == shard_pb2.PushAck(seq=seq, duplicate=seq <= recovered)
+    for seq in range(31, 61):
+        assert streams[0].push(seq, *per_shard[0][seq - 1]) == shard_pb2.PushAck(seq=seq)
+    np.testing.assert_array_equal(model_of(streams), expected_model(pushes))
+    assert wal_warnings(shards[1]) == []
+
+
+def _pushed_and_killed(procs: Processes, streams: list[Stream], data_dir: Path, count: int) -> Path:
+    """A shard that acked `count` pushes and was killed; its one WAL segment."""
+    shard = start_shard(procs, 0, 1, data_dir)
+    stream = Stream(shard.address)
+    for seq, (ids, deltas) in enumerate(batches(count), 1):
+        assert stream.push(seq, ids, deltas).seq == seq
+    stream.close()
+    kill(shard)
+    (number,) = segment_numbers(data_dir)
+    return segment_path(data_dir, number)
+
+
+def _restarted(procs: Processes, streams: list[Stream], data_dir: Path) -> tuple[Service, Stream]:
+    shard = start_shard(procs, 0, 1, data_dir)
+    stream = Stream(shard.address)
+    streams.append(stream)
+    return shard, stream
+
+
+def test_torn_wal_tail_recovers_to_the_last_whole_push(procs: Processes, streams: list[Stream], tmp_path: Path) -> None:
+    wal = _pushed_and_killed(procs, streams, tmp_path, 10)
+    size = wal.stat().st_size
+    record = size // 10
+    with wal.open("r+b") as handle:
+        handle.truncate(size - record // 2)  # half of the last record is gone
+
+    shard, stream = _restarted(procs, streams, tmp_path)
+    assert stream.watermarks() == {WORKER: 9}
+    np.testing.assert_array_equal(model_of([stream]), expected_model(batches(10)[:9]))
+    (warning,) = wal_warnings(shard)
+    kept = record - record // 2
+    assert f"torn record ({kept - HEADER_SIZE} of {record - HEADER_SIZE} payload bytes)" in warning
+    assert f"at byte {9 * record}; cut {kept} bytes there" in warning
+    # The resent tenth push is applied once, and the log carries on.
+    assert stream.push(10, *batches(10)[9]) == shard_pb2.PushAck(seq=10)
+    np.testing.assert_array_equal(model_of([stream]), expected_model(batches(10)))
+
+
+def test_flipped_byte_mid_wal_is_reported_and_nothing_after_it_applied(
+    procs: Processes, streams: list[Stream], tmp_path: Path
+) -> None:
+    wal = _pushed_and_killed(procs, streams, tmp_path, 10)
+    data = bytearray(wal.read_bytes())
+    assert len(read_records(bytes(data)).records) == 10
+    record = len(data) // 10
+    data[4 * record + record // 2] ^= 0x40  # inside the fifth push's payload
+    wal.write_bytes(bytes(data))
+
+    shard, stream = _restarted(procs, streams, tmp_path)
+    assert stream.watermarks() == {WORKER: 4}
+    np.testing.assert_array_equal(model_of([stream]), expected_model(batches(10)[:4]))
+    (warning,) = wal_warnings(shard)
+    assert f"corrupt record (checksum mismatch) at byte {4 * record}; cut {6 * record} bytes there" in warning
+
+
+def test_snapshot_truncates_the_wal_and_recovery_is_exact(
+    procs: Processes, streams: list[Stream], tmp_path: Path
+) -> None:
+    pushes = batches(80)
+    shard = start_shard(procs, 0, 1, tmp_path, "--snapshot-interval", "0.3")
+    stream = Stream(shard.address)
+    streams.append(stream)
+    for seq, (ids, deltas) in enumerate(pushes[:60], 1):
+        assert stream.push(seq, ids, deltas).seq == seq
+    record = HEADER_SIZE + len(
+        shard_pb2.PushRequest(worker_id=WORKER, seq=1, batches=[encode_id_array(*pushes[0])]).SerializeToString()
+    )
+
+    def wal_bytes() -> int:
+        return sum(segment_path(tmp_path, n).stat().st_size for n in segment_numbers(tmp_path))
+
+    waited = 0.0
+    while wal_bytes() >= record and waited < 20:  # a snapshot took the 60 pushes out of the log
+        subprocess.run(["sleep", "0.1"], check=True)
+        waited += 0.1
+    assert wal_bytes() < record
+    assert (tmp_path / "snapshot.bin").is_file()
+    for seq, (ids, deltas) in enumerate(pushes[60:], 61):
+        stream.send(seq, ids, deltas)
+    for seq in range(61, 81):
+        assert stream.ack().seq == seq
+    kill(shard)
+
+    shard, stream = _restarted(procs, streams, tmp_path)
+    assert stream.watermarks() == {WORKER: 80}
+    assert stream.push(80, *pushes[79]) == shard_pb2.PushAck(seq=80, duplicate=True)
+    np.testing.assert_array_equal(model_of([stream]), expected_model(pushes))
+
+
+def test_no_durable_survives_a_killed_shard(procs: Processes, streams: list[Stream], tmp_path: Path) -> None:
+    pushes = batches(20)
+    shard = start_shard(procs, 0, 1, tmp_path, "--no-durable")
+    stream = Stream(shard.address)
+    streams.append(stream)
+    for seq, (ids, deltas) in enumerate(pushes, 1):
+        stream.send(seq, ids, deltas)
+    assert [stream.ack().seq for _ in pushes] == list(range(1, 21))
+    kill(shard)
+    assert "(no fsync;" in shard.stderr_path.read_text()
+    _, stream = _restarted(procs, streams, tmp_path)
+    np.testing.assert_array_equal(model_of([stream]), expected_model(pushes))
+
+
+def _refused(procs: Processes, *flags: str) -> tuple[int, list[str]]:
+    argv = shard_argv(0, 1, "zeros:1", "add", "WARNING", *flags)
+    process, stderr_path = procs.popen(argv)
+    process.wait(timeout=START_TIMEOUT_S)
+    return process.returncode, stderr_path.read_text().splitlines()
+
+
+def test_unusable_data_dir_is_one_line(procs: Processes, tmp_path: Path) -> None:
+    missing = tmp_path / "missing"
+    assert _refused(procs, "--data-dir", str(missing)) == (
+        2,
+        [f"psserver: error: --data-dir {missing} does not exist or is not a directory"],
+    )
+    held = tmp_path / "held"
+    held.mkdir()
+    start_shard(procs, 0, 1, held)
+    assert _refused(procs, "--data-dir", str(held)) == (
+        2,
+        [f"psserver: error: --data-dir {held} is in use by another running shard"],
+    )
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "shard.json").write_text('{"shard": 1, "num_shards": 2}\n')
+    assert _refused(procs, "--data-dir", str(other)) == (
+        2,
+        [f"psserver: error: --data-dir {other} holds shard 1 of 2, not shard 0 of 1"],
+    )
+    assert _refused(procs, "--no-durable") == (2, ["psserver: error: --durable/--no-durable needs --data-dir"])

@@ -170,6 +170,8 @@ class Durability:
             self.watermarks.update(header["watermarks"])
             first = int(header["wal_segment"])
             self.recovered = True
+            # Left by a stop between a snapshot's rename and the removal of what it covers.
+            self._remove_segments_before(first)
         replayed = self._replay(first)
         segments = segment_numbers(self.directory)
         self._next_segment = max([first, *segments]) + 1 if segments else first

@@ -25,6 +25,22 @@ from psserver.service import ShardServicer
 _Answer = tuple["asyncio.Future[None] | None", Any]
 
 
+class _DrainingContext:
+    """The stream's context, whose `abort` first sends every answer already queued: a
+    push applied and logged before a bad request (or a stop) still gets its ack."""
+
+    def __init__(self, context: grpc.aio.ServicerContext, drain: Callable[[], Awaitable[None]]):
+        self._context = context
+        self._drain = drain
+
+    async def abort(self, code: grpc.StatusCode, details: str = "") -> None:
+        await self._drain()
+        await self._context.abort(code, details)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+
 class DurableShardServicer(ShardServicer):
     async def _pipelined(
         self,
@@ -48,11 +64,18 @@ class DurableShardServicer(ShardServicer):
                 await context.write(response)
 
         sender = asyncio.get_running_loop().create_task(send())
+
+        async def drain() -> None:
+            if not sender.done():
+                answers.put_nowait(None)
+                await asyncio.wait([sender])
+
+        draining: Any = _DrainingContext(context, drain)
         try:
-            async for request in self._requests(requests, context, name):
+            async for request in self._requests(requests, draining, name):
                 if sender.done():
                     break
-                answers.put_nowait(await handle(request, context))
+                answers.put_nowait(await handle(request, draining))
             answers.put_nowait(None)
             await sender  # raises what ended it (an abort, a broken stream)
         finally:

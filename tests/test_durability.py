@@ -296,3 +296,20 @@ def test_unusable_data_dir_is_one_line(procs: Processes, tmp_path: Path) -> None
         [f"psserver: error: --data-dir {other} holds shard 1 of 2, not shard 0 of 1"],
     )
     assert _refused(procs, "--no-durable") == (2, ["psserver: error: --durable/--no-durable needs --data-dir"])
+
+
+def test_pushes_before_a_bad_request_are_still_acked(procs: Processes, streams: list[Stream], tmp_path: Path) -> None:
+    pushes = batches(8)
+    shard = start_shard(procs, 0, 1, tmp_path)
+    stream = Stream(shard.address)
+    streams.append(stream)
+    for seq, (ids, deltas) in enumerate(pushes, 1):
+        stream.send(seq, ids, deltas)
+    stream.send(0, *pushes[0])  # seq 0: refused, and it ends the stream
+    assert [stream.ack().seq for _ in pushes] == list(range(1, 9))
+    with pytest.raises(grpc.RpcError) as failure:
+        stream.ack()
+    assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert failure.value.details() == "a push needs a worker_id and a seq >= 1"
+    streams.append(fresh := Stream(shard.address))
+    np.testing.assert_array_equal(model_of([fresh]), expected_model(pushes))

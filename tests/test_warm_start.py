@@ -10,6 +10,7 @@ the SDK: `transform(..., model=...)` with the first half's parameters.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -98,3 +99,19 @@ def test_load_of_a_bad_file_is_one_line(procs: Processes, tmp_path: Path) -> Non
     assert stderr.read_text().splitlines() == [
         f"psserver: error: --load {bad} line 2: not an {{id, value}} object ('value')"
     ]
+
+
+def test_load_into_a_data_dir_is_durable_and_not_loaded_twice(procs: Processes, tmp_path: Path) -> None:
+    model = tmp_path / "model.jsonl"
+    model.write_text("".join(json.dumps({"id": i, "value": i * 10}) + "\n" for i in range(50)), encoding="utf-8")
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    argv = shard_argv(0, 1, "const:0", "add", "INFO", "--data-dir", str(data_dir), "--load", str(model))
+    first = procs.start_server(argv)
+    first.process.send_signal(signal.SIGKILL)
+    first.process.wait(timeout=10)
+    model.write_text(json.dumps({"id": 0, "value": -1}) + "\n", encoding="utf-8")  # must not be read again
+
+    again = procs.start_server(argv)
+    assert snapshot(procs, [again.address], tmp_path / "out.jsonl") == {i: i * 10 for i in range(50)}
+    assert f"--load {model} ignored: {data_dir} holds this shard's state" in again.stderr_path.read_text()

@@ -313,3 +313,50 @@ def test_pushes_before_a_bad_request_are_still_acked(procs: Processes, streams: 
     assert failure.value.details() == "a push needs a worker_id and a seq >= 1"
     streams.append(fresh := Stream(shard.address))
     np.testing.assert_array_equal(model_of([fresh]), expected_model(pushes))
+
+
+def test_recovery_keeps_str_ids_and_every_signature(tmp_path: Path) -> None:
+    """In process: a snapshot and a log over int and str ids, in two tables (int64 and float64)."""
+    import asyncio
+
+    from psclient.specs import make_init, make_update
+    from psserver.durability import DataDirError, Durability
+    from psserver.store import ParameterStore
+
+    def store() -> ParameterStore:
+        return ParameterStore(make_init("const:0"), make_update("add"))
+
+    def push(seq: int, ids: list, deltas: np.ndarray) -> shard_pb2.PushRequest:
+        from psclient.wire.codec import encode_values
+
+        return shard_pb2.PushRequest(worker_id=WORKER, seq=seq, batches=encode_values(ids, list(deltas)))
+
+    requests = [
+        push(1, [1, "a", 2], np.array([3, 4, 5])),  # int parameters
+        push(2, [2, "b"], np.array([0.5, 1.5])),  # 2 becomes a float, "b" starts as one
+        push(3, ["c", 1, "a"], np.array([7, 8, 9])),
+    ]
+
+    async def serve(durability: Durability, logged: list[shard_pb2.PushRequest], snapshot_after: int) -> None:
+        durability.start()
+        for number, request in enumerate(logged, 1):
+            durability.store.push_rows([decode_batch(b, with_values=True) for b in request.batches])
+            durability.watermarks[request.worker_id] = request.seq
+            await durability.log(request)
+            if number == snapshot_after:
+                await durability.snapshot()
+        await durability.close()
+
+    live = Durability(tmp_path, store(), 0, 1)
+    with pytest.raises(DataDirError, match="is in use by another running shard"):
+        Durability(tmp_path, store(), 0, 1)
+    asyncio.run(serve(live, requests, snapshot_after=2))
+    recovered = Durability(tmp_path, store(), 0, 1)
+    recovered.recover()
+    assert recovered.watermarks == {WORKER: 3}
+    ids = [1, 2, "a", "b", "c"]
+    expected = live.store.pull(ids)
+    got = recovered.store.pull(ids)
+    assert [(group_ids, values.dtype, values.tolist()) for group_ids, values in got] == [
+        (group_ids, values.dtype, values.tolist()) for group_ids, values in expected
+    ]

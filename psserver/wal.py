@@ -9,11 +9,11 @@ Segments are `wal-<number>.log`; a snapshot names the first segment that is not
 in it, and every older one can go. New records always go to a fresh segment
 after a restart, so a tail cut at recovery is never written after.
 
-Group commit: records appended while a write and fsync are under way wait in
-memory and go to disk together in the next one. The write and the fsync run
-in a thread (`run_in_executor`), so the shard's event loop keeps serving while
-the disk works; each record's future is resolved only once the fsync covering
-it has returned (or, without `durable`, once it is written).
+Group commit: a record is written at once; records written while an fsync is
+under way share the next one. The fsync runs in a thread (`run_in_executor`),
+so the shard's event loop keeps serving while the disk works; each record's
+future is resolved only once an fsync that began after its write has returned
+(or, without `durable`, once it is written).
 """
 
 from __future__ import annotations
@@ -35,10 +35,15 @@ MAX_RECORD = 1 << 30
 SEGMENT_GLOB = "wal-*.log"
 
 
+def header(payload: bytes) -> bytes:
+    """The header of `payload`'s record."""
+    length = struct.pack("<I", len(payload))
+    return _HEADER.pack(MAGIC, len(payload), zlib.crc32(payload, zlib.crc32(length)))
+
+
 def frame(payload: bytes) -> bytes:
     """`payload` as one record."""
-    length = struct.pack("<I", len(payload))
-    return _HEADER.pack(MAGIC, len(payload), zlib.crc32(payload, zlib.crc32(length))) + payload
+    return header(payload) + payload
 
 
 @dataclass
@@ -111,28 +116,30 @@ class _Segment:
         self.number = number
         self.path = segment_path(directory, number)
         self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        self.size = 0
         self.named = False  # its directory entry is durable
 
 
 class WriteAheadLog:
     """Appends records to the current segment; `append` returns a future that says when it is safe.
 
-    Used from one event loop only. A failed write or fsync fails every record
-    it carried and every later one: after a failed fsync the kernel may have
-    dropped the pages, so nothing written since can be trusted.
+    Used from one event loop only. A record is written (to the page cache) at
+    once, on the loop, so the log's order is the order of `append` calls; only
+    fsyncs run in a thread. A failed write or fsync fails every record waiting
+    and every later one: after a failed fsync the kernel may have dropped the
+    pages, so nothing written since can be trusted.
     """
 
     def __init__(self, directory: Path, first_segment: int, *, durable: bool):
         self.directory = directory
         self.durable = durable
         self._segment = _Segment(directory, first_segment)
-        # Records not yet handed to the disk: (segment, frames, futures) per segment.
-        self._pending: list[tuple[_Segment, list[bytes], list[asyncio.Future[None]]]] = []
-        self._flushing: asyncio.Task[None] | None = None
-        self._closed_segments: list[_Segment] = []
+        # Written, not yet fsynced: the futures waiting, and the segments to fsync.
+        self._waiting: list[asyncio.Future[None]] = []
+        self._unsynced: dict[int, _Segment] = {}
+        self._retired: list[_Segment] = []  # rotated away from, closed once synced
+        self._syncing: asyncio.Task[None] | None = None
         self.error: OSError | None = None
-        self.commits = 0  # writes (and fsyncs) done: fewer than records when group commit works
+        self.commits = 0  # fsyncs done: fewer than records when group commit works
         self.records = 0
 
     @property
@@ -140,106 +147,108 @@ class WriteAheadLog:
         """The number of the segment new records go to."""
         return self._segment.number
 
-    def append(self, payload: bytes) -> asyncio.Future[None]:
+    def _future(self) -> asyncio.Future[None]:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if self.error is not None:
             future.set_exception(self.error)
+        return future
+
+    def append(self, payload: bytes) -> asyncio.Future[None]:
+        future = self._future()
+        if future.done():
             return future
-        if not self._pending or self._pending[-1][0] is not self._segment:
-            self._pending.append((self._segment, [], []))
-        _, frames, futures = self._pending[-1]
-        frames.append(frame(payload))
-        futures.append(future)
+        try:
+            head = header(payload)
+            # writev: no copy of a large payload into one buffer with its header.
+            written = os.writev(self._segment.fd, [head, payload])
+            if written < len(head) + len(payload):
+                _write_all(self._segment.fd, (head + payload)[written:])
+        except OSError as exc:  # a torn record may be left: recovery cuts the log there
+            self._fail(exc)
+            future.set_exception(exc)
+            return future
         self.records += 1
+        if not self.durable:
+            future.set_result(None)
+            return future
+        self._unsynced[self._segment.number] = self._segment
+        self._waiting.append(future)
         self._kick()
         return future
 
     def barrier(self) -> asyncio.Future[None]:
         """A future resolved once every record appended so far is safe (as `append`'s are)."""
-        loop = asyncio.get_running_loop()
-        if self.error is not None:
-            future: asyncio.Future[None] = loop.create_future()
-            future.set_exception(self.error)
+        future = self._future()
+        if future.done():
             return future
-        if not self._pending and self._flushing is None:
-            future = loop.create_future()
-            future.set_result(None)
+        if not self._waiting and self._syncing is None:
+            future.set_result(None)  # nothing written is waiting for an fsync
             return future
-        if not self._pending:
-            self._pending.append((self._segment, [], []))
-        future = loop.create_future()
-        self._pending[-1][2].append(future)
+        self._waiting.append(future)  # the next fsync covers all written so far
         self._kick()
         return future
 
     def rotate(self) -> int:
-        """Send new records to a fresh segment; return its number. Records already
-        appended still go to the segment they were appended to."""
-        self._closed_segments.append(self._segment)
+        """Send new records to a fresh segment; return its number."""
+        self._retired.append(self._segment)
         self._segment = _Segment(self.directory, self._segment.number + 1)
+        self._close_retired()
         return self._segment.number
 
-    def _kick(self) -> None:
-        if self._flushing is None:
-            self._flushing = asyncio.get_running_loop().create_task(self._flush())
+    def _fail(self, exc: OSError) -> None:
+        self.error = exc
+        waiting, self._waiting = self._waiting, []
+        for future in waiting:
+            if not future.done():
+                future.set_exception(exc)
 
-    async def _flush(self) -> None:
+    def _kick(self) -> None:
+        if self._syncing is None:
+            self._syncing = asyncio.get_running_loop().create_task(self._sync())
+
+    async def _sync(self) -> None:
+        """fsync until nothing waits: what was written during one fsync goes in the next."""
         loop = asyncio.get_running_loop()
         try:
-            while self._pending:
-                groups, self._pending = self._pending, []
-                work = [(segment, b"".join(frames)) for segment, frames, _ in groups]
+            while self._waiting and self.error is None:
+                waiting, self._waiting = self._waiting, []
+                segments, self._unsynced = list(self._unsynced.values()), {}
                 try:
-                    await loop.run_in_executor(None, self._write, work)
+                    await loop.run_in_executor(None, self._fsync, segments)
                 except OSError as exc:
-                    self.error = exc
-                    for _, _, futures in [*groups, *self._pending]:
-                        for future in futures:
-                            if not future.done():
-                                future.set_exception(exc)
-                    self._pending = []
+                    self._waiting = waiting + self._waiting
+                    self._fail(exc)
                     return
                 self.commits += 1
-                for _, _, futures in groups:
-                    for future in futures:
-                        if not future.done():
-                            future.set_result(None)
+                for future in waiting:
+                    if not future.done():
+                        future.set_result(None)
         finally:
-            self._flushing = None
-        self._close_retired()
+            self._syncing = None
+            self._close_retired()
 
-    def _write(self, work: list[tuple[_Segment, bytes]]) -> None:
-        for segment, data in work:
-            if data:
-                _write_all(segment.fd, data)
-                segment.size += len(data)
-        if self.durable:
-            for segment in {id(s): s for s, _ in work}.values():
-                os.fdatasync(segment.fd)
-                if not segment.named:
-                    fsync_dir(self.directory)
-                    segment.named = True
+    def _fsync(self, segments: list[_Segment]) -> None:
+        for segment in segments:
+            os.fdatasync(segment.fd)
+            if not segment.named:
+                fsync_dir(self.directory)
+                segment.named = True
 
     def _close_retired(self) -> None:
-        """Close segments that were rotated away from once nothing waits to be written to them."""
-        waiting = {id(segment) for segment, _, _ in self._pending}
-        keep = []
-        for segment in self._closed_segments:
-            if id(segment) in waiting:
-                keep.append(segment)
-            else:
+        if self._syncing is not None:
+            return  # an fsync may be using them
+        for segment in self._retired:
+            if segment.number not in self._unsynced:
                 os.close(segment.fd)
-        self._closed_segments = keep
+        self._retired = [segment for segment in self._retired if segment.number in self._unsynced]
 
     async def close(self) -> None:
-        """Write what is pending, then close every segment."""
-        if self._pending or self._flushing is not None:
-            with contextlib.suppress(OSError):  # already reported to whoever waited on those records
-                await self.barrier()
-        if self._flushing is not None:
-            await self._flushing
+        """Wait for the pending fsync, then close every segment."""
+        with contextlib.suppress(OSError):  # already reported to whoever waited on those records
+            await self.barrier()
+        self._retired.append(self._segment)
+        self._unsynced = {}
         self._close_retired()
-        os.close(self._segment.fd)
 
 
 def iter_segments(directory: Path, first: int) -> Iterator[tuple[int, Path]]:

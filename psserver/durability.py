@@ -290,5 +290,7 @@ class Durability:
     async def close(self) -> None:
         if self._wal is not None:
             await self._wal.close()
+            fsyncs = f"{self._wal.commits} fsyncs" if self.durable else "no fsyncs (--no-durable)"
+            log.info("logged %d pushes with %s; %d snapshots", self._wal.records, fsyncs, self.snapshots)
         with contextlib.suppress(OSError):
             os.close(self._lock_fd)

@@ -360,3 +360,18 @@ def test_recovery_keeps_str_ids_and_every_signature(tmp_path: Path) -> None:
     assert [(group_ids, values.dtype, values.tolist()) for group_ids, values in got] == [
         (group_ids, values.dtype, values.tolist()) for group_ids, values in expected
     ]
+
+
+def test_pipelined_pushes_share_fsyncs(procs: Processes, streams: list[Stream], tmp_path: Path) -> None:
+    pushes = batches(200)
+    shard = start_shard(procs, 0, 1, tmp_path)
+    stream = Stream(shard.address)
+    streams.append(stream)
+    for seq, (ids, deltas) in enumerate(pushes, 1):
+        stream.send(seq, ids, deltas)
+    assert [stream.ack().seq for _ in pushes] == list(range(1, 201))
+    shard.process.send_signal(signal.SIGTERM)
+    assert shard.process.wait(timeout=20) == 0
+    (line,) = [line for line in shard.stderr_path.read_text().splitlines() if "logged 200 pushes with" in line]
+    fsyncs = int(line.split(" with ")[1].split()[0])
+    assert 1 <= fsyncs < 200, line  # group commit: pushes that arrived during an fsync shared the next

@@ -8,7 +8,6 @@ one push at a time. Without --data-dir a push is acknowledged once applied;
 shared by every push that arrived while the previous fsync ran (group commit).
 The data dir is on the benchmark machine's disk (a temp dir). The three shards
 run side by side; each figure is the median of 3 alternating 1-second runs.
-
 """
 
 from __future__ import annotations

@@ -5,8 +5,7 @@ SIGKILL and restarted on its data dir: once with everything still in the log
 (no snapshot yet: 62 pushes to replay), once from a snapshot (--snapshot-interval
 1, the log truncated after it). "recover" is the shard's own measure of loading
 and replaying (its log line); "restart to serving" is from the new process's
-start to its `listening on` line, interpreter and imports included (about a
-second on this machine whatever the data).
+start to its `listening on` line, interpreter and imports included.
 """
 
 from __future__ import annotations

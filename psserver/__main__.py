@@ -95,7 +95,7 @@ async def serve(
 @spec_options
 @click.option(
     "--data-dir",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=click.Path(path_type=Path),  # checked by the shard, which says what is wrong in one line
     default=None,
     **env("DATA_DIR"),
     help="Keep a write-ahead log and snapshots here and recover from them on start (the directory must exist).",

@@ -8,6 +8,7 @@ the model's bits.
 
 from __future__ import annotations
 
+import os
 import queue
 import signal
 import subprocess
@@ -281,6 +282,12 @@ def test_unusable_data_dir_is_one_line(procs: Processes, tmp_path: Path) -> None
         2,
         [f"psserver: error: --data-dir {missing} does not exist or is not a directory"],
     )
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    assert _refused(procs, "--data-dir", str(a_file)) == (
+        2,
+        [f"psserver: error: --data-dir {a_file} does not exist or is not a directory"],
+    )
     held = tmp_path / "held"
     held.mkdir()
     start_shard(procs, 0, 1, held)
@@ -375,3 +382,16 @@ def test_pipelined_pushes_share_fsyncs(procs: Processes, streams: list[Stream], 
     (line,) = [line for line in shard.stderr_path.read_text().splitlines() if "logged 200 pushes with" in line]
     fsyncs = int(line.split(" with ")[1].split()[0])
     assert 1 <= fsyncs < 200, line  # group commit: pushes that arrived during an fsync shared the next
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to any directory")
+def test_unwritable_data_dir_is_one_line(procs: Processes, tmp_path: Path) -> None:
+    locked = tmp_path / "read-only"
+    locked.mkdir(mode=0o500)
+    try:
+        assert _refused(procs, "--data-dir", str(locked)) == (
+            2,
+            [f"psserver: error: --data-dir {locked} is not writable"],
+        )
+    finally:
+        locked.chmod(0o700)

@@ -12,6 +12,7 @@ import os
 import queue
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -395,3 +396,38 @@ def test_unwritable_data_dir_is_one_line(procs: Processes, tmp_path: Path) -> No
         )
     finally:
         locked.chmod(0o700)
+
+
+def test_shard_killed_again_and_again_while_snapshotting_keeps_every_acked_push_once(
+    procs: Processes, streams: list[Stream], tmp_path: Path
+) -> None:
+    """Five SIGKILLs at seeded points of a pipelined stream, with snapshots every 0.2 s in between."""
+    pushes = batches(150, seed=11)
+    rng = np.random.default_rng(5)
+    flags = ("--snapshot-interval", "0.2")
+    shard = start_shard(procs, 0, 1, tmp_path, *flags)
+    acked = 0  # the highest seq acknowledged: everything up to it must survive
+    for _ in range(5):
+        stream = Stream(shard.address)
+        resend_from = max(1, acked - 3)  # some duplicates too, as a worker that lost acks would send
+        last = min(len(pushes), acked + 30)
+        for seq in range(resend_from, last + 1):
+            stream.send(seq, *pushes[seq - 1])
+        time.sleep(rng.uniform(0, 0.5))  # a snapshot may start now, or in the middle of what follows
+        for expected_seq in range(resend_from, resend_from + int(rng.integers(1, last - resend_from + 1))):
+            ack = stream.ack()
+            assert ack.seq == expected_seq
+            assert ack.duplicate or ack.seq > acked  # acked before: never applied again
+            acked = max(acked, ack.seq)
+        kill(shard)
+        stream.close()
+        shard = start_shard(procs, 0, 1, tmp_path, *flags)
+        streams.append(probe := Stream(shard.address))
+        assert probe.watermarks().get(WORKER, 0) >= acked
+    assert (tmp_path / "snapshot.bin").is_file()
+    stream = Stream(shard.address)
+    streams.append(stream)
+    recovered = stream.watermarks()[WORKER]
+    for seq in range(1, len(pushes) + 1):
+        assert stream.push(seq, *pushes[seq - 1]) == shard_pb2.PushAck(seq=seq, duplicate=seq <= recovered)
+    np.testing.assert_array_equal(model_of([stream]), expected_model(pushes))

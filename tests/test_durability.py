@@ -1,15 +1,13 @@
 """psserver --data-dir: pushes acknowledged by a shard survive its SIGKILL, exactly once.
 
-Each test drives real psserver processes over raw Exchange streams, so that it
-picks the worker_id and every seq itself, as a restarted worker resends them.
-Deltas are random float32: any push applied twice, lost, or reordered changes
-the model's bits.
+Each test drives real psserver processes over raw Exchange streams
+(tests/shard_streams.py), so that it picks the worker_id and every seq itself,
+as a restarted worker resends them. tests/test_wal_recovery.py damages the log.
 """
 
 from __future__ import annotations
 
 import os
-import queue
 import signal
 import subprocess
 import time
@@ -19,76 +17,24 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest import START_TIMEOUT_S, Processes, Service
+from conftest import START_TIMEOUT_S, Processes
+from shard_streams import (
+    WORKER,
+    Stream,
+    batches,
+    expected_model,
+    kill,
+    model_of,
+    restarted,
+    split,
+    start_shard,
+    wal_warnings,
+)
 
 from psclient.local import shard_argv
-from psclient.wire.codec import decode_batch, encode_id_array
-from psclient.wire.partition import shards_of_ints
-from psclient.wire.proto import shard_pb2, shard_pb2_grpc
-from psserver.wal import HEADER_SIZE, read_records, segment_numbers, segment_path
-
-DIM = 4
-IDS = 400
-WORKER = "worker-a"
-
-
-def batches(count: int, seed: int = 7, size: int = 64) -> list[tuple[np.ndarray, np.ndarray]]:
-    """`count` push batches of random ids (repeats included) and float32 deltas."""
-    rng = np.random.default_rng(seed)
-    return [
-        (rng.integers(0, IDS, size).astype(np.int64), rng.standard_normal((size, DIM)).astype(np.float32))
-        for _ in range(count)
-    ]
-
-
-def expected_model(pushes: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
-    """The model of a fault-free run: every push folded in once, in order (as ufunc.at does)."""
-    model = np.zeros((IDS, DIM), dtype=np.float32)
-    for ids, deltas in pushes:
-        np.add.at(model, ids, deltas)
-    return model
-
-
-class Stream:
-    """One Exchange stream to a shard; `send` does not wait, `ack` reads the next answer."""
-
-    def __init__(self, address: str):
-        self.channel = grpc.insecure_channel(address)
-        grpc.channel_ready_future(self.channel).result(timeout=START_TIMEOUT_S)
-        self.stub = shard_pb2_grpc.ParameterShardStub(self.channel)
-        self._requests: queue.Queue[shard_pb2.ExchangeRequest | None] = queue.Queue()
-        self._answers = self.stub.Exchange(self._iterate(), timeout=60)
-
-    def _iterate(self) -> Iterator[shard_pb2.ExchangeRequest]:
-        while (request := self._requests.get()) is not None:
-            yield request
-
-    def send(self, seq: int, ids: np.ndarray, deltas: np.ndarray) -> None:
-        push = shard_pb2.PushRequest(worker_id=WORKER, seq=seq, batches=[encode_id_array(ids, deltas)])
-        self._requests.put(shard_pb2.ExchangeRequest(push=push))
-
-    def ack(self) -> shard_pb2.PushAck:
-        return next(self._answers).ack
-
-    def push(self, seq: int, ids: np.ndarray, deltas: np.ndarray) -> shard_pb2.PushAck:
-        self.send(seq, ids, deltas)
-        return self.ack()
-
-    def pull(self, ids: np.ndarray) -> np.ndarray:
-        pull = shard_pb2.PullRequest(request_id=1, keys=encode_id_array(ids))
-        self._requests.put(shard_pb2.ExchangeRequest(pull=pull))
-        (batch,) = next(self._answers).pull.batches
-        values = decode_batch(batch, with_values=True).values
-        assert values is not None
-        return values
-
-    def watermarks(self) -> dict[str, int]:
-        return dict(self.stub.Info(shard_pb2.InfoRequest(), timeout=10).watermarks)
-
-    def close(self) -> None:
-        self._requests.put(None)
-        self._answers.cancel()
-        self.channel.close()
+from psclient.wire.codec import encode_id_array
+from psclient.wire.proto import shard_pb2
+from psserver.wal import HEADER_SIZE, segment_numbers, segment_path
 
 
 @pytest.fixture
@@ -99,33 +45,6 @@ def streams() -> Iterator[list[Stream]]:
     finally:
         for stream in opened:
             stream.close()
-
-
-def start_shard(procs: Processes, shard: int, num_shards: int, data_dir: Path, *extra: str) -> Service:
-    argv = shard_argv(shard, num_shards, f"zeros:{DIM}", "add", "INFO", "--data-dir", str(data_dir), *extra)
-    return procs.start_server(argv)
-
-
-def kill(service: Service) -> None:
-    service.process.send_signal(signal.SIGKILL)
-    service.process.wait(timeout=10)
-
-
-def split(ids: np.ndarray, deltas: np.ndarray, num_shards: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    owners = shards_of_ints(ids, num_shards)
-    return [(ids[owners == shard], deltas[owners == shard]) for shard in range(num_shards)]
-
-
-def model_of(streams: list[Stream]) -> np.ndarray:
-    ids = np.arange(IDS, dtype=np.int64)
-    model = np.zeros((IDS, DIM), dtype=np.float32)
-    for shard, (mine, _) in enumerate(split(ids, np.zeros((IDS, DIM), np.float32), len(streams))):
-        model[mine] = streams[shard].pull(mine)
-    return model
-
-
-def wal_warnings(service: Service) -> list[str]:
-    return [line for line in service.stderr_path.read_text().splitlines() if " WARNING " in line and "WAL" in line]
 
 
 def test_shard_killed_mid_stream_recovers_every_acked_push_once(
@@ -167,61 +86,6 @@ def test_shard_killed_mid_stream_recovers_every_acked_push_once(
     assert wal_warnings(shards[1]) == []
 
 
-def _pushed_and_killed(procs: Processes, streams: list[Stream], data_dir: Path, count: int) -> Path:
-    """A shard that acked `count` pushes and was killed; its one WAL segment."""
-    shard = start_shard(procs, 0, 1, data_dir)
-    stream = Stream(shard.address)
-    for seq, (ids, deltas) in enumerate(batches(count), 1):
-        assert stream.push(seq, ids, deltas).seq == seq
-    stream.close()
-    kill(shard)
-    (number,) = segment_numbers(data_dir)
-    return segment_path(data_dir, number)
-
-
-def _restarted(procs: Processes, streams: list[Stream], data_dir: Path) -> tuple[Service, Stream]:
-    shard = start_shard(procs, 0, 1, data_dir)
-    stream = Stream(shard.address)
-    streams.append(stream)
-    return shard, stream
-
-
-def test_torn_wal_tail_recovers_to_the_last_whole_push(procs: Processes, streams: list[Stream], tmp_path: Path) -> None:
-    wal = _pushed_and_killed(procs, streams, tmp_path, 10)
-    size = wal.stat().st_size
-    record = size // 10
-    with wal.open("r+b") as handle:
-        handle.truncate(size - record // 2)  # half of the last record is gone
-
-    shard, stream = _restarted(procs, streams, tmp_path)
-    assert stream.watermarks() == {WORKER: 9}
-    np.testing.assert_array_equal(model_of([stream]), expected_model(batches(10)[:9]))
-    (warning,) = wal_warnings(shard)
-    kept = record - record // 2
-    assert f"torn record ({kept - HEADER_SIZE} of {record - HEADER_SIZE} payload bytes)" in warning
-    assert f"at byte {9 * record}; cut {kept} bytes there" in warning
-    # The resent tenth push is applied once, and the log carries on.
-    assert stream.push(10, *batches(10)[9]) == shard_pb2.PushAck(seq=10)
-    np.testing.assert_array_equal(model_of([stream]), expected_model(batches(10)))
-
-
-def test_flipped_byte_mid_wal_is_reported_and_nothing_after_it_applied(
-    procs: Processes, streams: list[Stream], tmp_path: Path
-) -> None:
-    wal = _pushed_and_killed(procs, streams, tmp_path, 10)
-    data = bytearray(wal.read_bytes())
-    assert len(read_records(bytes(data)).records) == 10
-    record = len(data) // 10
-    data[4 * record + record // 2] ^= 0x40  # inside the fifth push's payload
-    wal.write_bytes(bytes(data))
-
-    shard, stream = _restarted(procs, streams, tmp_path)
-    assert stream.watermarks() == {WORKER: 4}
-    np.testing.assert_array_equal(model_of([stream]), expected_model(batches(10)[:4]))
-    (warning,) = wal_warnings(shard)
-    assert f"corrupt record (checksum mismatch) at byte {4 * record}; cut {6 * record} bytes there" in warning
-
-
 def test_snapshot_truncates_the_wal_and_recovery_is_exact(
     procs: Processes, streams: list[Stream], tmp_path: Path
 ) -> None:
@@ -250,7 +114,7 @@ def test_snapshot_truncates_the_wal_and_recovery_is_exact(
         assert stream.ack().seq == seq
     kill(shard)
 
-    shard, stream = _restarted(procs, streams, tmp_path)
+    shard, stream = restarted(procs, streams, tmp_path)
     assert stream.watermarks() == {WORKER: 80}
     assert stream.push(80, *pushes[79]) == shard_pb2.PushAck(seq=80, duplicate=True)
     np.testing.assert_array_equal(model_of([stream]), expected_model(pushes))
@@ -266,7 +130,7 @@ def test_no_durable_survives_a_killed_shard(procs: Processes, streams: list[Stre
     assert [stream.ack().seq for _ in pushes] == list(range(1, 21))
     kill(shard)
     assert "(no fsync;" in shard.stderr_path.read_text()
-    _, stream = _restarted(procs, streams, tmp_path)
+    _, stream = restarted(procs, streams, tmp_path)
     np.testing.assert_array_equal(model_of([stream]), expected_model(pushes))
 
 
@@ -321,53 +185,6 @@ def test_pushes_before_a_bad_request_are_still_acked(procs: Processes, streams: 
     assert failure.value.details() == "a push needs a worker_id and a seq >= 1"
     streams.append(fresh := Stream(shard.address))
     np.testing.assert_array_equal(model_of([fresh]), expected_model(pushes))
-
-
-def test_recovery_keeps_str_ids_and_every_signature(tmp_path: Path) -> None:
-    """In process: a snapshot and a log over int and str ids, in two tables (int64 and float64)."""
-    import asyncio
-
-    from psclient.specs import make_init, make_update
-    from psserver.durability import DataDirError, Durability
-    from psserver.store import ParameterStore
-
-    def store() -> ParameterStore:
-        return ParameterStore(make_init("const:0"), make_update("add"))
-
-    def push(seq: int, ids: list, deltas: np.ndarray) -> shard_pb2.PushRequest:
-        from psclient.wire.codec import encode_values
-
-        return shard_pb2.PushRequest(worker_id=WORKER, seq=seq, batches=encode_values(ids, list(deltas)))
-
-    requests = [
-        push(1, [1, "a", 2], np.array([3, 4, 5])),  # int parameters
-        push(2, [2, "b"], np.array([0.5, 1.5])),  # 2 becomes a float, "b" starts as one
-        push(3, ["c", 1, "a"], np.array([7, 8, 9])),
-    ]
-
-    async def serve(durability: Durability, logged: list[shard_pb2.PushRequest], snapshot_after: int) -> None:
-        durability.start()
-        for number, request in enumerate(logged, 1):
-            durability.store.push_rows([decode_batch(b, with_values=True) for b in request.batches])
-            durability.watermarks[request.worker_id] = request.seq
-            await durability.log(request)
-            if number == snapshot_after:
-                await durability.snapshot()
-        await durability.close()
-
-    live = Durability(tmp_path, store(), 0, 1)
-    with pytest.raises(DataDirError, match="is in use by another running shard"):
-        Durability(tmp_path, store(), 0, 1)
-    asyncio.run(serve(live, requests, snapshot_after=2))
-    recovered = Durability(tmp_path, store(), 0, 1)
-    recovered.recover()
-    assert recovered.watermarks == {WORKER: 3}
-    ids = [1, 2, "a", "b", "c"]
-    expected = live.store.pull(ids)
-    got = recovered.store.pull(ids)
-    assert [(group_ids, values.dtype, values.tolist()) for group_ids, values in got] == [
-        (group_ids, values.dtype, values.tolist()) for group_ids, values in expected
-    ]
 
 
 def test_pipelined_pushes_share_fsyncs(procs: Processes, streams: list[Stream], tmp_path: Path) -> None:

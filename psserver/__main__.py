@@ -72,7 +72,7 @@ async def serve(
     snapshots = asyncio.ensure_future(durability.run_snapshots()) if durability is not None else None
     ended = 0
     try:
-        while not stop.is_set():
+        while not stop.is_set() and (durability is None or durability.wal.error is None):
             await asyncio.sleep(StopSignal.POLL_S)
     finally:
         await bound.set_serving(False)
@@ -82,6 +82,9 @@ async def serve(
             snapshots.cancel()
         if durability is not None:
             await durability.close()
+    if durability is not None and durability.wal.error is not None:
+        # Pushes it applied may be missing from the log: only a restart (recovery) is safe.
+        fail(f"shard {shard} cannot write its log in {durability.directory}: {durability.wal.error}")
     cause = signal.Signals(stop.signum).name if stop.signum is not None else "request"
     log.info("stopped on %s; ended %d open streams", cause, ended)
 

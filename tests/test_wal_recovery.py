@@ -7,13 +7,25 @@ and report it in one WARNING line.
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 from conftest import Processes
-from shard_streams import WORKER, Stream, batches, expected_model, model_of, pushed_and_killed, restarted, wal_warnings
+from shard_streams import (
+    WORKER,
+    Stream,
+    batches,
+    expected_model,
+    model_of,
+    pushed_and_killed,
+    restarted,
+    start_shard,
+    wal_warnings,
+)
 
 from psclient.wire.codec import decode_batch
 from psclient.wire.proto import shard_pb2
@@ -111,3 +123,45 @@ def test_recovery_keeps_str_ids_and_every_signature(tmp_path: Path) -> None:
     assert [(group_ids, values.dtype, values.tolist()) for group_ids, values in got] == [
         (group_ids, values.dtype, values.tolist()) for group_ids, values in expected
     ]
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 256 KiB tmpfs (needs root and mount; skipped where either is missing)."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {made.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_stops_the_shard_and_it_recovers_what_it_acked(
+    procs: Processes, streams: list[Stream], small_disk: Path
+) -> None:
+    pushes = batches(40, size=1024)  # about 24 KB a record: the disk fills after ten or so
+    shard = start_shard(procs, 0, 1, small_disk)
+    stream = Stream(shard.address)
+    for seq, (ids, deltas) in enumerate(pushes, 1):
+        stream.send(seq, ids, deltas)
+    acked = 0
+    with pytest.raises(grpc.RpcError) as failure:
+        while True:
+            assert stream.ack().seq == acked + 1
+            acked += 1
+    stream.close()
+    assert failure.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert failure.value.details() == "shard 0 cannot write its log: [Errno 28] No space left on device"
+    assert 0 < acked < len(pushes)
+    assert shard.process.wait(timeout=20) == 1
+    assert shard.stderr_path.read_text().splitlines()[-1] == (
+        f"psserver: error: shard 0 cannot write its log in {small_disk}: [Errno 28] No space left on device"
+    )
+
+    _, stream = restarted(procs, streams, small_disk)
+    recovered = stream.watermarks()[WORKER]
+    assert recovered >= acked
+    np.testing.assert_array_equal(model_of([stream]), expected_model(pushes[:recovered]))

@@ -23,6 +23,7 @@ from typing import Any
 from psclient.cluster import Cluster, WorkerReported
 from psclient.either import Left, Right
 from psclient.errors import JobFailed, StreampsError
+from psclient.model_files import write_model_files
 from psclient.plugins import ship
 from psclient.progress import JobProgress
 from psclient.specs import check_specs
@@ -50,11 +51,14 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def shard_argv(shard: int, num_shards: int, init_spec: str, update_spec: str, log_level: str = "WARNING") -> list[str]:
-    """The command line of one shard on a free loopback port, as a deployment would run it."""
+def shard_argv(
+    shard: int, num_shards: int, init_spec: str, update_spec: str, log_level: str = "WARNING", *extra: str
+) -> list[str]:
+    """The command line of one shard on a free loopback port, as a deployment would run it;
+    `extra` adds flags (`--data-dir DIR`, `--load FILE`)."""
     return [
         sys.executable, "-m", "psserver", "--shard", str(shard), "--num-shards", str(num_shards), "--port", "0",
-        "--init", init_spec, "--update", update_spec, "--log-level", log_level,
+        "--init", init_spec, "--update", update_spec, "--log-level", log_level, *extra,
     ]  # fmt: skip
 
 
@@ -163,12 +167,14 @@ class LocalCluster:
         pull_limit: int | None = None,
         on_error: str = "fail",
         log_level: str = "WARNING",
+        model_files: list[Path] | None = None,
     ):
         if num_workers < 1 or num_shards < 1:
             raise ValueError("a cluster needs at least one worker and one shard")
         self.logic_spec, self.init_spec, self.update_spec = logic_spec, init_spec, update_spec
         self.num_workers, self.num_shards = num_workers, num_shards
         self.pull_limit, self.on_error, self.log_level = pull_limit, on_error, log_level
+        self.model_files = model_files  # one per shard: its --load
         self.children: list[ChildProcess] = []
         self.servers: list[str] = []
         self.workers: list[str] = []
@@ -179,7 +185,14 @@ class LocalCluster:
             shards = [
                 ChildProcess(
                     f"shard {i}",
-                    shard_argv(i, self.num_shards, self.init_spec, self.update_spec, self.log_level),
+                    shard_argv(
+                        i,
+                        self.num_shards,
+                        self.init_spec,
+                        self.update_spec,
+                        self.log_level,
+                        *(["--load", str(self.model_files[i])] if self.model_files else []),
+                    ),
                     env,
                 )
                 for i in range(self.num_shards)
@@ -263,6 +276,7 @@ def run_local_job(
     pull_limit: int | None = None,
     on_error: str = "fail",
     progress: bool | None = None,
+    model_files: list[Path] | None = None,
 ) -> Iterator[Left[Any] | Right[tuple[Id, Any]]]:
     """Start a local cluster, run the job, yield its stream, tear everything down.
 
@@ -272,7 +286,14 @@ def run_local_job(
     """
     bar = JobProgress(progress)  # before any child starts: nothing to clean up if it fails
     cluster = LocalCluster(
-        logic_spec, init_spec, update_spec, num_workers, num_shards, pull_limit=pull_limit, on_error=on_error
+        logic_spec,
+        init_spec,
+        update_spec,
+        num_workers,
+        num_shards,
+        pull_limit=pull_limit,
+        on_error=on_error,
+        model_files=model_files,
     )
     try:
         with cluster, Cluster(cluster.servers, cluster.workers) as client:
@@ -308,6 +329,7 @@ def transform(
     *,
     partition_by: Callable[[Any], Hashable] | None = None,
     progress: bool | None = None,
+    model: Iterable[tuple[Id, Any]] | None = None,
 ) -> Iterator[Left[Any] | Right[tuple[Id, Any]]]:
     """Run `worker_logic` over `training_data` on an embedded local cluster.
 
@@ -324,6 +346,11 @@ def transform(
     run` (None: when stderr is a terminal). If a child process dies, JobFailed
     names it: "worker 1 (pid N) was killed by signal 9 (SIGKILL)".
 
+    `model` warm-starts the job (transformWithModelLoad): an iterable of (id,
+    value) pairs, such as the `Right`s of an earlier job. Each shard loads its
+    share (`psserver --load`) before any worker starts; ids never pushed keep
+    their values, and the others fold this job's deltas into them.
+
     Raises ValueError (SpecError) at once, before any process starts, for an init
     or update spec the shards would refuse.
     """
@@ -339,6 +366,7 @@ def transform(
         iteration_wait_time=iteration_wait_time,
         partition_by=partition_by,
         progress=progress,
+        model=model,
     )
 
 
@@ -353,9 +381,11 @@ def _transform_job(
     iteration_wait_time: float | None,
     partition_by: Callable[[Any], Hashable] | None,
     progress: bool | None,
+    model: Iterable[tuple[Id, Any]] | None,
 ) -> Iterator[Left[Any] | Right[tuple[Id, Any]]]:
     with tempfile.TemporaryDirectory(prefix="streamps-") as tmp:
         directory = Path(tmp)
+        model_files = write_model_files(model, ps_parallelism, directory) if model is not None else None
         yield from run_local_job(
             training_data,
             _spec(worker_logic, directory, "logic"),
@@ -366,4 +396,5 @@ def _transform_job(
             iteration_wait_time=iteration_wait_time,
             partition_by=partition_by,
             progress=progress,
+            model_files=model_files,
         )

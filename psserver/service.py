@@ -27,6 +27,7 @@ from psclient.wire.codec import DecodedBatch, decode_batch, encode_batch
 from psclient.wire.partition import shard_of, shards_of_ints
 from psclient.wire.proto import shard_pb2, shard_pb2_grpc, tensor_pb2
 from psserver import metrics
+from psserver.durability import Durability
 from psserver.store import ParameterStore
 
 log = logging.getLogger("streamps.shard")
@@ -58,11 +59,13 @@ class _OpMetrics:
 
 
 class ShardServicer(shard_pb2_grpc.ParameterShardServicer):
-    def __init__(self, store: ParameterStore, shard: int, num_shards: int):
+    def __init__(self, store: ParameterStore, shard: int, num_shards: int, durability: Durability | None = None):
         self.store = store
         self.shard = shard
         self.num_shards = num_shards
-        self._watermarks: dict[str, int] = {}
+        self.durability = durability
+        # With a data dir, the recovered watermarks (one dict, kept by both).
+        self._watermarks: dict[str, int] = durability.watermarks if durability is not None else {}
         self._pushed: asyncio.Condition | None = None  # made on the serving loop
         self._push_waiters = 0  # pulls waiting in `_await_push`
         self._started = time.monotonic()
@@ -214,14 +217,19 @@ class ShardServicer(shard_pb2_grpc.ParameterShardServicer):
         op.observe(started, len(keys), sum(len(b.values.data) for b in batches))
         return shard_pb2.PullResponse(request_id=request.request_id, batches=batches)
 
-    async def _apply_push(self, request: shard_pb2.PushRequest, context: grpc.aio.ServicerContext) -> shard_pb2.PushAck:
+    async def _apply_push(
+        self, request: shard_pb2.PushRequest, context: grpc.aio.ServicerContext
+    ) -> tuple[shard_pb2.PushAck, asyncio.Future[None] | None]:
+        """Apply a push; its ack, and (with a data dir) the future to await before sending it."""
         op = self._metrics["push"]
         if not request.worker_id or request.seq == 0:
             op.errors.inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a push needs a worker_id and a seq >= 1")
         if request.seq <= self._watermarks.get(request.worker_id, 0):
             self._duplicates.inc()
-            return shard_pb2.PushAck(seq=request.seq, duplicate=True)
+            # Applied, but maybe not yet on disk: its ack waits for what is logged so far.
+            durable = self.durability.barrier() if self.durability is not None else None
+            return shard_pb2.PushAck(seq=request.seq, duplicate=True), durable
         started = time.perf_counter()
         try:
             decoded = [self._decode(b, with_values=True) for b in request.batches]
@@ -229,6 +237,8 @@ class ShardServicer(shard_pb2_grpc.ParameterShardServicer):
         except Exception as exc:
             op.errors.inc()
             await self._abort(context, exc)
+        # Logged in the order applied (no await in between), so replay repeats this order.
+        durable = self.durability.log(request) if self.durability is not None else None
         self._watermarks[request.worker_id] = request.seq
         self._push_requests += 1
         self._pushed_keys += sum(len(d) for d in decoded)
@@ -236,7 +246,7 @@ class ShardServicer(shard_pb2_grpc.ParameterShardServicer):
         if self._push_waiters:  # a pull with after_seq (the Pull stream's read-your-writes)
             async with self.pushed:
                 self.pushed.notify_all()
-        return shard_pb2.PushAck(seq=request.seq, duplicate=False)
+        return shard_pb2.PushAck(seq=request.seq, duplicate=False), durable
 
     # -- RPCs ---------------------------------------------------------------
 
@@ -250,14 +260,15 @@ class ShardServicer(shard_pb2_grpc.ParameterShardServicer):
         self, request_iterator: AsyncIterator[shard_pb2.PushRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[shard_pb2.PushAck]:
         async for request in self._requests(request_iterator, context, "PushRequest"):
-            yield await self._apply_push(request, context)
+            ack, _ = await self._apply_push(request, context)
+            yield ack
 
     async def Exchange(
         self, request_iterator: AsyncIterator[shard_pb2.ExchangeRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[shard_pb2.ExchangeResponse]:
         # One request at a time, push before pull: the order is the guarantee.
         async for request in self._requests(request_iterator, context, "ExchangeRequest"):
-            ack = await self._apply_push(request.push, context) if request.HasField("push") else None
+            ack = (await self._apply_push(request.push, context))[0] if request.HasField("push") else None
             answer = await self._answer_pull(request.pull, context) if request.HasField("pull") else None
             yield shard_pb2.ExchangeResponse(ack=ack, pull=answer)
 

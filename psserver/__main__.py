@@ -71,22 +71,38 @@ async def serve(
         )
     snapshots = asyncio.ensure_future(durability.run_snapshots()) if durability is not None else None
     ended = 0
+    final = ""
     try:
         while not stop.is_set() and (durability is None or durability.wal.error is None):
             await asyncio.sleep(StopSignal.POLL_S)
     finally:
         await bound.set_serving(False)
         ended = servicer.stop_streams()
+        # Waits for the streams, which apply and ack what reaches them, then end.
         await bound.server.stop(STOP_GRACE_S)
-        if snapshots is not None:
-            snapshots.cancel()
-        if durability is not None:
+        if durability is not None and snapshots is not None:
+            durability.stop_snapshots()
+            await snapshots
+            if durability.wal.error is None and stop.is_set():
+                final = await _final_snapshot(durability)
             await durability.close()
     if durability is not None and durability.wal.error is not None:
         # Pushes it applied may be missing from the log: only a restart (recovery) is safe.
         fail(f"shard {shard} cannot write its log in {durability.directory}: {durability.wal.error}")
     cause = signal.Signals(stop.signum).name if stop.signum is not None else "request"
-    log.info("stopped on %s; ended %d open streams", cause, ended)
+    log.info("stopped on %s; ended %d open streams%s", cause, ended, final)
+
+
+async def _final_snapshot(durability: Durability) -> str:
+    """Snapshot what the shard holds, so that a restart replays no log; say so for the stop line."""
+    if not durability.changed_since_snapshot():
+        return "; nothing logged since the last snapshot"
+    try:
+        params, size = await durability.snapshot(quiet=True)
+    except OSError as exc:  # the log still holds every acked push: the restart replays it
+        logging.getLogger("streamps").error("final snapshot to %s failed: %s", durability.directory, exc)
+        return "; no final snapshot (the log is kept)"
+    return f"; snapshot of {params} parameters ({size} bytes), log emptied"
 
 
 @click.command("psserver", context_settings={"show_default": True})

@@ -148,6 +148,7 @@ class Durability:
         self._next_segment = 1
         self._wal: WriteAheadLog | None = None
         self._logged_at_snapshot = 0
+        self._stop = asyncio.Event()  # bound to a loop only once awaited
         self.snapshots = 0
 
     @property
@@ -249,8 +250,9 @@ class Durability:
         }
         return header, chunks
 
-    async def snapshot(self) -> None:
-        """Snapshot the table and watermarks, then remove the log segments it covers."""
+    async def snapshot(self, *, quiet: bool = False) -> tuple[int, int]:
+        """Snapshot the table and watermarks, then remove the log segments it covers;
+        return how many parameters and bytes it holds."""
         segment = self.wal.rotate()
         self._logged_at_snapshot = self.wal.records
         header, chunks = self._capture(segment)
@@ -259,12 +261,20 @@ class Durability:
         size = await loop.run_in_executor(None, write_snapshot, self.directory, header, chunks)
         removed = await loop.run_in_executor(None, self._remove_segments_before, segment)
         self.snapshots += 1
-        log.info(
-            "snapshot of %d parameters (%d bytes) in %.2f s; removed %d log segments",
-            header["params"],
-            size,
-            time.perf_counter() - started,
-            removed,
+        if not quiet:
+            log.info(
+                "snapshot of %d parameters (%d bytes) in %.2f s; removed %d log segments",
+                header["params"],
+                size,
+                time.perf_counter() - started,
+                removed,
+            )
+        return header["params"], size
+
+    def changed_since_snapshot(self) -> bool:
+        """Whether a restart now would replay any log record."""
+        return self.wal.records > self._logged_at_snapshot or any(
+            number < self.wal.segment for number in segment_numbers(self.directory)
         )
 
     def _remove_segments_before(self, segment: int) -> int:
@@ -277,15 +287,23 @@ class Durability:
         return removed
 
     async def run_snapshots(self) -> None:
-        """Snapshot every `snapshot_interval` seconds while pushes arrive."""
+        """Snapshot every `snapshot_interval` seconds while pushes arrive, until `stop_snapshots`."""
         while True:
-            await asyncio.sleep(self.snapshot_interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self.snapshot_interval)
+            if self._stop.is_set():
+                return
             if self.wal.records == self._logged_at_snapshot:
                 continue
             try:
                 await self.snapshot()
             except OSError as exc:  # the log still holds everything: report, retry next time
                 log.error("snapshot to %s failed: %s", self.directory, exc)
+
+    def stop_snapshots(self) -> None:
+        """End `run_snapshots` after the snapshot it may be writing (await its task for that):
+        cancelling it would leave a thread writing snapshot.tmp."""
+        self._stop.set()
 
     async def close(self) -> None:
         if self._wal is not None:

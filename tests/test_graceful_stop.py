@@ -112,7 +112,7 @@ def start_plain_shard(procs: Processes) -> str:
 def test_sigterm_on_a_feed_worker_refuses_new_records_and_finishes_those_it_took(procs: Processes) -> None:
     shard = start_plain_shard(procs)
     worker = procs.start_server(worker_argv("logics:SlowExactness", [shard], 0, 1, "--port", "0", log_level="INFO"))
-    records = list(range(2_000))  # about 2 s of work at 1 ms a record
+    records = list(range(5_000))  # about 5 s of work at 1 ms a record
     outputs: list[Any] = []
     first = threading.Event()
     with Cluster([shard], [worker.address]) as cluster:
@@ -127,9 +127,9 @@ def test_sigterm_on_a_feed_worker_refuses_new_records_and_finishes_those_it_took
         reader.start()
         assert first.wait(timeout=20)  # an Outputs reader is attached
         worker.process.send_signal(signal.SIGTERM)
-        time.sleep(0.3)  # the worker polls for the signal every 0.1 s
+        time.sleep(1.0)  # the worker polls for the signal every 0.1 s; it has seconds of work left
         with pytest.raises(JobFailed) as refused:
-            cluster.feed([5_000], end_of_input=False)
+            cluster.feed([9_999], end_of_input=False)
         assert str(refused.value) == "worker 0 is stopping (SIGTERM): it takes no more input"
         reader.join(timeout=30)
         assert not reader.is_alive()
@@ -137,7 +137,7 @@ def test_sigterm_on_a_feed_worker_refuses_new_records_and_finishes_those_it_took
     assert worker.process.wait(timeout=20) == 0
     lines = stderr_lines(worker.stderr_path)
     assert re.fullmatch(
-        r"\S+ \S+ INFO worker 0: stopped on SIGTERM: took no more input; processed 2000 records, 2000 outputs",
+        r"\S+ \S+ INFO worker 0: stopped on SIGTERM: took no more input; processed 5000 records, 5000 outputs",
         lines[-1],
     ), lines
     assert not [line for line in lines if "ERROR" in line or "Traceback" in line], lines

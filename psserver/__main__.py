@@ -16,7 +16,7 @@ from psclient.rpc.security import current as current_security
 from psclient.rpc.serving import build_aio_server
 from psclient.specs import make_init, make_update
 from psclient.wire.proto import shard_pb2, shard_pb2_grpc
-from psserver.durability import DataDirError, Durability
+from psserver.durability import DEFAULT_SNAPSHOT_INTERVAL_S, DataDirError, Durability
 from psserver.durable_service import DurableShardServicer
 from psserver.memory import pin_mmap_threshold
 from psserver.service import ShardServicer
@@ -28,9 +28,6 @@ STOP_GRACE_S = 5.0
 SERVICE_NAME = shard_pb2.DESCRIPTOR.services_by_name["ParameterShard"].full_name
 
 
-DEFAULT_SNAPSHOT_INTERVAL_S = 60.0
-
-
 async def serve(
     store: ParameterStore, shard: int, num_shards: int, host: str, port: int, durability: Durability | None
 ) -> None:
@@ -39,7 +36,10 @@ async def serve(
         servicer = ShardServicer(store, shard, num_shards)
     else:
         servicer = DurableShardServicer(store, shard, num_shards, durability)
-        durability.start()
+        try:
+            durability.start()
+        except OSError as exc:  # the snapshot of a --load model, or the first log segment
+            fail(f"shard {shard} cannot write to its data dir {durability.directory}: {exc}", 1)
     try:
         bound = build_aio_server(
             lambda server: shard_pb2_grpc.add_ParameterShardServicer_to_server(servicer, server),

@@ -34,7 +34,7 @@ from psclient.errors import StreampsError
 from psclient.wire.codec import DecodedBatch, decode_batch, encode_batch
 from psclient.wire.proto import shard_pb2
 from psserver.store import ParameterStore
-from psserver.wal import WriteAheadLog, frame, fsync_dir, iter_segments, read_records, segment_numbers
+from psserver.wal import MAX_RECORD, WriteAheadLog, frame, fsync_dir, iter_segments, read_records, segment_numbers
 
 log = logging.getLogger("streamps.durability")
 
@@ -43,7 +43,10 @@ META = "shard.json"
 SNAPSHOT = "snapshot.bin"
 SNAPSHOT_TMP = "snapshot.tmp"
 SNAPSHOT_FORMAT = 1
-SNAPSHOT_ROWS = 65_536
+DEFAULT_SNAPSHOT_INTERVAL_S = 60.0
+# Rows per snapshot record: as many as fit in this many bytes of values, so that
+# a record stays far below the log's MAX_RECORD whatever a parameter's size.
+SNAPSHOT_CHUNK_BYTES = 64 << 20
 _HEADER, _CHUNK, _END = b"H", b"C", b"E"
 
 
@@ -80,7 +83,10 @@ def write_snapshot(directory: Path, header: dict[str, Any], chunks: list[list[De
         out.write(_json_record(_HEADER, header))
         for chunk in chunks:
             message = shard_pb2.SnapshotChunk(batches=[encode_batch(group) for group in chunk])
-            out.write(frame(_CHUNK + message.SerializeToString()))
+            payload = _CHUNK + message.SerializeToString()
+            if len(payload) > MAX_RECORD:  # recovery would refuse it: never rename it into place
+                raise OSError(f"a snapshot record of {len(payload):,} bytes exceeds {MAX_RECORD:,}")
+            out.write(frame(payload))
         out.write(_json_record(_END, {"params": header["params"]}))
         out.flush()
         os.fsync(out.fileno())
@@ -96,11 +102,23 @@ def read_snapshot(path: Path) -> tuple[dict[str, Any], list[bytes]]:
     records = result.records
     if result.problem or len(records) < 2 or records[0][:1] != _HEADER or records[-1][:1] != _END:
         why = result.problem or "it ends early"
-        raise DataDirError(f"snapshot {path} is damaged ({why} at byte {result.end}); its log was already cut")
+        raise DataDirError(
+            f"snapshot {path} is damaged ({why} at byte {result.end}); the log segments it covered were removed"
+        )
     header = json.loads(records[0][1:])
     if header.get("format") != SNAPSHOT_FORMAT:
         raise DataDirError(f"snapshot {path} has format {header.get('format')!r}, not {SNAPSHOT_FORMAT}")
     return header, [record[1:] for record in records[1:-1]]
+
+
+def _cut(path: Path, size: int) -> None:
+    """Truncate a file and make its new size durable (the directory fsync does not)."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.ftruncate(fd, size)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def check_meta(directory: Path, shard: int, num_shards: int) -> None:
@@ -108,7 +126,11 @@ def check_meta(directory: Path, shard: int, num_shards: int) -> None:
     path = directory / META
     mine = {"shard": shard, "num_shards": num_shards}
     if path.exists():
-        theirs = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            theirs = json.loads(path.read_text(encoding="utf-8"))
+            theirs.get("shard")
+        except (ValueError, AttributeError):
+            raise DataDirError(f"{path} is damaged: not the JSON object a shard writes there") from None
         if theirs != mine:
             raise DataDirError(
                 f"--data-dir {directory} holds shard {theirs.get('shard')} of {theirs.get('num_shards')}, "
@@ -134,7 +156,7 @@ class Durability:
         num_shards: int,
         *,
         durable: bool = True,
-        snapshot_interval: float = 60.0,
+        snapshot_interval: float = DEFAULT_SNAPSHOT_INTERVAL_S,
     ):
         self.directory = directory
         self.store = store
@@ -206,7 +228,7 @@ class Durability:
                     result.size - result.end,
                     f" and dropped {len(later)} later segments" if later else "",
                 )
-                os.truncate(path, result.end)
+                _cut(path, result.end)
                 for _, dropped in later:
                     dropped.unlink()
                 fsync_dir(self.directory)
@@ -229,7 +251,7 @@ class Durability:
             self.snapshots += 1
         self._wal = WriteAheadLog(self.directory, self._next_segment, durable=self.durable)
 
-    def log(self, request: shard_pb2.PushRequest) -> asyncio.Future[None]:
+    def log_push(self, request: shard_pb2.PushRequest) -> asyncio.Future[None]:
         """Log an applied push; the future says when it may be acknowledged."""
         return self.wal.append(request.SerializeToString())
 
@@ -239,7 +261,7 @@ class Durability:
 
     def _capture(self, segment: int) -> tuple[dict[str, Any], list[list[DecodedBatch]]]:
         # Copies of the rows (fancy indexing copies), taken without an await.
-        chunks = list(self.store.chunk_rows(SNAPSHOT_ROWS))
+        chunks = list(self.store.chunk_rows(self._rows_per_chunk()))
         header = {
             "format": SNAPSHOT_FORMAT,
             "shard": self.shard,
@@ -250,16 +272,20 @@ class Durability:
         }
         return header, chunks
 
+    def _rows_per_chunk(self) -> int:
+        return max(1, SNAPSHOT_CHUNK_BYTES // max(self.store.widest_row(), 1))
+
     async def snapshot(self, *, quiet: bool = False) -> tuple[int, int]:
         """Snapshot the table and watermarks, then remove the log segments it covers;
         return how many parameters and bytes it holds."""
         segment = self.wal.rotate()
-        self._logged_at_snapshot = self.wal.records
+        logged = self.wal.records
         header, chunks = self._capture(segment)
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
         size = await loop.run_in_executor(None, write_snapshot, self.directory, header, chunks)
         removed = await loop.run_in_executor(None, self._remove_segments_before, segment)
+        self._logged_at_snapshot = logged  # only now: a failed snapshot is retried at the next interval
         self.snapshots += 1
         if not quiet:
             log.info(
@@ -297,8 +323,8 @@ class Durability:
                 continue
             try:
                 await self.snapshot()
-            except OSError as exc:  # the log still holds everything: report, retry next time
-                log.error("snapshot to %s failed: %s", self.directory, exc)
+            except Exception as exc:  # the log still holds everything: report, retry next time
+                log.error("snapshot to %s failed: %s: %s", self.directory, type(exc).__name__, exc)
 
     def stop_snapshots(self) -> None:
         """End `run_snapshots` after the snapshot it may be writing (await its task for that):

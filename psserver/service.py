@@ -266,7 +266,7 @@ class ShardServicer(shard_pb2_grpc.ParameterShardServicer):
             op.errors.inc()
             await self._abort(context, exc)
         # Logged in the order applied (no await in between), so replay repeats this order.
-        durable = self.durability.log(request) if self.durability is not None else None
+        durable = self.durability.log_push(request) if self.durability is not None else None
         self._watermarks[request.worker_id] = request.seq
         self._push_requests += 1
         self._pushed_keys += sum(len(d) for d in decoded)

@@ -333,6 +333,10 @@ class ParameterStore:
 
     # -- snapshot ---------------------------------------------------------------
 
+    def widest_row(self) -> int:
+        """Bytes of the largest parameter value held."""
+        return self._tables.widest_row()
+
     def chunk_rows(self, max_rows: int) -> Iterator[list[DecodedBatch]]:
         """The whole store in chunks of at most `max_rows` ids, each grouped by signature.
 

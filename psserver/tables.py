@@ -12,6 +12,8 @@ its new signature; no other parameter moves.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 # The first table holds up to 1,024 rows but no more than 1 MiB: a vector of a
@@ -175,6 +177,10 @@ class Tables:
             self._tables[number].release(int(count))
         self._where_table[handles] = target
         self._where_row[handles] = rows
+
+    def widest_row(self) -> int:
+        """Bytes of one value in the table of the largest values (0 when there is none)."""
+        return max((table.values.itemsize * math.prod(table.values.shape[1:]) for table in self._tables), default=0)
 
     def nbytes(self) -> int:
         tables = sum(table.values.nbytes for table in self._tables)

@@ -190,8 +190,11 @@ class WriteAheadLog:
 
     def rotate(self) -> int:
         """Send new records to a fresh segment; return its number."""
+        # Opened first: if that fails, the current segment stays current (retired,
+        # its fd would be closed under the appends that still use it).
+        fresh = _Segment(self.directory, self._segment.number + 1)
         self._retired.append(self._segment)
-        self._segment = _Segment(self.directory, self._segment.number + 1)
+        self._segment = fresh
         self._close_retired()
         return self._segment.number
 

@@ -105,7 +105,7 @@ def test_recovery_keeps_str_ids_and_every_signature(tmp_path: Path) -> None:
         for number, request in enumerate(logged, 1):
             durability.store.push_rows([decode_batch(b, with_values=True) for b in request.batches])
             durability.watermarks[request.worker_id] = request.seq
-            await durability.log(request)
+            await durability.log_push(request)
             if number == snapshot_after:
                 await durability.snapshot()
         await durability.close()
@@ -165,3 +165,102 @@ def test_a_full_disk_stops_the_shard_and_it_recovers_what_it_acked(
     recovered = stream.watermarks()[WORKER]
     assert recovered >= acked
     np.testing.assert_array_equal(model_of([stream]), expected_model(pushes[:recovered]))
+
+
+def _durable_store(tmp_path: Path, init: str = "zeros:4") -> tuple:
+    from psclient.specs import make_init, make_update
+    from psserver.durability import Durability
+    from psserver.store import ParameterStore
+
+    store = ParameterStore(make_init(init), make_update("add"))
+    return store, Durability(tmp_path, store, 0, 1)
+
+
+def test_snapshot_records_are_sized_by_bytes_so_wide_parameters_recover(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A snapshot record holds as many rows as fit in SNAPSHOT_CHUNK_BYTES, not a fixed row count:
+    wide parameters never make a record that recovery would refuse after the log is gone."""
+    import asyncio
+
+    from psserver import durability as durability_module
+    from psserver.durability import SNAPSHOT, read_snapshot
+
+    monkeypatch.setattr(durability_module, "SNAPSHOT_CHUNK_BYTES", 3 * 4096)  # three rows of 1,024 float32
+    monkeypatch.setattr(durability_module, "MAX_RECORD", 4 * 4096 + 1024)
+    store, durable = _durable_store(tmp_path, "zeros:1024")
+    store.pull_rows(np.arange(10), [])
+
+    async def snapshot() -> None:
+        durable.start()
+        await durable.snapshot()
+        await durable.close()
+
+    asyncio.run(snapshot())
+    _, chunks = read_snapshot(tmp_path / SNAPSHOT)
+    assert len(chunks) == 4  # 3 + 3 + 3 + 1 rows
+    _, recovered = _durable_store(tmp_path, "zeros:1024")
+    recovered.recover()
+    assert len(recovered.store) == 10
+
+
+def test_a_snapshot_record_too_large_to_recover_is_refused_before_it_replaces_anything(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+
+    from psserver import durability as durability_module
+    from psserver.durability import SNAPSHOT, SNAPSHOT_TMP
+
+    monkeypatch.setattr(durability_module, "MAX_RECORD", 100)
+    store, durable = _durable_store(tmp_path)
+
+    async def snapshot() -> None:
+        durable.start()
+        store.pull_rows(np.arange(10), [])
+        with pytest.raises(OSError, match="exceeds 100"):
+            await durable.snapshot()
+        await durable.close()
+
+    asyncio.run(snapshot())
+    assert not (tmp_path / SNAPSHOT).exists()
+    assert (tmp_path / SNAPSHOT_TMP).exists()  # the failed attempt; the next one overwrites it
+
+
+def test_a_failed_rotate_keeps_the_current_segment_open(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Opening the next segment can fail (EMFILE, ENOSPC): the log must carry on in the current one,
+    not close the fd its appends use."""
+    import asyncio
+    import os
+
+    from psserver import wal as wal_module
+    from psserver.wal import WriteAheadLog, segment_path
+
+    async def run() -> None:
+        log = WriteAheadLog(tmp_path, 1, durable=True)
+        await log.append(b"first")
+        real_open = os.open
+
+        def refuse_new_segments(path: object, *args: object, **kwargs: object) -> int:
+            if Path(str(path)) == segment_path(tmp_path, 2):
+                raise OSError(24, "Too many open files")
+            return real_open(path, *args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(wal_module.os, "open", refuse_new_segments)
+        with pytest.raises(OSError, match="Too many open files"):
+            log.rotate()
+        monkeypatch.setattr(wal_module.os, "open", real_open)
+        await log.append(b"second")
+        await log.close()
+
+    asyncio.run(run())
+    assert read_records(segment_path(tmp_path, 1).read_bytes()).records == [b"first", b"second"]
+    assert not segment_path(tmp_path, 2).exists()
+
+
+def test_a_damaged_shard_json_is_one_line(tmp_path: Path) -> None:
+    from psserver.durability import DataDirError
+
+    (tmp_path / "shard.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(DataDirError, match=r"shard\.json is damaged"):
+        _durable_store(tmp_path)

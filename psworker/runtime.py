@@ -507,8 +507,8 @@ class WorkerRuntime(LogicLoop):
         for task in [*self._reconnecting.values(), *([self._watch] if self._watch else [])]:
             task.cancel()
         self._reconnecting.clear()
-        for connection in self._connections:
-            await connection.aclose()
+        for shard, connection in enumerate(self._connections):
+            await connection.aclose(wait=shard not in self._failed_shards)
 
     @property
     def error(self) -> str | None:

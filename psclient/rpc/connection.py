@@ -184,6 +184,8 @@ class ShardConnection:
         call.cancel()
         self._writer.cancel()
         self._reader.cancel()
+        # Let them end now: a task left pending when the loop stops is reported as destroyed.
+        await asyncio.gather(self._writer, self._reader, return_exceptions=True)
         channel, self._channel = self._channel, None
         await channel.close(None)
 
@@ -260,13 +262,16 @@ class ShardConnection:
         with contextlib.suppress(Exception):  # the loop is gone or stuck: nothing left to release in order
             self._io.run(self.aclose(), timeout=CLOSE_TIMEOUT_S + 1.0)
 
-    async def aclose(self) -> None:
+    async def aclose(self, *, wait: bool = True) -> None:
+        """End the stream; with `wait`, after the answers to what was sent on it (a shard
+        given up on owes none worth waiting for)."""
         if self._closing:
             return
         self._closing = True
         if self._channel is None:  # between two streams: nothing is open
             return
-        self._put(_END)
-        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-            await asyncio.wait_for(asyncio.shield(self._reader), CLOSE_TIMEOUT_S)
+        if wait:
+            self._put(_END)
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(self._reader), CLOSE_TIMEOUT_S)
         await self._drop_stream()

@@ -9,9 +9,12 @@ nothing yet; the last test, for shards with --data-dir, runs once psserver has t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -296,6 +299,128 @@ def test_a_shard_killed_mid_job_and_restarted_gets_the_rest_of_the_job(procs: Pr
     for worker in workers:
         assert worker.process.wait(timeout=30) == 0, stderr_lines(worker)
         assert len(reconnect_lines(worker, servers[1])) == 1, stderr_lines(worker)
+
+
+# -- a connection that drops while the shard lives: resent pushes are not applied twice ------
+
+
+class CuttableProxy:
+    """A TCP proxy to `upstream`: `hold()` stops passing what the shard sends back (its acks
+    and answers pile up here while it goes on applying pushes), `cut()` drops every
+    connection through it and lets the next ones flow."""
+
+    def __init__(self, upstream: str):
+        host, port = upstream.rsplit(":", 1)
+        self.upstream = (host, int(port))
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.flowing = threading.Event()
+        self.flowing.set()
+        self.lock = threading.Lock()
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+                upstream = socket.create_connection(self.upstream)
+            except OSError:
+                return
+            with self.lock:
+                self.sockets += [client, upstream]
+            threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, back: bool) -> None:
+        try:
+            while data := source.recv(65_536):
+                if back:
+                    self.flowing.wait()
+                sink.sendall(data)
+        except OSError:
+            pass
+        for end in (source, sink):
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+
+    def hold(self) -> None:
+        self.flowing.clear()
+
+    def cut(self) -> None:
+        with self.lock:
+            ends, self.sockets = self.sockets, []
+        for end in ends:
+            with contextlib.suppress(OSError):
+                end.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # a reset
+                end.shutdown(socket.SHUT_RDWR)
+        for end in ends:
+            end.close()
+        self.flowing.set()
+
+    def close(self) -> None:
+        self.listener.close()
+        self.cut()
+
+
+def records_cutting(total: int, proxy: CuttableProxy, at: tuple[int, ...]) -> Iterator[int]:
+    """Records; at each of `at`, the shard's answers are held for a second, then the connection
+    cut, and the workers get a moment to reconnect before the next."""
+    for record in range(total):
+        if record in at:
+            proxy.hold()
+            time.sleep(1.0)
+            proxy.cut()
+            time.sleep(1.0)
+        yield record
+
+
+def resent(workers: list[Service], address: str, what: int) -> int:
+    """Push batches (`what` 1) or pull requests (2) the workers sent again after reconnecting."""
+    return sum(int(line.group(what)) for worker in workers for line in reconnect_lines(worker, address))
+
+
+@pytest.mark.timeout(240)
+def test_pushes_resent_over_a_new_connection_are_applied_once(procs: Processes) -> None:
+    shards = [start_shard(procs, index) for index in range(SHARDS)]
+    proxy = CuttableProxy(shards[1].address)
+    servers = [shards[0].address, proxy.address]
+    workers = start_workers(procs, servers, "--shard-timeout", "60")
+
+    try:
+        outputs, model = run_job(servers, workers, records_cutting(60_000, proxy, (15_000, 35_000)))
+    finally:
+        proxy.close()
+
+    assert len(outputs) == 60_000
+    assert model == expected_model(range(60_000))
+    for worker in workers:
+        assert worker.process.wait(timeout=30) == 0, stderr_lines(worker)
+    # The shard had applied what it was sent while its acks were held: all of it came again.
+    assert resent(workers, proxy.address, 1) > 0
+
+
+@pytest.mark.timeout(240)
+def test_pulls_reissued_over_a_new_connection_still_read_their_own_writes(procs: Processes) -> None:
+    shards = [start_shard(procs, index) for index in range(SHARDS)]
+    proxy = CuttableProxy(shards[1].address)
+    servers = [shards[0].address, proxy.address]
+    workers = start_workers(procs, servers, "--shard-timeout", "60", logic="logics:ReadYourWrites")
+
+    try:
+        outputs, model = run_job(servers, workers, records_cutting(30_000, proxy, (10_000, 20_000)))
+    finally:
+        proxy.close()
+
+    assert len(outputs) == 30_000
+    assert sum(model.values()) == 30_000
+    assert Counter(param_id for param_id, _, _ in outputs) == model
+    stale = [(param_id, value, pushed) for param_id, value, pushed in outputs if value < pushed]
+    assert stale == [], "a pull did not see a push the same worker made before it"
+    assert all(value <= model[param_id] for param_id, value, _ in outputs)
+    for worker in workers:
+        assert worker.process.wait(timeout=30) == 0, stderr_lines(worker)
+    assert resent(workers, proxy.address, 2) > 0
 
 
 # -- a shard that stays away -----------------------------------------------------------------

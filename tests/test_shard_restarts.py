@@ -504,6 +504,8 @@ def psserver_has_data_dir() -> bool:
 @pytest.mark.skipif(not psserver_has_data_dir(), reason="psserver has no --data-dir (durable shards) yet")
 def test_a_durable_shard_killed_mid_job_and_restarted_leaves_the_model_exact(tmp_path: Path, procs: Processes) -> None:
     dirs = [tmp_path / f"shard-{index}" for index in range(SHARDS)]
+    for directory in dirs:
+        directory.mkdir()
     shards = [start_shard(procs, index, "--data-dir", str(dirs[index])) for index in range(SHARDS)]
     servers = [shard.address for shard in shards]
     workers = start_workers(procs, servers, "--shard-timeout", "60")

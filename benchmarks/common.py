@@ -28,10 +28,15 @@ def rate(work: Callable[[], int], min_seconds: float = 0.3, max_rounds: int = 10
 
 
 @contextmanager
-def shard_processes(num_shards: int, init: str, update: str = "add") -> Iterator[list[ChildProcess]]:
-    """Start `num_shards` psserver processes on loopback; always stop them."""
+def shard_processes(
+    num_shards: int, init: str, update: str = "add", *extra: str, log_level: str = "WARNING"
+) -> Iterator[list[ChildProcess]]:
+    """Start `num_shards` psserver processes on loopback (`extra`: more flags); always stop them."""
     env = child_env()
-    children = [ChildProcess(f"shard {i}", shard_argv(i, num_shards, init, update), env) for i in range(num_shards)]
+    children = [
+        ChildProcess(f"shard {i}", shard_argv(i, num_shards, init, update, log_level, *extra), env)
+        for i in range(num_shards)
+    ]
     try:
         for child in children:
             child.bound_address = child.address(START_TIMEOUT_S)  # type: ignore[attr-defined]

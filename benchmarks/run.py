@@ -21,7 +21,15 @@ from types import ModuleType
 if __package__ in (None, ""):  # run as a script: make `benchmarks` and `examples` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import bench_logic, bench_memory, bench_mf, bench_raw, bench_sparse
+from benchmarks import (
+    bench_durability,
+    bench_logic,
+    bench_memory,
+    bench_mf,
+    bench_raw,
+    bench_recovery,
+    bench_sparse,
+)
 from benchmarks.common import format_table, machine_facts
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -35,6 +43,8 @@ def sections() -> list[tuple[str, ModuleType]]:
         ("c. Online matrix factorization on MovieLens 100K: streamps, a numpy loop, Ray, Redis", bench_mf),
         ("d. Sparse logistic regression, 50 hashed features a record, through push_many", bench_sparse),
         ("e. Shard memory holding 1,000,000 parameters of 16 float32", bench_memory),
+        ("f. Durable shards: push throughput without --data-dir, with --no-durable, with --durable", bench_durability),
+        ("g. Durable shards: recovery of 1,000,000 parameters after SIGKILL", bench_recovery),
     ]
 
 

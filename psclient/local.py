@@ -24,6 +24,7 @@ from typing import Any
 from psclient.cluster import Cluster, WorkerReported
 from psclient.either import Left, Right
 from psclient.errors import JobFailed, StreampsError
+from psclient.model_files import write_model_files
 from psclient.plugins import ship
 from psclient.progress import JobProgress
 from psclient.specs import check_specs
@@ -54,11 +55,14 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def shard_argv(shard: int, num_shards: int, init_spec: str, update_spec: str, log_level: str = "WARNING") -> list[str]:
-    """The command line of one shard on a free loopback port, as a deployment would run it."""
+def shard_argv(
+    shard: int, num_shards: int, init_spec: str, update_spec: str, log_level: str = "WARNING", *extra: str
+) -> list[str]:
+    """The command line of one shard on a free loopback port, as a deployment would run it;
+    `extra` adds flags (`--data-dir DIR`, `--load FILE`)."""
     return [
         sys.executable, "-m", "psserver", "--shard", str(shard), "--num-shards", str(num_shards), "--port", "0",
-        "--init", init_spec, "--update", update_spec, "--log-level", log_level,
+        "--init", init_spec, "--update", update_spec, "--log-level", log_level, *extra,
     ]  # fmt: skip
 
 
@@ -167,6 +171,7 @@ class LocalCluster:
         pull_limit: int | None = None,
         on_error: str = "fail",
         log_level: str = "WARNING",
+        model_files: list[Path] | None = None,
         shard_timeout: float = LOCAL_SHARD_TIMEOUT_S,
         job_id: str | None = None,
     ):
@@ -175,6 +180,7 @@ class LocalCluster:
         self.logic_spec, self.init_spec, self.update_spec = logic_spec, init_spec, update_spec
         self.num_workers, self.num_shards = num_workers, num_shards
         self.pull_limit, self.on_error, self.log_level = pull_limit, on_error, log_level
+        self.model_files = model_files  # one per shard: its --load
         self.shard_timeout = shard_timeout
         # One job id for all its workers: worker i is `{job_id}-w{i}` to the shards.
         self.job_id = job_id or uuid.uuid4().hex[:12]
@@ -188,7 +194,14 @@ class LocalCluster:
             shards = [
                 ChildProcess(
                     f"shard {i}",
-                    shard_argv(i, self.num_shards, self.init_spec, self.update_spec, self.log_level),
+                    shard_argv(
+                        i,
+                        self.num_shards,
+                        self.init_spec,
+                        self.update_spec,
+                        self.log_level,
+                        *(["--load", str(self.model_files[i])] if self.model_files else []),
+                    ),
                     env,
                 )
                 for i in range(self.num_shards)
@@ -276,6 +289,7 @@ def run_local_job(
     pull_limit: int | None = None,
     on_error: str = "fail",
     progress: bool | None = None,
+    model_files: list[Path] | None = None,
     shard_timeout: float = LOCAL_SHARD_TIMEOUT_S,
 ) -> Iterator[Left[Any] | Right[tuple[Id, Any]]]:
     """Start a local cluster, run the job, yield its stream, tear everything down.
@@ -293,6 +307,7 @@ def run_local_job(
         num_shards,
         pull_limit=pull_limit,
         on_error=on_error,
+        model_files=model_files,
         shard_timeout=shard_timeout,
     )
     try:
@@ -329,6 +344,7 @@ def transform(
     *,
     partition_by: Callable[[Any], Hashable] | None = None,
     progress: bool | None = None,
+    model: Iterable[tuple[Id, Any]] | None = None,
     shard_timeout: float = LOCAL_SHARD_TIMEOUT_S,
 ) -> Iterator[Left[Any] | Right[tuple[Id, Any]]]:
     """Run `worker_logic` over `training_data` on an embedded local cluster.
@@ -349,6 +365,11 @@ def transform(
     `shard_timeout` makes it reconnect and resend for that many seconds instead
     (`psworker --shard-timeout`).
 
+    `model` warm-starts the job (transformWithModelLoad): an iterable of (id,
+    value) pairs, such as the `Right`s of an earlier job. Each shard loads its
+    share (`psserver --load`) before any worker starts; ids never pushed keep
+    their values, and the others fold this job's deltas into them.
+
     Raises ValueError (SpecError) at once, before any process starts, for an init
     or update spec the shards would refuse.
     """
@@ -364,6 +385,7 @@ def transform(
         iteration_wait_time=iteration_wait_time,
         partition_by=partition_by,
         progress=progress,
+        model=model,
         shard_timeout=shard_timeout,
     )
 
@@ -379,10 +401,12 @@ def _transform_job(
     iteration_wait_time: float | None,
     partition_by: Callable[[Any], Hashable] | None,
     progress: bool | None,
+    model: Iterable[tuple[Id, Any]] | None,
     shard_timeout: float,
 ) -> Iterator[Left[Any] | Right[tuple[Id, Any]]]:
     with tempfile.TemporaryDirectory(prefix="streamps-") as tmp:
         directory = Path(tmp)
+        model_files = write_model_files(model, ps_parallelism, directory) if model is not None else None
         yield from run_local_job(
             training_data,
             _spec(worker_logic, directory, "logic"),
@@ -393,5 +417,6 @@ def _transform_job(
             iteration_wait_time=iteration_wait_time,
             partition_by=partition_by,
             progress=progress,
+            model_files=model_files,
             shard_timeout=shard_timeout,
         )

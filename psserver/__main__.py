@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from pathlib import Path
 
 import click
 
@@ -15,18 +16,30 @@ from psclient.rpc.security import current as current_security
 from psclient.rpc.serving import build_aio_server
 from psclient.specs import make_init, make_update
 from psclient.wire.proto import shard_pb2, shard_pb2_grpc
+from psserver.durability import DataDirError, Durability
+from psserver.durable_service import DurableShardServicer
 from psserver.memory import pin_mmap_threshold
 from psserver.service import ShardServicer
 from psserver.store import ParameterStore
+from psserver.warmstart import LoadError, load_model
 
 # Seconds in-flight RPCs get to finish after SIGTERM before they are cancelled.
 STOP_GRACE_S = 5.0
 SERVICE_NAME = shard_pb2.DESCRIPTOR.services_by_name["ParameterShard"].full_name
 
 
-async def serve(store: ParameterStore, shard: int, num_shards: int, host: str, port: int) -> None:
+DEFAULT_SNAPSHOT_INTERVAL_S = 60.0
+
+
+async def serve(
+    store: ParameterStore, shard: int, num_shards: int, host: str, port: int, durability: Durability | None
+) -> None:
     log = logging.getLogger("streamps")
-    servicer = ShardServicer(store, shard, num_shards)
+    if durability is None:
+        servicer = ShardServicer(store, shard, num_shards)
+    else:
+        servicer = DurableShardServicer(store, shard, num_shards, durability)
+        durability.start()
     try:
         bound = build_aio_server(
             lambda server: shard_pb2_grpc.add_ParameterShardServicer_to_server(servicer, server),
@@ -49,16 +62,47 @@ async def serve(store: ParameterStore, shard: int, num_shards: int, host: str, p
         store.init.spec,
         store.update.spec,
     )
+    if durability is not None:
+        log.info(
+            "data dir %s (%s; snapshots every %g s)",
+            durability.directory,
+            "fsync before each ack" if durability.durable else "no fsync",
+            durability.snapshot_interval,
+        )
+    snapshots = asyncio.ensure_future(durability.run_snapshots()) if durability is not None else None
     ended = 0
+    final = ""
     try:
-        while not stop.is_set():
+        while not stop.is_set() and (durability is None or durability.wal.error is None):
             await asyncio.sleep(StopSignal.POLL_S)
     finally:
         await bound.set_serving(False)
         ended = servicer.stop_streams()
+        # Waits for the streams, which apply and ack what reaches them, then end.
         await bound.server.stop(STOP_GRACE_S)
+        if durability is not None and snapshots is not None:
+            durability.stop_snapshots()
+            await snapshots
+            if durability.wal.error is None and stop.is_set():
+                final = await _final_snapshot(durability)
+            await durability.close()
+    if durability is not None and durability.wal.error is not None:
+        # Pushes it applied may be missing from the log: only a restart (recovery) is safe.
+        fail(f"shard {shard} cannot write its log in {durability.directory}: {durability.wal.error}")
     cause = signal.Signals(stop.signum).name if stop.signum is not None else "request"
-    log.info("stopped on %s; ended %d open streams", cause, ended)
+    log.info("stopped on %s; ended %d open streams%s", cause, ended, final)
+
+
+async def _final_snapshot(durability: Durability) -> str:
+    """Snapshot what the shard holds, so that a restart replays no log; say so for the stop line."""
+    if not durability.changed_since_snapshot():
+        return "; nothing logged since the last snapshot"
+    try:
+        params, size = await durability.snapshot(quiet=True)
+    except OSError as exc:  # the log still holds every acked push: the restart replays it
+        logging.getLogger("streamps").error("final snapshot to %s failed: %s", durability.directory, exc)
+        return "; no final snapshot (the log is kept)"
+    return f"; snapshot of {params} parameters ({size} bytes), log emptied"
 
 
 @click.command("psserver", context_settings={"show_default": True})
@@ -68,6 +112,37 @@ async def serve(store: ParameterStore, shard: int, num_shards: int, host: str, p
 )
 @listen_options
 @spec_options
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path),  # checked by the shard, which says what is wrong in one line
+    default=None,
+    **env("DATA_DIR"),
+    help="Keep a write-ahead log and snapshots here and recover from them on start (the directory must exist).",
+)
+@click.option(
+    "--durable/--no-durable",
+    default=None,
+    **env("DURABLE"),
+    help="With --data-dir: fsync the log before acknowledging a push (default), or only write it "
+    "(survives a killed shard, not a crashed machine).",
+)
+@click.option(
+    "--snapshot-interval",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    **env("SNAPSHOT_INTERVAL"),
+    help=f"With --data-dir: seconds between snapshots, after which the log is truncated "
+    f"[default: {DEFAULT_SNAPSHOT_INTERVAL_S:g}].",
+)
+@click.option(
+    "--load",
+    "load_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    **env("LOAD"),
+    help="Start from this model (JSON lines of psclient snapshot); ids of other shards are skipped. "
+    "Ignored when --data-dir already holds a shard's state.",
+)
 @process_options
 @security_options
 def main(
@@ -77,6 +152,10 @@ def main(
     port: int,
     init_spec: str,
     update_spec: str,
+    data_dir: Path | None,
+    durable: bool | None,
+    snapshot_interval: float | None,
+    load_path: Path | None,
     log_level: str,
     log_format: str,
     metrics_port: int | None,
@@ -84,17 +163,51 @@ def main(
     """Serve one shard of the parameter server."""
     if shard >= num_shards:
         fail(f"--shard {shard} must be below --num-shards {num_shards}", 2)
+    if data_dir is None and (durable is not None or snapshot_interval is not None):
+        flag = "--snapshot-interval" if snapshot_interval is not None else "--durable/--no-durable"
+        fail(f"{flag} needs --data-dir", 2)
     try:
         store = ParameterStore(make_init(init_spec), make_update(update_spec))
     except SpecError as exc:
         fail(str(exc), 2)
     configure_logging(f"shard {shard}", log_level, log_format)
     pin_mmap_threshold()
+    durability = None
+    if data_dir is not None:
+        durability = _open_data_dir(
+            data_dir, store, shard, num_shards, durable is not False, snapshot_interval or DEFAULT_SNAPSHOT_INTERVAL_S
+        )
+    if load_path is not None and not (durability is not None and durability.recovered):
+        try:
+            load_model(load_path, store, shard, num_shards)
+        except LoadError as exc:
+            fail(str(exc), 2)
+    elif load_path is not None:
+        logging.getLogger("streamps").warning("--load %s ignored: %s holds this shard's state", load_path, data_dir)
     try:
         start_metrics(metrics_port, host)
     except OSError as exc:
         fail(f"cannot serve metrics on port {metrics_port}: {exc}", 2)
-    asyncio.run(serve(store, shard, num_shards, host, port))
+    asyncio.run(serve(store, shard, num_shards, host, port, durability))
+
+
+def _open_data_dir(
+    data_dir: Path, store: ParameterStore, shard: int, num_shards: int, durable: bool, snapshot_interval: float
+) -> Durability:
+    """Lock the data dir and recover the shard's state from it (exit 2 for an unusable dir)."""
+    try:
+        durability = Durability(
+            data_dir, store, shard, num_shards, durable=durable, snapshot_interval=snapshot_interval
+        )
+    except (DataDirError, OSError) as exc:
+        fail(str(exc) if isinstance(exc, DataDirError) else f"--data-dir {data_dir}: {exc}", 2)
+    try:
+        durability.recover()
+    except DataDirError as exc:
+        fail(str(exc))
+    except Exception as exc:  # an unreadable file, a record that no longer applies
+        fail(f"cannot recover from --data-dir {data_dir}: {type(exc).__name__}: {exc}")
+    return durability
 
 
 if __name__ == "__main__":

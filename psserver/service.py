@@ -27,6 +27,7 @@ from psclient.wire.codec import DecodedBatch, decode_batch, encode_batch
 from psclient.wire.partition import shard_of, shards_of_ints
 from psclient.wire.proto import shard_pb2, shard_pb2_grpc, tensor_pb2
 from psserver import metrics
+from psserver.durability import Durability
 from psserver.store import ParameterStore
 
 log = logging.getLogger("streamps.shard")
@@ -38,6 +39,12 @@ log = logging.getLogger("streamps.shard")
 AFTER_SEQ_TIMEOUT_S = 60.0
 MAX_IDS_PER_BATCH = 1 << 20
 DEFAULT_SNAPSHOT_ROWS = 16_384
+# On stop, a stream still takes the requests that reach the shard within this
+# long of each other (those a client sent before the stop are in the socket
+# already), applies and acks them, and ends only then: up to STOP_DRAIN_S in
+# all, so a client that keeps sending cannot hold the shard up.
+STOP_IDLE_S = 0.25
+STOP_DRAIN_S = 1.0
 
 
 class _OpMetrics:
@@ -58,11 +65,13 @@ class _OpMetrics:
 
 
 class ShardServicer(shard_pb2_grpc.ParameterShardServicer):
-    def __init__(self, store: ParameterStore, shard: int, num_shards: int):
+    def __init__(self, store: ParameterStore, shard: int, num_shards: int, durability: Durability | None = None):
         self.store = store
         self.shard = shard
         self.num_shards = num_shards
-        self._watermarks: dict[str, int] = {}
+        self.durability = durability
+        # With a data dir, the recovered watermarks (one dict, kept by both).
+        self._watermarks: dict[str, int] = durability.watermarks if durability is not None else {}
         self._pushed: asyncio.Condition | None = None  # made on the serving loop
         self._push_waiters = 0  # pulls waiting in `_await_push`
         self._started = time.monotonic()
@@ -70,10 +79,13 @@ class ShardServicer(shard_pb2_grpc.ParameterShardServicer):
         self._pull_requests = self._pulled_keys = 0
         self._push_requests = self._pushed_keys = 0
         self._stopping = False
+        self._drain_until = 0.0  # loop time at which a stopping shard ends every stream
         self._open_streams = 0
         # The tasks of Pull, Push and Exchange streams that wait in this servicer (for a
-        # request, or for a push a pull depends on): `stop_streams` wakes them.
-        self._waiting: set[asyncio.Task[Any]] = set()
+        # request, or for a push a pull depends on), each with the number of its wait:
+        # `stop_streams` ends those still in the same wait STOP_IDLE_S later.
+        self._waiting: dict[asyncio.Task[Any], int] = {}
+        self._waits = 0
         # Labelled metrics looked up once: a lookup per request costs as much as the update.
         self._metrics = {op: _OpMetrics(self._label, op) for op in ("pull", "push")}
         self._duplicates = metrics.DUPLICATES.labels(self._label)
@@ -90,30 +102,49 @@ class ShardServicer(shard_pb2_grpc.ParameterShardServicer):
     # -- stopping -----------------------------------------------------------
 
     def stop_streams(self) -> int:
-        """End every open Pull, Push and Exchange stream with UNAVAILABLE; return how many are open.
+        """Drain, then end, every open Pull, Push and Exchange stream; return how many are open.
 
-        A stream waiting for its next request is woken by cancelling its task at
-        that await (`_requests` turns it into the status); a stream busy with a
-        request ends at its next wait. Left to the server's grace period, the
-        streams of a job (which live as long as the job) would only be cancelled
-        after it, with CancelledError tracebacks here and "Cancelling all calls"
-        at the workers.
+        A stream goes on taking the requests already on their way (see
+        STOP_IDLE_S), so pushes a client sent before the stop are applied and
+        acked, not dropped; then it ends with UNAVAILABLE, `shard N is shutting
+        down`. A stream waiting for its next request is ended by cancelling its
+        task at that await (`_wait` turns that into the status). Left to the
+        server's grace period, the streams of a job (which live as long as the
+        job) would only be cancelled after it, with CancelledError tracebacks
+        here and "Cancelling all calls" at the workers.
         """
+        loop = asyncio.get_running_loop()
         self._stopping = True
-        for task in list(self._waiting):
-            task.cancel()
+        self._drain_until = loop.time() + STOP_DRAIN_S
+        for task, wait in list(self._waiting.items()):
+            loop.call_later(STOP_IDLE_S, self._end_wait, task, wait)
         return self._open_streams
+
+    def _end_wait(self, task: asyncio.Task[Any], wait: int) -> None:
+        if self._waiting.get(task) == wait:
+            task.cancel()
 
     async def _stop_stream(self, context: grpc.aio.ServicerContext) -> None:
         await context.abort(grpc.StatusCode.UNAVAILABLE, shutting_down_details(self.shard))
 
     async def _wait(self, wait: Callable[[], Awaitable[Any]], context: grpc.aio.ServicerContext) -> Any:
-        """Await `wait()` where `stop_streams` can end the stream."""
+        """Await `wait()` where a stop can end the stream."""
         if self._stopping:
-            await self._stop_stream(context)
+            left = min(STOP_IDLE_S, self._drain_until - asyncio.get_running_loop().time())
+            if left <= 0:
+                await self._stop_stream(context)
+            deadline = asyncio.timeout(left)
+            try:
+                async with deadline:
+                    return await wait()
+            except TimeoutError:
+                if not deadline.expired():
+                    raise  # the wait's own timeout
+                await self._stop_stream(context)
         task = asyncio.current_task()
         assert task is not None
-        self._waiting.add(task)
+        self._waits += 1
+        self._waiting[task] = self._waits
         try:
             return await wait()
         except asyncio.CancelledError:
@@ -122,7 +153,7 @@ class ShardServicer(shard_pb2_grpc.ParameterShardServicer):
             task.uncancel()
             await self._stop_stream(context)
         finally:
-            self._waiting.discard(task)
+            self._waiting.pop(task, None)
 
     async def _requests(
         self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext, name: str
@@ -214,14 +245,19 @@ class ShardServicer(shard_pb2_grpc.ParameterShardServicer):
         op.observe(started, len(keys), sum(len(b.values.data) for b in batches))
         return shard_pb2.PullResponse(request_id=request.request_id, batches=batches)
 
-    async def _apply_push(self, request: shard_pb2.PushRequest, context: grpc.aio.ServicerContext) -> shard_pb2.PushAck:
+    async def _apply_push(
+        self, request: shard_pb2.PushRequest, context: grpc.aio.ServicerContext
+    ) -> tuple[shard_pb2.PushAck, asyncio.Future[None] | None]:
+        """Apply a push; its ack, and (with a data dir) the future to await before sending it."""
         op = self._metrics["push"]
         if not request.worker_id or request.seq == 0:
             op.errors.inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a push needs a worker_id and a seq >= 1")
         if request.seq <= self._watermarks.get(request.worker_id, 0):
             self._duplicates.inc()
-            return shard_pb2.PushAck(seq=request.seq, duplicate=True)
+            # Applied, but maybe not yet on disk: its ack waits for what is logged so far.
+            durable = self.durability.barrier() if self.durability is not None else None
+            return shard_pb2.PushAck(seq=request.seq, duplicate=True), durable
         started = time.perf_counter()
         try:
             decoded = [self._decode(b, with_values=True) for b in request.batches]
@@ -229,6 +265,8 @@ class ShardServicer(shard_pb2_grpc.ParameterShardServicer):
         except Exception as exc:
             op.errors.inc()
             await self._abort(context, exc)
+        # Logged in the order applied (no await in between), so replay repeats this order.
+        durable = self.durability.log(request) if self.durability is not None else None
         self._watermarks[request.worker_id] = request.seq
         self._push_requests += 1
         self._pushed_keys += sum(len(d) for d in decoded)
@@ -236,7 +274,7 @@ class ShardServicer(shard_pb2_grpc.ParameterShardServicer):
         if self._push_waiters:  # a pull with after_seq (the Pull stream's read-your-writes)
             async with self.pushed:
                 self.pushed.notify_all()
-        return shard_pb2.PushAck(seq=request.seq, duplicate=False)
+        return shard_pb2.PushAck(seq=request.seq, duplicate=False), durable
 
     # -- RPCs ---------------------------------------------------------------
 
@@ -250,14 +288,15 @@ class ShardServicer(shard_pb2_grpc.ParameterShardServicer):
         self, request_iterator: AsyncIterator[shard_pb2.PushRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[shard_pb2.PushAck]:
         async for request in self._requests(request_iterator, context, "PushRequest"):
-            yield await self._apply_push(request, context)
+            ack, _ = await self._apply_push(request, context)
+            yield ack
 
     async def Exchange(
         self, request_iterator: AsyncIterator[shard_pb2.ExchangeRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[shard_pb2.ExchangeResponse]:
         # One request at a time, push before pull: the order is the guarantee.
         async for request in self._requests(request_iterator, context, "ExchangeRequest"):
-            ack = await self._apply_push(request.push, context) if request.HasField("push") else None
+            ack = (await self._apply_push(request.push, context))[0] if request.HasField("push") else None
             answer = await self._answer_pull(request.pull, context) if request.HasField("pull") else None
             yield shard_pb2.ExchangeResponse(ack=ack, pull=answer)
 

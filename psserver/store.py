@@ -114,7 +114,9 @@ class ParameterStore:
         if present.any():
             self._tables.set(handles[present], list(_rows(batch)[present]))
         if not present.all():
-            self._create(*_take(batch.int_ids, batch.str_ids, ~present), list(_rows(batch)[~present]))
+            # One stacked array (one signature), not a list of rows: a snapshot's million
+            # rows are restored in one copy, not sorted by signature row by row.
+            self._create(*_take(batch.int_ids, batch.str_ids, ~present), _rows(batch)[~present])
 
     # -- where parameters are ---------------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -83,16 +84,33 @@ def _feed_file(runtime: WorkerRuntime, spec: InputSpec) -> None:
         runtime.fail(f"worker {runtime.worker_index}: cannot read {spec.path}: {exc}")
 
 
+def _stop_input(runtime: WorkerRuntime, stop: StopSignal, *, drop_queued: bool = False) -> None:
+    """A graceful stop: no more input; the logic finishes the records it has (its
+    pulls answered, its pushes acked) and ends as at the end of its input."""
+    name = signal.Signals(stop.signum).name if stop.signum is not None else "request"
+    reason = f"worker {runtime.worker_index} is stopping ({name}): it takes no more input"
+    runtime.inputs.stop(reason, drop_queued=drop_queued)
+
+
 def _serve_until_read(
     stop: StopSignal, done: threading.Event, runtime: WorkerRuntime, outputs: OutputBuffer, *, to_file: bool
 ) -> None:
     """Return once the logic is done and its outputs reached a file or an Outputs
-    reader, or a signal came, or the job failed and no reader was attached for
-    UNREAD_FAILURE_GRACE_S."""
+    reader, or the job failed and no reader was attached for UNREAD_FAILURE_GRACE_S.
+    A signal stops the input; then outputs wait only for a reader that is attached,
+    and for STOP_GRACE_S at most."""
     unread_since: float | None = None
-    while not stop.is_set():
+    stopped_at: float | None = None
+    while True:
+        if stop.is_set() and stopped_at is None:
+            stopped_at = time.monotonic()
+            _stop_input(runtime, stop)
         if done.is_set():
             if to_file or outputs.delivered.is_set():
+                return
+            if stopped_at is not None and (
+                not outputs.subscription.locked() or time.monotonic() - stopped_at >= STOP_GRACE_S
+            ):
                 return
             if runtime.error:
                 if outputs.subscription.locked():
@@ -198,10 +216,18 @@ def main(
         if metrics_port is not None:
             register_metrics(worker_index, runtime.counters)
         if input_path is not None:
-            _run_on_file(runtime, InputSpec(input_path, fmt, partition_key, skip_header))
+            stop = _run_on_file(runtime, InputSpec(input_path, fmt, partition_key, skip_header))
         else:
-            _serve_feed(runtime, outputs, host, port, to_file=output_path is not None)
-    log.info("finished: %d records, %d outputs", runtime.records, runtime.outputs)
+            stop = _serve_feed(runtime, outputs, host, port, to_file=output_path is not None)
+    if stop.signum is not None:
+        log.info(
+            "stopped on %s: took no more input; processed %d records, %d outputs",
+            signal.Signals(stop.signum).name,
+            runtime.records,
+            runtime.outputs,
+        )
+    else:
+        log.info("finished: %d records, %d outputs", runtime.records, runtime.outputs)
 
 
 def _connect(runtime: WorkerRuntime) -> None:
@@ -211,18 +237,39 @@ def _connect(runtime: WorkerRuntime) -> None:
         fail(f"worker {runtime.worker_index}: {exc}", 1)
 
 
-def _run_on_file(runtime: WorkerRuntime, spec: InputSpec) -> None:
+def _run_on_file(runtime: WorkerRuntime, spec: InputSpec) -> StopSignal:
     """The file path: read this worker's share of the file on a thread, run the logic to the end."""
     _connect(runtime)
+    stop = StopSignal()
+    failure: list[JobFailed] = []
+
+    def run_logic() -> None:
+        try:
+            runtime.run()  # closes the shard streams however it ends
+        except JobFailed as exc:
+            failure.append(exc)
+
     threading.Thread(target=_feed_file, args=(runtime, spec), name="file-reader", daemon=True).start()
-    try:
-        runtime.run()  # closes the shard streams however it ends
-    except JobFailed as exc:
-        fail(str(exc), 1)
+    # The logic on a thread, so that this one sees a signal at once (it is delivered
+    # to the main thread, which a blocking wait would hold).
+    logic = threading.Thread(target=run_logic, name="logic", daemon=True)
+    logic.start()
+    stopping = False
+    while logic.is_alive():
+        if stop.is_set() and not stopping:
+            stopping = True
+            # The reader's next chunk is refused, so it stops reading; what it read
+            # ahead is dropped, so the stop takes one chunk's time, not 64.
+            _stop_input(runtime, stop, drop_queued=True)
+        logic.join(StopSignal.POLL_S)
+    if failure:
+        fail(str(failure[0]), 1)
+    return stop
 
 
-def _serve_feed(runtime: WorkerRuntime, outputs: OutputBuffer, host: str, port: int, *, to_file: bool) -> None:
-    """The Feed path: serve Feed, Outputs and Status until the outputs are read or a signal comes."""
+def _serve_feed(runtime: WorkerRuntime, outputs: OutputBuffer, host: str, port: int, *, to_file: bool) -> StopSignal:
+    """The Feed path: serve Feed, Outputs and Status until the outputs are read, or
+    after a signal, until the logic finished what it was fed."""
     try:
         # Bound before connecting, so that a port in use fails at once rather than
         # after waiting for the shards; it serves nothing until the shards check out.
@@ -253,6 +300,7 @@ def _serve_feed(runtime: WorkerRuntime, outputs: OutputBuffer, host: str, port: 
         bound.server.stop(STOP_GRACE_S).wait()
     if runtime.error:
         fail(runtime.error, 1)
+    return stop
 
 
 if __name__ == "__main__":

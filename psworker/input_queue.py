@@ -74,6 +74,20 @@ class InputQueue:
             self.cond.notify_all()
         self._wake()
 
+    def stop(self, reason: str, *, drop_queued: bool = False) -> None:
+        """End the input here (a graceful stop) and turn feeders away with `reason`,
+        those waiting for room too. The records queued so far are still processed,
+        unless `drop_queued`: a file reader's read-ahead, which no one was told was
+        taken (the chunk the logic is in still is)."""
+        with self.cond:
+            if self._refusal is None:
+                self._refusal = reason
+            self.closed = True
+            if drop_queued:
+                self._chunks.clear()
+            self.cond.notify_all()
+        self._wake()
+
     def refuse(self, reason: str) -> None:
         """Turn feeders away from now on, those waiting for room too."""
         with self.cond:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict, deque
 from typing import Any
 
@@ -158,3 +159,11 @@ def not_a_logic() -> dict:
 
 
 ANSWER = 42
+
+
+class SlowExactness(Exactness):
+    """Exactness at about 1 ms a record: a job that is still running when a test stops it."""
+
+    def on_recv(self, data: Any, ps: Any) -> None:
+        time.sleep(0.001)
+        super().on_recv(data, ps)

@@ -167,6 +167,22 @@ def test_compose_builds_one_image_and_waits_patiently_for_health() -> None:
     assert services["job"]["volumes"] == ["./out:/out"]
 
 
+def test_each_compose_shard_keeps_its_data_dir_in_a_named_volume_of_its_own() -> None:
+    document = yaml.safe_load(COMPOSE_FILE.read_text())
+    services = document["services"]
+    shards = sorted(name for name, service in services.items() if service["command"] == ["psserver"])
+    volumes = []
+
+    assert shards == ["shard-0", "shard-1"]
+    for name in shards:
+        data_dir = services[name]["environment"]["STREAMPS_DATA_DIR"]
+        (volume,) = [v.split(":")[0] for v in services[name]["volumes"] if v.split(":")[1] == data_dir]
+        assert volume in document["volumes"], f"{name}: {volume} is a named volume, not a host path"
+        assert _seconds(services[name]["stop_grace_period"]) >= 30, name
+        volumes.append(volume)
+    assert len(set(volumes)) == len(shards), "one volume per shard (a data dir holds one shard)"
+
+
 HEAVY = (
     "psclient.cluster",
     "psclient.local",
@@ -280,6 +296,19 @@ def test_compose_job_runs_end_to_end_and_leaves_its_files_to_the_owner_of_deploy
         for worker in ("worker-0", "worker-1"):
             # Healthy before the job could start (depends_on), done once their input ended.
             assert _container_state(compose, worker, "{{.State.Status}} {{.State.ExitCode}}") == "exited 0", worker
+
+        # SIGTERM: the shard snapshots into its named volume, so a restart replays no log.
+        stop = subprocess.run([*compose, "stop", "shard-0"], capture_output=True, text=True, timeout=120)
+        assert stop.returncode == 0, stop.stderr
+        assert _container_state(compose, "shard-0", "{{.State.Status}} {{.State.ExitCode}}") == "exited 0"
+        logs = subprocess.run([*compose, "logs", "--no-color", "shard-0"], capture_output=True, text=True, timeout=60)
+        stopped = r"stopped on SIGTERM; ended \d+ open streams; (snapshot of \d+ parameters|nothing logged)"
+        assert re.search(stopped, logs.stdout), logs.stdout[-3000:]
+        files = subprocess.run(
+            ["docker", "run", "--rm", "-v", "streamps-test_shard-0-data:/data", "streamps:local", "ls", "/data"],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert {"shard.json", "snapshot.bin"} <= set(files.stdout.split()), files.stdout + files.stderr
     finally:
         subprocess.run([*compose, "down", "-v"], capture_output=True, timeout=300)
         shutil.rmtree(out, ignore_errors=True)

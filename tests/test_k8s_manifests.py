@@ -96,18 +96,42 @@ def test_every_pod_meets_the_restricted_pod_security_standard_with_bounded_resou
                 assert set(container["resources"][bound]) == {"cpu", "memory"}, f"{what}: {bound}"
 
 
-def test_shard_index_comes_from_the_hostname_not_a_label_of_newer_kubernetes(tmp_path: Path) -> None:
+def _shard_arguments(tmp_path: Path, hostname: str) -> list[str]:
+    """The arguments the shard container's own command passes to psserver (a fake that shows them)."""
     (container,) = _one("StatefulSet", "shard")["spec"]["template"]["spec"]["containers"]
     fake = tmp_path / "psserver"
     fake.write_text('#!/bin/sh\necho "$@"\n')
     fake.chmod(0o755)
-
-    # The container's own command, with a psserver that shows the arguments it got.
-    env = {"PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}", "HOSTNAME": "shard-12"}
+    env = {"PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}", "HOSTNAME": hostname}
     run = subprocess.run(container["command"], capture_output=True, text=True, env=env, timeout=30)
+    assert run.returncode == 0, run.stderr
+    return run.stdout.split()
 
-    assert run.stdout == "--shard 12\n", run.stderr
+
+def test_shard_index_comes_from_the_hostname_not_a_label_of_newer_kubernetes(tmp_path: Path) -> None:
+    arguments = _shard_arguments(tmp_path, "shard-12")
+
+    assert arguments[arguments.index("--shard") + 1] == "12"
     assert "pod-index" not in "".join(path.read_text() for path in K8S.glob("*.yaml"))
+
+
+def test_each_shard_keeps_its_data_dir_on_a_volume_claimed_for_it(tmp_path: Path) -> None:
+    statefulset = _one("StatefulSet", "shard")
+    pod = statefulset["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    arguments = _shard_arguments(tmp_path, "shard-0")
+    data_dir = arguments[arguments.index("--data-dir") + 1]
+
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"].rstrip("/") == data_dir.rstrip("/")]
+    (claim,) = [t for t in statefulset["spec"]["volumeClaimTemplates"] if t["metadata"]["name"] == mount["name"]]
+    assert not [v for v in pod.get("volumes", []) if v["name"] == mount["name"]], "the claim, not a pod volume"
+    assert not mount.get("readOnly", False)
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert claim["spec"]["resources"]["requests"]["storage"]
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"], "the volume is writable"
+    # SIGTERM drains and snapshots before the shard exits: more than the default 30 s for a large model.
+    assert pod["terminationGracePeriodSeconds"] >= 60
+    assert container["startupProbe"]["grpc"]["port"] == 7000, "recovery is not cut short by liveness"
 
 
 def _init_script(job: str) -> list[str]:

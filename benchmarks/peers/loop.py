@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import time
 
-from benchmarks.mf_common import Learner, Ratings, item_init, item_rows, rmse
+from benchmarks.mf_common import Learner, Ratings, item_init, rmse
+from examples.mf import item_rows
 
 
 def run(data: Ratings) -> tuple[float, float]:

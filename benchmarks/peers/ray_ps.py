@@ -31,7 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.mf_common import PARAM_DIM, Learner, Ratings, item_deltas, item_init, item_rows, rmse
+from benchmarks.mf_common import PARAM_DIM, Learner, Ratings, item_deltas, item_init, rmse
+from examples.mf import item_rows
 
 
 class _Shard:

@@ -31,7 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.mf_common import PARAM_DIM, Learner, Ratings, item_deltas, item_init, item_rows, rmse
+from benchmarks.mf_common import PARAM_DIM, Learner, Ratings, item_deltas, item_init, rmse
+from examples.mf import item_rows
 
 # KEYS: the items; ARGV[1]: floats per vector; ARGV[1 + i]: the delta of KEYS[i], packed.
 ADD_VECTORS = """

@@ -413,6 +413,15 @@ class WorkerRuntime(LogicLoop):
                     )
                 )
             check_layout(self.servers, [connection.info for connection in self._connections], "--servers")
+            for connection in self._connections:
+                # A new run would number its pushes from 1 again, and the shard would take
+                # them up to its watermark as duplicates of the last run's: silently dropped.
+                seq = connection.info.watermarks.get(self.worker_id, 0)
+                if seq:
+                    raise ShardError(
+                        f"{connection.describe()} already holds pushes of worker {self.worker_id} (up to seq {seq}); "
+                        "a new run of a worker needs a --job-id of its own"
+                    )
         except BaseException:
             self._close_connections()
             raise

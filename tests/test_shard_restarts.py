@@ -195,6 +195,26 @@ def test_psworker_pushes_as_job_id_and_index(tmp_path: Path, procs: Processes) -
 
 
 @pytest.mark.timeout(120)
+def test_psworker_refuses_a_worker_id_a_shard_already_has_pushes_of(tmp_path: Path, procs: Processes) -> None:
+    shard = start_shard(procs, 0, num_shards=1)
+    data = tmp_path / "records.jsonl"
+    data.write_text("".join(f"{r}\n" for r in range(100)), encoding="utf-8")
+    argv = worker_argv("logics:Exactness", [shard.address], 0, 1, "--input", str(data), "--job-id", "nightly-3")
+    first, _ = procs.popen(argv, stdout=subprocess.DEVNULL)
+    assert first.wait(timeout=60) == 0
+    seq = shard_info(shard.address).watermarks["nightly-3-w0"]
+
+    second, stderr_path = procs.popen(argv, stdout=subprocess.DEVNULL)
+
+    assert second.wait(timeout=60) == 1
+    assert stderr_path.read_text(encoding="utf-8").splitlines() == [
+        f"psworker: error: worker 0: shard 0 at {shard.address} already holds pushes of worker nightly-3-w0 "
+        f"(up to seq {seq}); a new run of a worker needs a --job-id of its own"
+    ]
+    assert shard_info(shard.address).watermarks["nightly-3-w0"] == seq
+
+
+@pytest.mark.timeout(120)
 def test_psworker_refuses_a_job_id_that_cannot_name_a_worker(procs: Processes) -> None:
     argv = worker_argv("logics:Exactness", ["127.0.0.1:1"], 0, 1, "--port", "0", "--job-id", "a b")
     process, stderr_path = procs.popen(argv, stdout=subprocess.DEVNULL)

@@ -278,6 +278,8 @@ class WorkerRuntime(LogicLoop):
             self._failed_shards.add(shard)
             self.fail(f"worker {self.worker_index}: {error}")
             return
+        if shard in self._reconnecting:  # already on it: only the current stream reports
+            return
         log.warning("%s; reconnecting (for up to %g s)", error, self.shard_timeout)
         self._reconnecting[shard] = asyncio.get_running_loop().create_task(self._reconnect(shard, error.reason))
 

@@ -210,6 +210,8 @@ class ShardConnection:
 
         try:
             while (response := await call.read()) is not _EOF:
+                if call is not self._call:  # a stream replaced or dropped: its answers go again on the next
+                    return
                 self._on_response(response)
         except asyncio.CancelledError:
             if current():

@@ -162,8 +162,8 @@ class WorkerRuntime(LogicLoop):
         self.servers = list(servers)
         self.worker_index = worker_index
         self.num_workers = num_workers
-        # The same for every run of this worker of this job: a restarted worker's pushes
-        # meet the watermarks its earlier run left on the shards.
+        # Named by its job and index, not by the process, so that the shards know a worker
+        # across its restarts (connect refuses one whose id they already hold pushes of).
         self.job_id = job_id or new_job_id()
         self.worker_id = f"{self.job_id}-w{worker_index}"
         self.pull_limit = pull_limit or pull_limit_of(logic) or DEFAULT_PULL_LIMIT

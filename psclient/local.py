@@ -16,6 +16,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,9 @@ DEATH_NOTICE_S = 2.0
 # A worker's own report of a failure (of a shard, say) comes well after a death
 # behind it, so a short look is enough.
 REPORTED_DEATH_NOTICE_S = 0.25
+# A local cluster restarts no shard, so its workers give up on a broken shard
+# stream at once (`psworker --shard-timeout 0`) rather than wait for it.
+LOCAL_SHARD_TIMEOUT_S = 0.0
 
 
 def child_env() -> dict[str, str]:
@@ -168,6 +172,8 @@ class LocalCluster:
         on_error: str = "fail",
         log_level: str = "WARNING",
         model_files: list[Path] | None = None,
+        shard_timeout: float = LOCAL_SHARD_TIMEOUT_S,
+        job_id: str | None = None,
     ):
         if num_workers < 1 or num_shards < 1:
             raise ValueError("a cluster needs at least one worker and one shard")
@@ -175,6 +181,9 @@ class LocalCluster:
         self.num_workers, self.num_shards = num_workers, num_shards
         self.pull_limit, self.on_error, self.log_level = pull_limit, on_error, log_level
         self.model_files = model_files  # one per shard: its --load
+        self.shard_timeout = shard_timeout
+        # One job id for all its workers: worker i is `{job_id}-w{i}` to the shards.
+        self.job_id = job_id or uuid.uuid4().hex[:12]
         self.children: list[ChildProcess] = []
         self.servers: list[str] = []
         self.workers: list[str] = []
@@ -212,6 +221,10 @@ class LocalCluster:
                         "0",
                         "--on-error",
                         self.on_error,
+                        "--shard-timeout",
+                        f"{self.shard_timeout:g}",
+                        "--job-id",
+                        self.job_id,
                         *extra,
                         log_level=self.log_level,
                     ),
@@ -277,6 +290,7 @@ def run_local_job(
     on_error: str = "fail",
     progress: bool | None = None,
     model_files: list[Path] | None = None,
+    shard_timeout: float = LOCAL_SHARD_TIMEOUT_S,
 ) -> Iterator[Left[Any] | Right[tuple[Id, Any]]]:
     """Start a local cluster, run the job, yield its stream, tear everything down.
 
@@ -294,6 +308,7 @@ def run_local_job(
         pull_limit=pull_limit,
         on_error=on_error,
         model_files=model_files,
+        shard_timeout=shard_timeout,
     )
     try:
         with cluster, Cluster(cluster.servers, cluster.workers) as client:
@@ -330,6 +345,7 @@ def transform(
     partition_by: Callable[[Any], Hashable] | None = None,
     progress: bool | None = None,
     model: Iterable[tuple[Id, Any]] | None = None,
+    shard_timeout: float = LOCAL_SHARD_TIMEOUT_S,
 ) -> Iterator[Left[Any] | Right[tuple[Id, Any]]]:
     """Run `worker_logic` over `training_data` on an embedded local cluster.
 
@@ -344,7 +360,10 @@ def transform(
 
     `progress` shows a live bar of outputs and records on stderr, like `psclient
     run` (None: when stderr is a terminal). If a child process dies, JobFailed
-    names it: "worker 1 (pid N) was killed by signal 9 (SIGKILL)".
+    names it: "worker 1 (pid N) was killed by signal 9 (SIGKILL)". The cluster
+    restarts no child, so a worker gives up on a broken shard stream at once;
+    `shard_timeout` makes it reconnect and resend for that many seconds instead
+    (`psworker --shard-timeout`).
 
     `model` warm-starts the job (transformWithModelLoad): an iterable of (id,
     value) pairs, such as the `Right`s of an earlier job. Each shard loads its
@@ -367,6 +386,7 @@ def transform(
         partition_by=partition_by,
         progress=progress,
         model=model,
+        shard_timeout=shard_timeout,
     )
 
 
@@ -382,6 +402,7 @@ def _transform_job(
     partition_by: Callable[[Any], Hashable] | None,
     progress: bool | None,
     model: Iterable[tuple[Id, Any]] | None,
+    shard_timeout: float,
 ) -> Iterator[Left[Any] | Right[tuple[Id, Any]]]:
     with tempfile.TemporaryDirectory(prefix="streamps-") as tmp:
         directory = Path(tmp)
@@ -397,4 +418,5 @@ def _transform_job(
             partition_by=partition_by,
             progress=progress,
             model_files=model_files,
+            shard_timeout=shard_timeout,
         )

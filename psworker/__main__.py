@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import signal
 import threading
 import time
@@ -34,7 +35,7 @@ from psclient.inputs import InputSpec, MalformedRecord, read_share
 from psclient.wire.records import to_json_compatible
 from psworker.logic import load_logic, with_pull_limit
 from psworker.metrics import register as register_metrics
-from psworker.runtime import WorkerRuntime
+from psworker.runtime import DEFAULT_SHARD_TIMEOUT_S, WorkerRuntime
 from psworker.service import OutputBuffer, build_worker_server
 
 STOP_GRACE_S = 5.0
@@ -45,6 +46,14 @@ FILE_CHUNK = 256
 # waited longer would only hold its port and memory for a reader that most
 # likely is gone (its client saw the job fail elsewhere).
 UNREAD_FAILURE_GRACE_S = 3.0
+# It becomes part of every push's worker id, which shards keep and report (Info).
+JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def _check_job_id(_context: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    if value is not None and not JOB_ID.fullmatch(value):
+        raise click.BadParameter(f"{value!r}: 1 to 64 letters, digits, '.', '_' or '-', first a letter or digit")
+    return value
 
 
 def _json_writer(handle: TextIO) -> Callable[[Any], None]:
@@ -131,6 +140,22 @@ def _serve_until_read(
 @pull_limit_option
 @on_error_option
 @connect_timeout_option("shard")
+@click.option(
+    "--shard-timeout",
+    type=click.FloatRange(min=0),
+    default=DEFAULT_SHARD_TIMEOUT_S,
+    **env("SHARD_TIMEOUT"),
+    help="Seconds to wait for a shard that stopped answering (reconnecting and resending meanwhile) "
+    "before failing; 0 fails at once when its stream breaks.",
+)
+@click.option(
+    "--job-id",
+    default=None,
+    callback=_check_job_id,
+    **env("JOB_ID"),
+    help="The job this worker belongs to; with --worker-index it names the worker to the shards, "
+    "the same across restarts. Default: a random one for this process.",
+)
 @process_options
 @security_options
 def main(
@@ -148,6 +173,8 @@ def main(
     pull_limit: int | None,
     on_error: str,
     connect_timeout: float,
+    shard_timeout: float,
+    job_id: str | None,
     log_level: str,
     log_format: str,
     metrics_port: int | None,
@@ -183,6 +210,8 @@ def main(
             on_error=on_error,
             position_name="line" if input_path is not None else "record",
             connect_timeout=connect_timeout,
+            shard_timeout=shard_timeout,
+            job_id=job_id,
         )
         if metrics_port is not None:
             register_metrics(worker_index, runtime.counters)

@@ -12,16 +12,26 @@ or when the logic runs out of work (`flush_idle`, Nagle's rule), so the batch
 size follows the load. What the logic does with answers, and how many pulls
 may be out, is the runtime's business (psworker/runtime.py); this module only
 counts what each shard still owes: answers to pull requests, acks to pushes.
+
+It also keeps every message a shard has not answered yet, whole, in the order
+it was sent: a shard answers one stream's messages one by one, in order, so the
+oldest is always the next answered and is dropped then. After the stream broke,
+`unanswered` is what goes again, as it was: every unacknowledged push with its
+own seq, in seq order, and every unanswered pull behind the pushes it followed.
+The shard's watermark for this worker makes a push it did apply a duplicate,
+acknowledged and not applied twice.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
+from psclient.errors import ShardError
 from psclient.wire.codec import INT_IDS_DTYPE, encode_id_array, encode_keys, encode_values
 from psclient.wire.partition import Id, shard_of, split_by_shard, split_int_ids
 from psclient.wire.proto import shard_pb2, tensor_pb2
@@ -62,6 +72,11 @@ class ShardBuffers:
         self.pulls_out = [0] * num_shards
         self.unacked_by_shard = [0] * num_shards
         self.unacked = 0
+        # Every message sent to a shard and not answered yet, oldest first (see the module doc).
+        self._unanswered: list[deque[shard_pb2.ExchangeRequest]] = [deque() for _ in range(num_shards)]
+        # Since when a shard owes an answer and has sent none (None: it owes nothing):
+        # how long it has been silent, for the shard timeout.
+        self.silent_since: list[float | None] = [None] * num_shards
 
     # -- adding ----------------------------------------------------------------
 
@@ -133,11 +148,43 @@ class ShardBuffers:
     # -- what the shards answer ----------------------------------------------------
 
     def answered(self, shard: int) -> None:
+        """The answer to one of the shard's pull requests reached the logic."""
         self.pulls_out[shard] -= 1
 
-    def acked(self, shard: int) -> None:
-        self.unacked -= 1
-        self.unacked_by_shard[shard] -= 1
+    def received(self, shard: int, response: shard_pb2.ExchangeResponse) -> None:
+        """The shard answered its oldest unanswered message: drop it, count its ack.
+
+        A duplicate ack (a resent push the shard had applied) counts the same. An
+        answer that does not match that message is a broken promise of order,
+        which resending could only make worse: ShardError.
+        """
+        unanswered = self._unanswered[shard]
+        if not unanswered:
+            raise ShardError("it answered a message that was never sent")
+        request = unanswered[0]
+        if response.HasField("ack") != request.HasField("push") or response.HasField("pull") != request.HasField(
+            "pull"
+        ):
+            raise ShardError("its answer does not match the message it answers")
+        if request.HasField("push") and response.ack.seq != request.push.seq:
+            raise ShardError(f"it acknowledged push seq {response.ack.seq} where seq {request.push.seq} was due")
+        if request.HasField("pull") and response.pull.request_id != request.pull.request_id:
+            raise ShardError(
+                f"it answered pull request {response.pull.request_id} where request {request.pull.request_id} was due"
+            )
+        unanswered.popleft()
+        self.silent_since[shard] = time.monotonic() if unanswered else None
+        if request.HasField("push"):
+            self.unacked -= 1
+            self.unacked_by_shard[shard] -= 1
+
+    def unanswered(self, shard: int) -> list[shard_pb2.ExchangeRequest]:
+        """The messages to send the shard again, in the order they were sent."""
+        return list(self._unanswered[shard])
+
+    def owes(self, shard: int) -> int:
+        """How many messages the shard has not answered."""
+        return len(self._unanswered[shard])
 
     # -- flushing ----------------------------------------------------------------
 
@@ -167,7 +214,12 @@ class ShardBuffers:
                 keys = encode_keys(pulls + [param_id for chunk in chunks for param_id in chunk.tolist()])
             pull = shard_pb2.PullRequest(request_id=self._request_id, keys=keys)
         if push is not None or pull is not None:
-            self._send(shard, shard_pb2.ExchangeRequest(push=push, pull=pull))
+            request = shard_pb2.ExchangeRequest(push=push, pull=pull)
+            unanswered = self._unanswered[shard]
+            if not unanswered:
+                self.silent_since[shard] = time.monotonic()
+            unanswered.append(request)
+            self._send(shard, request)
 
     def flush_all(self) -> None:
         if self.buffered_since is not None:

@@ -64,6 +64,7 @@ class LogicLoop:
     _input_end_called: bool
     _wakeup: asyncio.Event
     _sent: bool
+    _reconnecting: dict[int, Any]
 
     def _call_user(
         self, name: str, fn: Callable[..., None], *args: Any, position: int | None = None, record: Any = None
@@ -118,6 +119,10 @@ class LogicLoop:
                     self._call_user("on_pull_recv_many", on_pull_recv_many, batch.str_ids, values[ints:], client)
             self._buffers.flush_if_lingering()
 
+    def _input_may_flow(self) -> bool:
+        # Not while a shard is away: what the logic would push to it could only pile up.
+        return self._pulls.input_may_flow and not self._reconnecting
+
     def _finished(self) -> bool:
         return (
             self._input_end_called
@@ -137,7 +142,7 @@ class LogicLoop:
             answers, self._answers = self._answers, deque()
             self._deliver(answers)
             return False
-        if self._pulls.input_may_flow:
+        if self._input_may_flow():
             item = self.inputs.take()
             if item is not None:
                 position, record = item
@@ -161,7 +166,7 @@ class LogicLoop:
             if not (
                 self._answers
                 or self._failure
-                or (self._pulls.input_may_flow and (inputs.waiting() or (inputs.closed and not self._input_end_called)))
+                or (self._input_may_flow() and (inputs.waiting() or (inputs.closed and not self._input_end_called)))
             ):
                 return IDLE_WAIT_S if linger_left is None else linger_left
         return False

@@ -24,6 +24,17 @@ that defines `on_pull_recv_many` gets each answered batch in one call.
 Termination. A worker is finished when its input ended, `on_input_end`
 returned, no pull is unanswered or queued, no callback is pending, and every
 push is acknowledged.
+
+Shard restarts. A stream that broke (the shard stopped, died, or the
+connection dropped) is opened again to the same address, with exponential
+backoff and jitter; then every message the shard had not answered goes again,
+in the order it was sent (psworker/batching.py keeps them): each push with its
+own seq, which the shard's watermark for this worker makes safe, and each pull
+behind the pushes it followed. While a shard is away the logic takes no new
+input. A shard that has not answered for `shard_timeout` seconds, whether its
+stream broke or stalled, fails the worker with one line naming it. A refusal
+(a bad request, a bad token, a shard with another place in the layout) fails
+it at once: sending again would only be refused again.
 """
 
 from __future__ import annotations
@@ -33,15 +44,19 @@ import contextlib
 import enum
 import functools
 import logging
+import random
 import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import grpc
+
 from psclient.errors import JobFailed, ShardError, StreampsError
 from psclient.rpc.connection import CLOSE_TIMEOUT_S, EventLoopThread, ShardConnection
-from psclient.rpc.layout import check_layout
+from psclient.rpc.errors import StreamBroken, is_transient, unreachable_reason
+from psclient.rpc.layout import check_layout, info_error
 from psclient.rpc.serving import DEFAULT_CONNECT_TIMEOUT_S
 from psclient.wire.codec import decode_batch, decode_rows
 from psclient.wire.partition import Id, check_id
@@ -65,6 +80,25 @@ INPUT_CAPACITY_CHUNKS = 64
 # After a failure, how long acknowledgements of the last pushes are awaited
 # (from the shards whose streams still work: a failed one sends none).
 DRAIN_TIMEOUT_S = 10.0
+# How long a worker waits for a shard that does not answer (its stream broke or
+# stalled) before it fails; 0: fail at once when a stream breaks.
+DEFAULT_SHARD_TIMEOUT_S = 60.0
+# Reconnecting: the first attempt after about RECONNECT_FIRST_S, each pause twice the
+# last up to RECONNECT_MAX_S, each jittered down by up to half, so that the workers
+# of a job do not all knock at once on a shard that comes back.
+RECONNECT_FIRST_S = 0.05
+RECONNECT_MAX_S = 2.0
+# How long one attempt waits for the shard's Info (a stopped process accepts
+# connections but never answers).
+RECONNECT_ATTEMPT_S = 5.0
+# How often the worker looks for a shard that owes answers and has gone silent.
+SILENCE_CHECK_S = 0.5
+
+
+def new_job_id() -> str:
+    """A job id for a worker started without one: its own, so that two jobs sharing
+    shards never share a worker id (and so a watermark)."""
+    return uuid.uuid4().hex[:12]
 
 
 class State(enum.Enum):
@@ -115,20 +149,28 @@ class WorkerRuntime(LogicLoop):
         max_batch: int = DEFAULT_MAX_BATCH,
         linger_s: float = DEFAULT_LINGER_S,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
+        shard_timeout: float = DEFAULT_SHARD_TIMEOUT_S,
+        job_id: str | None = None,
     ):
         if on_error not in ("fail", "skip"):
             raise ValueError(f"on_error must be 'fail' or 'skip', not {on_error!r}")
+        if shard_timeout < 0:
+            raise ValueError(f"shard_timeout must be >= 0, not {shard_timeout!r}")
         self.logic = logic
         # Callbacks go straight to the user's logic: a pull-limit wrapper only passes them on.
         self._callbacks = unwrapped(logic)
         self.servers = list(servers)
         self.worker_index = worker_index
         self.num_workers = num_workers
-        self.worker_id = f"w{worker_index}-{uuid.uuid4().hex[:12]}"
+        # Named by its job and index, not by the process, so that the shards know a worker
+        # across its restarts (connect refuses one whose id they already hold pushes of).
+        self.job_id = job_id or new_job_id()
+        self.worker_id = f"{self.job_id}-w{worker_index}"
         self.pull_limit = pull_limit or pull_limit_of(logic) or DEFAULT_PULL_LIMIT
         self.on_error = on_error
         self.position_name = position_name
         self.connect_timeout = connect_timeout
+        self.shard_timeout = shard_timeout
         self._emit = emit
         self._receives_many = receives_many(logic)
         self.client = _Client(self)
@@ -159,6 +201,9 @@ class WorkerRuntime(LogicLoop):
         )
         self._pulls = PullWindow(self.pull_limit, self._buffers)
         self._connections: list[ShardConnection] = []
+        # Shards whose stream broke, and the task opening a new one.
+        self._reconnecting: dict[int, asyncio.Task[None]] = {}
+        self._watch: asyncio.Task[None] | None = None
         self._io: EventLoopThread | None = None
         self._wakeup = asyncio.Event()  # set on the loop when there is news for the logic
         self._sent = False  # a request was queued since the logic last let the loop run
@@ -208,8 +253,12 @@ class WorkerRuntime(LogicLoop):
 
     def _on_response(self, shard: int, response: shard_pb2.ExchangeResponse) -> None:
         # The ack first: it holds whatever the answer beside it turns out to be.
-        if response.HasField("ack"):
-            self._buffers.acked(shard)
+        try:
+            self._buffers.received(shard, response)
+        except ShardError as exc:
+            self._failed_shards.add(shard)
+            self.fail(f"worker {self.worker_index}: {self._connections[shard].describe()}: {exc}")
+            return
         if response.HasField("pull"):
             try:
                 if self._receives_many:
@@ -225,8 +274,94 @@ class WorkerRuntime(LogicLoop):
         self._wakeup.set()
 
     def _on_shard_error(self, shard: int, error: ShardError) -> None:
+        if not isinstance(error, StreamBroken) or not self.shard_timeout:
+            self._failed_shards.add(shard)
+            self.fail(f"worker {self.worker_index}: {error}")
+            return
+        if shard in self._reconnecting:  # already on it: only the current stream reports
+            return
+        log.warning("%s; reconnecting (for up to %g s)", error, self.shard_timeout)
+        self._reconnecting[shard] = asyncio.get_running_loop().create_task(self._reconnect(shard, error.reason))
+
+    def _shard_lost(self, shard: int, message: str) -> None:
+        self._reconnecting.pop(shard, None)
         self._failed_shards.add(shard)
-        self.fail(f"worker {self.worker_index}: {error}")
+        self.fail(f"worker {self.worker_index}: {message}")
+        self._wakeup.set()  # a drain waiting for this shard's acks stops waiting
+
+    async def _reconnect(self, shard: int, last_error: str) -> None:
+        """Open a new stream to the shard, then send again all it has not answered.
+
+        The shard counts as away since it last answered while it owed answers (or
+        since its stream broke, if it owed none), so a shard that breaks every
+        new stream before answering still fails the worker on time.
+        """
+        connection = self._connections[shard]
+        began = time.monotonic()
+        silent_since = self._buffers.silent_since[shard]
+        deadline = min(began, silent_since if silent_since is not None else began) + self.shard_timeout
+        pause = RECONNECT_FIRST_S
+        while True:
+            await asyncio.sleep(min(random.uniform(pause / 2, pause), max(deadline - time.monotonic(), 0.0)))
+            pause = min(pause * 2, RECONNECT_MAX_S)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self._shard_lost(
+                    shard,
+                    f"{connection.describe()} unreachable for {self.shard_timeout:g} s (last error: {last_error})",
+                )
+                return
+            try:
+                await connection.reopen(min(RECONNECT_ATTEMPT_S, left))
+                break
+            except grpc.RpcError as exc:
+                if not is_transient(exc):
+                    self._shard_lost(shard, str(info_error(connection.describe(), exc)))
+                    return
+                last_error = unreachable_reason(exc)
+        try:
+            # A shard that came back with another index or count would take ids that are not its own.
+            check_layout(self.servers, [c.info for c in self._connections], "--servers")
+        except ShardError as exc:
+            self._shard_lost(shard, str(exc))
+            return
+        del self._reconnecting[shard]
+        unanswered = self._buffers.unanswered(shard)
+        log.info(
+            "reconnected to %s after %.1f s; resending %d push batches and %d pull requests",
+            connection.describe(),
+            time.monotonic() - began,
+            sum(request.HasField("push") for request in unanswered),
+            sum(request.HasField("pull") for request in unanswered),
+        )
+        for request in unanswered:
+            connection.send(request)
+        self._wakeup.set()  # input may flow again
+
+    async def _watch_silence(self) -> None:
+        """Fail the worker when a shard owes answers and has said nothing for `shard_timeout`
+        (a stalled stream: its process stopped, or the network dropped it without a reset)."""
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(SILENCE_CHECK_S)
+            now = time.monotonic()
+            if now - last > 2 * SILENCE_CHECK_S:
+                # The loop was held up (a long callback): let the readers take what came meanwhile.
+                last = now
+                continue
+            last = now
+            for shard, since in enumerate(self._buffers.silent_since):
+                if (
+                    since is not None
+                    and now - since >= self.shard_timeout
+                    and shard not in self._reconnecting
+                    and shard not in self._failed_shards
+                ):
+                    self._shard_lost(
+                        shard,
+                        f"{self._connections[shard].describe()} unreachable for {self.shard_timeout:g} s "
+                        "(last error: no answer)",
+                    )
 
     # -- the ParameterServerClient calls (on the loop) ------------------------
 
@@ -252,8 +387,11 @@ class WorkerRuntime(LogicLoop):
             self._buffers.push_chunk(chunk, array if rows is None else array[rows])
 
     def _send(self, shard: int, request: shard_pb2.ExchangeRequest) -> None:
-        self._connections[shard].send(request)
-        self._sent = True
+        # To a shard that is away, the request is only kept (ShardBuffers keeps every
+        # unanswered one): it goes with the others once a new stream is open.
+        if shard not in self._reconnecting:
+            self._connections[shard].send(request)
+            self._sent = True
 
     def output(self, out: Any) -> None:
         self._emit(out)
@@ -277,6 +415,15 @@ class WorkerRuntime(LogicLoop):
                     )
                 )
             check_layout(self.servers, [connection.info for connection in self._connections], "--servers")
+            for connection in self._connections:
+                # A new run would number its pushes from 1 again, and the shard would take
+                # them up to its watermark as duplicates of the last run's: silently dropped.
+                seq = connection.info.watermarks.get(self.worker_id, 0)
+                if seq:
+                    raise ShardError(
+                        f"{connection.describe()} already holds pushes of worker {self.worker_id} (up to seq {seq}); "
+                        "a new run of a worker needs a --job-id of its own"
+                    )
         except BaseException:
             self._close_connections()
             raise
@@ -317,6 +464,8 @@ class WorkerRuntime(LogicLoop):
             self._close_connections()
 
     async def _run(self) -> None:
+        if self.shard_timeout:
+            self._watch = asyncio.get_running_loop().create_task(self._watch_silence())
         try:
             self._call_user("open", self.logic.open)
             await self._steps()
@@ -366,8 +515,11 @@ class WorkerRuntime(LogicLoop):
                 self._failure = failure
             self.state = state
         self.inputs.refuse(self._failure or f"worker {self.worker_index} is no longer taking input")
-        for connection in self._connections:
-            await connection.aclose()
+        for task in [*self._reconnecting.values(), *([self._watch] if self._watch else [])]:
+            task.cancel()
+        self._reconnecting.clear()
+        for shard, connection in enumerate(self._connections):
+            await connection.aclose(wait=shard not in self._failed_shards)
 
     @property
     def error(self) -> str | None:

@@ -1,8 +1,9 @@
 """Failures end a job promptly, with one line naming what failed, and lose no acknowledged push.
 
 A delta no shard could apply is refused at `ps.push`; a Feed-mode worker whose job
-failed does not wait for a reader that never comes; a dead shard costs no extra
-wait; a shard stopped by SIGTERM ends its streams with a status saying so.
+failed does not wait for a reader that never comes; a dead shard costs no wait
+beyond --shard-timeout; a shard stopped by SIGTERM ends its streams with a status
+saying so.
 """
 
 from __future__ import annotations
@@ -186,8 +187,20 @@ def test_killed_shard_fails_the_job_within_seconds() -> None:
 # -- 5. a Feed-mode worker whose job failed does not wait for a reader that never comes ---
 
 
-def feed_mode_worker(procs: Processes, servers: list[str], index: int = 0, num_workers: int = 1) -> Service:
-    return procs.start_server(worker_argv("logics:Exactness", servers, index, num_workers, "--port", "0"))
+def unreachable(address: str, shard: int = 0) -> str:
+    return f"worker 0: shard {shard} at {address} unreachable for 3 s (last error: connection refused)"
+
+
+def feed_mode_worker(
+    procs: Processes, servers: list[str], index: int = 0, num_workers: int = 1, *, shard_timeout: str = "3"
+) -> Service:
+    """A worker that waits `shard_timeout` seconds (reconnecting) for a shard that went away."""
+    return procs.start_server(
+        worker_argv(
+            "logics:Exactness", servers, index, num_workers, "--port", "0", "--shard-timeout", shard_timeout,
+            log_level="INFO",
+        )
+    )  # fmt: skip
 
 
 def start_shard(procs: Processes) -> Service:
@@ -206,7 +219,7 @@ def test_feed_mode_worker_exits_soon_after_its_job_failed_when_nobody_reads(proc
 
     stderr = worker.stderr_path.read_text(encoding="utf-8").splitlines()
     assert code == 1
-    assert stderr[-1].startswith(f"psworker: error: worker 0: shard 0 at {shard.address} failed: UNAVAILABLE"), stderr
+    assert stderr[-1] == f"psworker: error: {unreachable(shard.address)}", stderr
 
 
 @pytest.mark.timeout(120)
@@ -225,7 +238,7 @@ def test_attached_outputs_reader_gets_the_failure_before_the_worker_exits(procs:
     code = worker.process.wait(timeout=20)
 
     assert outputs == [[0, r] for r in range(100)]
-    assert str(info.value).startswith(f"worker 0: shard 0 at {shard.address} failed: UNAVAILABLE"), info.value
+    assert str(info.value) == unreachable(shard.address)
     assert code == 1
 
 
@@ -244,7 +257,7 @@ def test_feed_mode_worker_exits_soon_after_its_job_failed_when_its_reader_went_a
     stderr = worker.stderr_path.read_text(encoding="utf-8").splitlines()
     assert outputs == [[0, r] for r in range(100)]
     assert code == 1
-    assert stderr[-1].startswith(f"psworker: error: worker 0: shard 0 at {shard.address} failed: UNAVAILABLE"), stderr
+    assert stderr[-1] == f"psworker: error: {unreachable(shard.address)}", stderr
 
 
 # -- 7. a shard stopped by SIGTERM ends its streams with a status that says so ---------------
@@ -279,7 +292,12 @@ def test_sigterm_on_a_shard_ends_idle_worker_streams_with_shutting_down(procs: P
 
     stderr = worker.stderr_path.read_text(encoding="utf-8").splitlines()
     assert code == 1
-    assert stderr[-1] == f"psworker: error: worker 0: shard 0 at {shard.address} is shutting down", stderr
+    warnings = [line for line in stderr if "reconnecting" in line]
+    assert len(warnings) == 1, stderr
+    assert warnings[0].endswith(
+        f" WARNING worker 0: shard 0 at {shard.address} is shutting down; reconnecting (for up to 3 s)"
+    ), stderr
+    assert stderr[-1] == f"psworker: error: {unreachable(shard.address)}", stderr
 
 
 def records_terminating(shard: Service, after: int, terminated: list[float]) -> Iterator[int]:
@@ -295,7 +313,8 @@ def records_terminating(shard: Service, after: int, terminated: list[float]) -> 
 def test_sigterm_on_a_shard_in_a_busy_job_fails_it_at_once_naming_the_shard(procs: Processes) -> None:
     shards = start_shards_logging_info(procs, 2)
     servers = [shard.address for shard in shards]
-    workers = [feed_mode_worker(procs, servers, index, 2).address for index in range(2)]
+    # --shard-timeout 0: no reconnecting, the worker fails as soon as the stream ends.
+    workers = [feed_mode_worker(procs, servers, index, 2, shard_timeout="0").address for index in range(2)]
     terminated: list[float] = []
 
     with Cluster(servers, workers) as cluster, pytest.raises(JobFailed) as info:

@@ -20,9 +20,14 @@ def fetch_info(channel: grpc.Channel, what: str, timeout: float) -> shard_pb2.In
     try:
         return shard_pb2_grpc.ParameterShardStub(channel).Info(shard_pb2.InfoRequest(), timeout=timeout)
     except grpc.RpcError as exc:
-        if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
-            raise ShardError(f"{what} is not a shard (it does not serve the ParameterShard service)") from None
-        raise ShardError(f"{what}: {describe_rpc_error(exc)}") from None
+        raise info_error(what, exc) from None
+
+
+def info_error(what: str, exc: grpc.RpcError) -> ShardError:
+    """A failed Info call to the shard `what` as one line."""
+    if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+        return ShardError(f"{what} is not a shard (it does not serve the ParameterShard service)")
+    return ShardError(f"{what}: {describe_rpc_error(exc)}")
 
 
 def _ordinal(number: int) -> str:

@@ -19,7 +19,7 @@ import numpy as np
 
 from benchmarks.common import addresses
 from psclient import connect
-from psclient.local import START_TIMEOUT_S, ChildProcess, child_env, shard_argv
+from psclient.children import START_TIMEOUT_S, ChildProcess, child_env, shard_argv
 
 PARAMS = 1_000_000
 DIM = 16

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from importlib import metadata
 
-from psclient.local import START_TIMEOUT_S, ChildProcess, child_env, shard_argv
+from psclient.children import START_TIMEOUT_S, ChildProcess, child_env, shard_argv
 
 
 def rate(work: Callable[[], int], min_seconds: float = 0.3, max_rounds: int = 100_000) -> float:

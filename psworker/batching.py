@@ -10,7 +10,7 @@ answers the pull, which gives read-your-writes.
 A buffer leaves when it holds `max_batch` keys, when it has waited `linger_s`,
 or when the logic runs out of work (`flush_idle`, Nagle's rule), so the batch
 size follows the load. What the logic does with answers, and how many pulls
-may be out, is the runtime's business (psworker/runtime.py); this module only
+may be out, is psworker/loop.py's and psworker/pulls.py's business; this module only
 counts what each shard still owes: answers to pull requests, acks to pushes.
 
 It also keeps every message a shard has not answered yet, whole, in the order

@@ -25,16 +25,9 @@ Termination. A worker is finished when its input ended, `on_input_end`
 returned, no pull is unanswered or queued, no callback is pending, and every
 push is acknowledged.
 
-Shard restarts. A stream that broke (the shard stopped, died, or the
-connection dropped) is opened again to the same address, with exponential
-backoff and jitter; then every message the shard had not answered goes again,
-in the order it was sent (psworker/batching.py keeps them): each push with its
-own seq, which the shard's watermark for this worker makes safe, and each pull
-behind the pushes it followed. While a shard is away the logic takes no new
-input. A shard that has not answered for `shard_timeout` seconds, whether its
-stream broke or stalled, fails the worker with one line naming it. A refusal
-(a bad request, a bad token, a shard with another place in the layout) fails
-it at once: sending again would only be refused again.
+Shard restarts: psworker/links.py (a broken or stalled stream is opened
+again and everything the shard had not answered is sent again, until
+`shard_timeout`).
 """
 
 from __future__ import annotations
@@ -42,28 +35,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import functools
 import logging
-import random
 import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import grpc
-
-from psclient.errors import JobFailed, ShardError, StreampsError
+from psclient.errors import JobFailed, ShardError
 from psclient.rpc.connection import CLOSE_TIMEOUT_S, EventLoopThread, ShardConnection
-from psclient.rpc.errors import StreamBroken, is_transient, unreachable_reason
-from psclient.rpc.layout import check_layout, info_error
 from psclient.rpc.serving import DEFAULT_CONNECT_TIMEOUT_S
-from psclient.wire.codec import decode_batch, decode_rows
 from psclient.wire.partition import Id, check_id
-from psclient.wire.proto import shard_pb2
 from psworker.batching import ShardBuffers
 from psworker.checks import check_delta, check_deltas, id_groups
 from psworker.input_queue import InputQueue
+from psworker.links import ShardLinks
 from psworker.logic import WorkerLogic, pull_limit_of, receives_many, unwrapped
 from psworker.loop import Answer, LogicLoop
 from psworker.pulls import PullWindow
@@ -83,16 +69,6 @@ DRAIN_TIMEOUT_S = 10.0
 # How long a worker waits for a shard that does not answer (its stream broke or
 # stalled) before it fails; 0: fail at once when a stream breaks.
 DEFAULT_SHARD_TIMEOUT_S = 60.0
-# Reconnecting: the first attempt after about RECONNECT_FIRST_S, each pause twice the
-# last up to RECONNECT_MAX_S, each jittered down by up to half, so that the workers
-# of a job do not all knock at once on a shard that comes back.
-RECONNECT_FIRST_S = 0.05
-RECONNECT_MAX_S = 2.0
-# How long one attempt waits for the shard's Info (a stopped process accepts
-# connections but never answers).
-RECONNECT_ATTEMPT_S = 5.0
-# How often the worker looks for a shard that owes answers and has gone silent.
-SILENCE_CHECK_S = 0.5
 
 
 def new_job_id() -> str:
@@ -134,7 +110,7 @@ class _Client:
         self._runtime.output(out)
 
 
-class WorkerRuntime(LogicLoop):
+class WorkerRuntime(LogicLoop, ShardLinks):
     def __init__(
         self,
         logic: WorkerLogic,
@@ -249,120 +225,6 @@ class WorkerRuntime(LogicLoop):
             with contextlib.suppress(RuntimeError):  # the loop already closed: nobody to wake
                 io.loop.call_soon_threadsafe(self._wakeup.set)
 
-    # -- network callbacks (on the loop, between two steps of the logic) --------
-
-    def _on_response(self, shard: int, response: shard_pb2.ExchangeResponse) -> None:
-        # The ack first: it holds whatever the answer beside it turns out to be.
-        try:
-            self._buffers.received(shard, response)
-        except ShardError as exc:
-            self._failed_shards.add(shard)
-            self.fail(f"worker {self.worker_index}: {self._connections[shard].describe()}: {exc}")
-            return
-        if response.HasField("pull"):
-            try:
-                if self._receives_many:
-                    ids, values = None, [decode_batch(batch, with_values=True) for batch in response.pull.batches]
-                else:
-                    ids, values = decode_rows(response.pull.batches)
-            except StreampsError as exc:
-                # A shard that sends what cannot be read is not waited for when draining.
-                self._failed_shards.add(shard)
-                self.fail(f"worker {self.worker_index}: malformed pull answer from shard {shard}: {exc}")
-                return
-            self._answers.append((shard, ids, values))
-        self._wakeup.set()
-
-    def _on_shard_error(self, shard: int, error: ShardError) -> None:
-        if not isinstance(error, StreamBroken) or not self.shard_timeout:
-            self._failed_shards.add(shard)
-            self.fail(f"worker {self.worker_index}: {error}")
-            return
-        if shard in self._reconnecting:  # already on it: only the current stream reports
-            return
-        log.warning("%s; reconnecting (for up to %g s)", error, self.shard_timeout)
-        self._reconnecting[shard] = asyncio.get_running_loop().create_task(self._reconnect(shard, error.reason))
-
-    def _shard_lost(self, shard: int, message: str) -> None:
-        self._reconnecting.pop(shard, None)
-        self._failed_shards.add(shard)
-        self.fail(f"worker {self.worker_index}: {message}")
-        self._wakeup.set()  # a drain waiting for this shard's acks stops waiting
-
-    async def _reconnect(self, shard: int, last_error: str) -> None:
-        """Open a new stream to the shard, then send again all it has not answered.
-
-        The shard counts as away since it last answered while it owed answers (or
-        since its stream broke, if it owed none), so a shard that breaks every
-        new stream before answering still fails the worker on time.
-        """
-        connection = self._connections[shard]
-        began = time.monotonic()
-        silent_since = self._buffers.silent_since[shard]
-        deadline = min(began, silent_since if silent_since is not None else began) + self.shard_timeout
-        pause = RECONNECT_FIRST_S
-        while True:
-            await asyncio.sleep(min(random.uniform(pause / 2, pause), max(deadline - time.monotonic(), 0.0)))
-            pause = min(pause * 2, RECONNECT_MAX_S)
-            left = deadline - time.monotonic()
-            if left <= 0:
-                self._shard_lost(
-                    shard,
-                    f"{connection.describe()} unreachable for {self.shard_timeout:g} s (last error: {last_error})",
-                )
-                return
-            try:
-                await connection.reopen(min(RECONNECT_ATTEMPT_S, left))
-                break
-            except grpc.RpcError as exc:
-                if not is_transient(exc):
-                    self._shard_lost(shard, str(info_error(connection.describe(), exc)))
-                    return
-                last_error = unreachable_reason(exc)
-        try:
-            # A shard that came back with another index or count would take ids that are not its own.
-            check_layout(self.servers, [c.info for c in self._connections], "--servers")
-        except ShardError as exc:
-            self._shard_lost(shard, str(exc))
-            return
-        del self._reconnecting[shard]
-        unanswered = self._buffers.unanswered(shard)
-        log.info(
-            "reconnected to %s after %.1f s; resending %d push batches and %d pull requests",
-            connection.describe(),
-            time.monotonic() - began,
-            sum(request.HasField("push") for request in unanswered),
-            sum(request.HasField("pull") for request in unanswered),
-        )
-        for request in unanswered:
-            connection.send(request)
-        self._wakeup.set()  # input may flow again
-
-    async def _watch_silence(self) -> None:
-        """Fail the worker when a shard owes answers and has said nothing for `shard_timeout`
-        (a stalled stream: its process stopped, or the network dropped it without a reset)."""
-        last = time.monotonic()
-        while True:
-            await asyncio.sleep(SILENCE_CHECK_S)
-            now = time.monotonic()
-            if now - last > 2 * SILENCE_CHECK_S:
-                # The loop was held up (a long callback): let the readers take what came meanwhile.
-                last = now
-                continue
-            last = now
-            for shard, since in enumerate(self._buffers.silent_since):
-                if (
-                    since is not None
-                    and now - since >= self.shard_timeout
-                    and shard not in self._reconnecting
-                    and shard not in self._failed_shards
-                ):
-                    self._shard_lost(
-                        shard,
-                        f"{self._connections[shard].describe()} unreachable for {self.shard_timeout:g} s "
-                        "(last error: no answer)",
-                    )
-
     # -- the ParameterServerClient calls (on the loop) ------------------------
 
     def pull(self, param_id: Id) -> None:
@@ -386,55 +248,9 @@ class WorkerRuntime(LogicLoop):
         for chunk, rows in groups:
             self._buffers.push_chunk(chunk, array if rows is None else array[rows])
 
-    def _send(self, shard: int, request: shard_pb2.ExchangeRequest) -> None:
-        # To a shard that is away, the request is only kept (ShardBuffers keeps every
-        # unanswered one): it goes with the others once a new stream is open.
-        if shard not in self._reconnecting:
-            self._connections[shard].send(request)
-            self._sent = True
-
     def output(self, out: Any) -> None:
         self._emit(out)
         self.outputs += 1
-
-    def connect(self) -> None:
-        """Open streams to every shard; ShardError names the one that is unreachable,
-        or whose own index and count disagree with its place in --servers (before
-        anything is sent, since such a shard would refuse some pushes only mid-job)."""
-        self._io = EventLoopThread(f"worker-{self.worker_index}-io")
-        try:
-            for shard, address in enumerate(self.servers):
-                self._connections.append(
-                    ShardConnection(
-                        shard,
-                        address,
-                        self._io,
-                        on_response=functools.partial(self._on_response, shard),
-                        on_error=functools.partial(self._on_shard_error, shard),
-                        connect_timeout=self.connect_timeout,
-                    )
-                )
-            check_layout(self.servers, [connection.info for connection in self._connections], "--servers")
-            for connection in self._connections:
-                # A new run would number its pushes from 1 again, and the shard would take
-                # them up to its watermark as duplicates of the last run's: silently dropped.
-                seq = connection.info.watermarks.get(self.worker_id, 0)
-                if seq:
-                    raise ShardError(
-                        f"{connection.describe()} already holds pushes of worker {self.worker_id} (up to seq {seq}); "
-                        "a new run of a worker needs a --job-id of its own"
-                    )
-        except BaseException:
-            self._close_connections()
-            raise
-
-    def _close_connections(self) -> None:
-        for connection in self._connections:
-            connection.close()
-        self._connections = []
-        if self._io is not None:
-            self._io.close()
-            self._io = None
 
     def run(self) -> None:
         """Run the logic to the end; raise JobFailed with a one-line message on failure.

@@ -21,7 +21,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from psclient.local import shard_argv
+from psclient.children import shard_argv
 from psclient.wire.proto import shard_pb2, shard_pb2_grpc
 
 TESTS_DIR = Path(__file__).resolve().parent

@@ -16,7 +16,7 @@ import grpc
 import numpy as np
 from conftest import START_TIMEOUT_S, Processes, Service
 
-from psclient.local import shard_argv
+from psclient.children import shard_argv
 from psclient.wire.codec import decode_batch, encode_id_array
 from psclient.wire.partition import shards_of_ints
 from psclient.wire.proto import shard_pb2, shard_pb2_grpc

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import Processes, StartShards
 
-from psclient.local import worker_argv
+from psclient.children import worker_argv
 from psclient.wire.partition import key_bucket
 
 RUN_TIMEOUT_S = 120

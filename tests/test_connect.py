@@ -24,7 +24,7 @@ import pytest
 from conftest import Processes, psserver_argv
 
 from psclient import ShardError, connect
-from psclient.local import worker_argv
+from psclient.children import worker_argv
 from psclient.rpc.shard_group import ShardGroup
 from psclient.wire.proto import shard_pb2, shard_pb2_grpc
 

@@ -31,7 +31,7 @@ from shard_streams import (
     wal_warnings,
 )
 
-from psclient.local import shard_argv
+from psclient.children import shard_argv
 from psclient.wire.codec import encode_id_array
 from psclient.wire.proto import shard_pb2
 from psserver.wal import HEADER_SIZE, segment_numbers, segment_path

@@ -23,7 +23,7 @@ from conftest import Processes, Service, StartShards, error_line, psserver_argv,
 from logics import JsonPush
 
 from psclient import Cluster, JobFailed, LocalCluster, transform
-from psclient.local import worker_argv
+from psclient.children import worker_argv
 from psworker.checks import InvalidDelta, check_delta
 
 ONE_WORKER = ("--worker-index", "0", "--num-workers", "1")

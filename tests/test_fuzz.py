@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from psclient import connect
-from psclient.local import worker_argv
+from psclient.children import worker_argv
 from psclient.wire.proto import shard_pb2, shard_pb2_grpc, tensor_pb2, worker_pb2, worker_pb2_grpc
 
 REJECTED = {

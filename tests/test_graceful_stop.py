@@ -25,7 +25,7 @@ from conftest import Processes, psserver_argv
 from shard_streams import WORKER, Stream, batches, expected_model, model_of, start_shard
 
 from psclient import Cluster, JobFailed
-from psclient.local import worker_argv
+from psclient.children import worker_argv
 from psclient.rpc.errors import shutting_down_details
 from psserver.wal import segment_numbers, segment_path
 

@@ -15,7 +15,7 @@ from conftest import Processes, psserver_argv
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from psclient import connect
-from psclient.local import worker_argv
+from psclient.children import worker_argv
 
 
 def free_port() -> int:

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from psclient import ShardError, connect
-from psclient.local import worker_argv
+from psclient.children import worker_argv
 from psclient.rpc.security import Security
 from psclient.rpc.serving import open_channel
 from psclient.wire.proto import worker_pb2, worker_pb2_grpc

@@ -29,8 +29,8 @@ from conftest import Processes, Service, child_env, psserver_argv
 from logics import Exactness
 
 from psclient import Cluster, LocalCluster
+from psclient.children import worker_argv
 from psclient.errors import ShardError
-from psclient.local import worker_argv
 from psclient.wire.partition import shard_of
 from psclient.wire.proto import shard_pb2
 from psworker.batching import ShardBuffers

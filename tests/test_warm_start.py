@@ -19,8 +19,9 @@ import pytest
 from conftest import START_TIMEOUT_S, Processes
 from logics import Exactness
 
+from psclient.children import shard_argv, worker_argv
 from psclient.either import Right
-from psclient.local import shard_argv, transform, worker_argv
+from psclient.local import transform
 from psclient.wire.partition import shard_of
 
 RECORDS = list(range(3000))

@@ -90,6 +90,18 @@ def _stop_input(runtime: WorkerRuntime, stop: StopSignal, *, drop_queued: bool =
     name = signal.Signals(stop.signum).name if stop.signum is not None else "request"
     reason = f"worker {runtime.worker_index} is stopping ({name}): it takes no more input"
     runtime.inputs.stop(reason, drop_queued=drop_queued)
+    logging.getLogger("streamps").info("%s; a second signal stops it at once", reason)
+
+
+def _stopped_again(runtime: WorkerRuntime, stop: StopSignal) -> bool:
+    """A second signal during a graceful stop (a shard that does not answer, a callback
+    that does not return): fail the job now, losing what was not yet acked."""
+    if stop.count < 2:
+        return False
+    if not runtime.error:
+        name = signal.Signals(stop.signum).name if stop.signum is not None else "signal"
+        runtime.fail(f"worker {runtime.worker_index}: stopped by a second {name} before it finished what it took")
+    return True
 
 
 def _serve_until_read(
@@ -105,6 +117,8 @@ def _serve_until_read(
         if stop.is_set() and stopped_at is None:
             stopped_at = time.monotonic()
             _stop_input(runtime, stop)
+        if _stopped_again(runtime, stop):
+            return
         if done.is_set():
             if to_file or outputs.delivered.is_set():
                 return
@@ -261,6 +275,8 @@ def _run_on_file(runtime: WorkerRuntime, spec: InputSpec) -> StopSignal:
             # The reader's next chunk is refused, so it stops reading; what it read
             # ahead is dropped, so the stop takes one chunk's time, not 64.
             _stop_input(runtime, stop, drop_queued=True)
+        if _stopped_again(runtime, stop):
+            fail(runtime.error or "stopped", 1)
         logic.join(StopSignal.POLL_S)
     if failure:
         fail(str(failure[0]), 1)

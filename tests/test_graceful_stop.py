@@ -176,3 +176,32 @@ def test_sigterm_on_a_file_worker_stops_reading_and_exits_zero_with_what_it_proc
     # In input order: the records before the stop, each once, and none after.
     assert outputs == [f"[0, {r}]" for r in range(processed)]
     assert model_on(shard) == exactness_model(list(range(processed)))
+
+
+@pytest.mark.timeout(120)
+def test_a_second_sigterm_ends_a_graceful_stop_that_cannot_finish(procs: Processes, tmp_path: Path) -> None:
+    # The shard is stopped (SIGSTOP): the worker's pushes are never acked, so its
+    # graceful stop cannot end; a second SIGTERM ends it with one line and exit 1.
+    shard = procs.start_server(psserver_argv(0, 1, "const:0", "add"))
+    source = tmp_path / "records.jsonl"
+    source.write_text("".join(f"{r}\n" for r in range(30_000)), encoding="utf-8")
+    output = tmp_path / "outputs.jsonl"
+    argv = worker_argv(
+        "logics:SlowExactness", [shard.address], 0, 1, "--input", str(source), "--output", str(output), log_level="INFO"
+    )
+    worker, stderr_path = procs.popen(argv, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while not (output.exists() and output.stat().st_size > 1_000) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    shard.process.send_signal(signal.SIGSTOP)
+    try:
+        worker.send_signal(signal.SIGTERM)
+        with pytest.raises(subprocess.TimeoutExpired):
+            worker.wait(timeout=2)  # waiting for acks that cannot come
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=15) == 1
+    finally:
+        shard.process.send_signal(signal.SIGCONT)
+    lines = stderr_lines(stderr_path)
+    assert any("a second signal stops it at once" in line for line in lines), lines
+    assert lines[-1] == "psworker: error: worker 0: stopped by a second SIGTERM before it finished what it took"

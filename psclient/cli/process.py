@@ -26,11 +26,13 @@ class StopSignal:
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.count = 0  # a second signal asks a graceful stop that is taking long to end at once
         signal.signal(signal.SIGTERM, self._handle)
         signal.signal(signal.SIGINT, self._handle)
 
     def _handle(self, signum: int, _frame: object) -> None:
         self.signum = signum
+        self.count += 1
 
     def is_set(self) -> bool:
         return self.signum is not None

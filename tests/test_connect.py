@@ -275,3 +275,49 @@ def test_connect_waits_for_an_unresolved_shard_name_within_its_connect_timeout()
     assert str(refused.value) == "shard 0 at shard-1.invalid:7401: the name shard-1.invalid did not resolve within 2 s"
     assert "TLS" not in str(refused.value)
     assert time.monotonic() - started >= 2
+
+
+class _FailedCheck(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode, details: str):
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+@pytest.mark.parametrize(
+    "detail",
+    [
+        "errors resolving shard-0.invalid:7401: [field:hostname lookup error:address lookup failed]",  # native
+        "DNS resolution failed for shard-0.invalid:7401: C-ares status is not ARES_SUCCESS",  # c-ares
+    ],
+)
+def test_a_lookup_still_under_way_at_the_deadline_is_reported_as_the_earlier_attempts_saw_it(
+    monkeypatch: pytest.MonkeyPatch, detail: str
+) -> None:
+    # The last health check ends at the deadline with no news (the resolver is
+    # slow under load); the ones before it said the name did not resolve.
+    from psclient.rpc import serving
+
+    failures = iter(
+        [_FailedCheck(grpc.StatusCode.UNAVAILABLE, detail)] * 3
+        + [_FailedCheck(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")] * 100
+    )
+
+    class Stub:
+        def __init__(self, channel: object):
+            pass
+
+        def Check(self, request: object, timeout: float) -> None:
+            failure = next(failures)
+            if failure.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                time.sleep(timeout)
+            raise failure
+
+    monkeypatch.setattr(serving.health_pb2_grpc, "HealthStub", Stub)
+    with pytest.raises(ShardError) as raised:
+        serving.ready_channel("shard-0.invalid:7401", "shard 0 at shard-0.invalid:7401", 0.5)
+    assert str(raised.value) == "shard 0 at shard-0.invalid:7401: the name shard-0.invalid did not resolve within 0.5 s"

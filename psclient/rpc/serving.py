@@ -132,7 +132,7 @@ def open_channel(address: str, security: Security | None = None) -> grpc.Channel
 
 
 def _retry_reason(exc: grpc.RpcError, what: str) -> str:
-    """Why a failed health check is worth repeating ("refused", "unresolved"), or raise.
+    """Why a failed health check is worth repeating ("refused", "unresolved", "no answer"), or raise.
 
     A refused connection is a server still starting, and a name that does not
     resolve yet is one Kubernetes has not published yet (it publishes a pod's
@@ -143,11 +143,12 @@ def _retry_reason(exc: grpc.RpcError, what: str) -> str:
     detail = exc.details() or ""
     code = exc.code()
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return "refused"
+        return "no answer"  # this attempt learned nothing: the lookup or the connect is still under way
     if code == grpc.StatusCode.UNAVAILABLE:
-        if "resolv" in detail.lower():  # "errors resolving H:P", "DNS resolution failed for H:P"
+        lowered = detail.lower()
+        if "resolving" in lowered or "resolution" in lowered:  # "errors resolving H:P", "DNS resolution failed for H:P"
             return "unresolved"
-        if "refused" in detail.lower():
+        if "refused" in lowered:
             return "refused"
         raise ShardError(
             f"{what}: cannot connect ({detail}); check that both sides agree on TLS "
@@ -173,6 +174,7 @@ def ready_channel(address: str, what: str, timeout: float, security: Security | 
     deadline = time.monotonic() + timeout
     pause = 0.05
     channel = open_channel(address, security)
+    known = "no answer"  # what the last attempt that learned something said
     try:
         while True:
             try:
@@ -182,9 +184,13 @@ def ready_channel(address: str, what: str, timeout: float, security: Security | 
                 return channel
             except grpc.RpcError as exc:
                 reason = _retry_reason(exc, what)
+            # The last attempt often ends at the deadline with a lookup still under
+            # way: the earlier ones know better why the server was not reached.
+            if reason != "no answer":
+                known = reason
             left = deadline - time.monotonic()
             if left <= 0:
-                if reason == "unresolved":
+                if known == "unresolved":
                     raise ShardError(f"{what}: the name {_host(address)} did not resolve within {timeout:g} s")
                 raise ShardError(f"{what} is unreachable (no answer after {timeout:g} s)")
             time.sleep(min(pause, left))

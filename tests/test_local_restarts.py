@@ -1,0 +1,146 @@
+"""transform with durable shards: a shard killed mid-job is restarted on its port from its data
+dir and the model is exactly the fault-free one; past max_restarts, or without durability, the
+job fails with one line naming the shard; a dead worker still fails it at once."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections import Counter
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+from logics import Exactness
+
+import psclient.local
+from psclient import JobFailed, Left, Right, transform
+
+RECORDS = 200_000
+
+
+class RecordingChild(psclient.local.ChildProcess):
+    """A ChildProcess that remembers itself and the address it announced."""
+
+    started: ClassVar[list[RecordingChild]] = []
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.announced: str | None = None
+        RecordingChild.started.append(self)
+
+    def address(self, timeout: float) -> str:
+        self.announced = super().address(timeout)
+        return self.announced
+
+
+@pytest.fixture
+def children(monkeypatch: pytest.MonkeyPatch) -> list[RecordingChild]:
+    RecordingChild.started = []
+    monkeypatch.setattr(psclient.local, "ChildProcess", RecordingChild)
+    return RecordingChild.started
+
+
+def named(children: list[RecordingChild], name: str) -> list[RecordingChild]:
+    """Every child started under `name`, the first start first (a restart adds one)."""
+    return [child for child in children if child.name == name]
+
+
+def expected_model(records: int) -> dict[Any, int]:
+    """What Exactness pushes over records 0..records-1, summed: the fault-free model."""
+    model: Counter[Any] = Counter()
+    for r in range(records):
+        model[r % 500 - 250] += r % 7 + 1
+        model[f"s{r % 300}"] += 2
+    return dict(model)
+
+
+def run_killing(stream: Any, children: list[RecordingChild], name: str, kills: int) -> dict[Any, Any]:
+    """Read the stream; SIGKILL `name` after the first 10 outputs, then each restart of it as
+    soon as it listens, `kills` times in all; return the model of the Rights."""
+    seen = killed = 0
+    model: dict[Any, Any] = {}
+    for item in stream:
+        if isinstance(item, Right):
+            param_id, value = item.value
+            model[param_id] = value
+            continue
+        seen += 1
+        starts = named(children, name)
+        if seen >= 10 and killed < kills and len(starts) == killed + 1 and starts[-1].announced is not None:
+            os.kill(starts[-1].process.pid, signal.SIGKILL)
+            killed += 1
+    assert killed == kills, f"the job ended after {killed} of {kills} kills"
+    return model
+
+
+@pytest.mark.timeout(300)
+def test_a_durable_shard_killed_mid_job_is_restarted_and_the_model_is_exact(
+    children: list[RecordingChild],
+) -> None:
+    stream = transform(range(RECORDS), Exactness(), "const:0", "add", 2, 2, progress=False, durable=True)
+
+    model = run_killing(stream, children, "shard 0", kills=1)
+
+    assert model == expected_model(RECORDS)
+    first, restarted = named(children, "shard 0")
+    assert restarted.announced == first.announced  # the same host:port: the workers know it
+    assert all(child.process.poll() is not None for child in children)
+
+
+@pytest.mark.timeout(300)
+def test_a_shard_killed_more_often_than_max_restarts_fails_the_job_naming_it(
+    children: list[RecordingChild],
+) -> None:
+    stream = transform(
+        range(10 * RECORDS), Exactness(), "const:0", "add", 2, 2, progress=False, durable=True, max_restarts=1
+    )
+
+    with pytest.raises(JobFailed) as failed:
+        run_killing(stream, children, "shard 1", kills=2)
+
+    last = named(children, "shard 1")[-1]
+    assert str(failed.value) == (
+        f"shard 1 (pid {last.process.pid}) was killed by signal 9 (SIGKILL); no restart left (max_restarts=1)"
+    )
+    assert len(named(children, "shard 1")) == 2
+    assert all(child.process.poll() is not None for child in children)
+
+
+@pytest.mark.timeout(300)
+def test_without_durability_a_killed_shard_fails_the_job_at_once(children: list[RecordingChild]) -> None:
+    stream = transform(range(10 * RECORDS), Exactness(), "const:0", "add", 2, 2, progress=False)
+
+    with pytest.raises(JobFailed) as failed:
+        run_killing(stream, children, "shard 0", kills=1)
+
+    (shard,) = named(children, "shard 0")
+    assert str(failed.value) == f"shard 0 (pid {shard.process.pid}) was killed by signal 9 (SIGKILL)"
+    assert all(child.process.poll() is not None for child in children)
+
+
+@pytest.mark.timeout(300)
+def test_with_durability_a_killed_worker_still_fails_the_job_at_once(children: list[RecordingChild]) -> None:
+    stream = transform(range(10 * RECORDS), Exactness(), "const:0", "add", 2, 2, progress=False, durable=True)
+
+    with pytest.raises(JobFailed) as failed:
+        run_killing(stream, children, "worker 1", kills=1)
+
+    (worker,) = named(children, "worker 1")
+    assert str(failed.value) == (
+        f"worker 1 (pid {worker.process.pid}) was killed by signal 9 (SIGKILL); "
+        "a local cluster restarts shards, not workers"
+    )
+    assert all(child.process.poll() is not None for child in children)
+
+
+@pytest.mark.timeout(300)
+def test_a_given_data_dir_is_kept_with_a_dir_per_shard(tmp_path: Path, children: list[RecordingChild]) -> None:
+    items = list(transform(range(1000), Exactness(), "const:0", "add", 1, 2, progress=False, data_dir=tmp_path))
+
+    assert {param_id: value for param_id, value in (i.value for i in items if isinstance(i, Right))} == (
+        expected_model(1000)
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shard-0", "shard-1"]
+    assert all(any((tmp_path / f"shard-{i}").iterdir()) for i in range(2))
+    assert sum(isinstance(item, Left) for item in items) == 1000

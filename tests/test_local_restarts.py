@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 from collections import Counter
 from pathlib import Path
 from typing import Any, ClassVar
@@ -60,16 +61,19 @@ def run_killing(stream: Any, children: list[RecordingChild], name: str, kills: i
     soon as it listens, `kills` times in all; return the model of the Rights."""
     seen = killed = 0
     model: dict[Any, Any] = {}
-    for item in stream:
-        if isinstance(item, Right):
-            param_id, value = item.value
-            model[param_id] = value
-            continue
-        seen += 1
-        starts = named(children, name)
-        if seen >= 10 and killed < kills and len(starts) == killed + 1 and starts[-1].announced is not None:
-            os.kill(starts[-1].process.pid, signal.SIGKILL)
-            killed += 1
+    try:
+        for item in stream:
+            if isinstance(item, Right):
+                param_id, value = item.value
+                model[param_id] = value
+                continue
+            seen += 1
+            starts = named(children, name)
+            if seen >= 10 and killed < kills and len(starts) == killed + 1 and starts[-1].announced is not None:
+                os.kill(starts[-1].process.pid, signal.SIGKILL)
+                killed += 1
+    finally:
+        stream.close()  # every child is gone even when an assertion failed mid-stream
     assert killed == kills, f"the job ended after {killed} of {kills} kills"
     return model
 
@@ -144,3 +148,32 @@ def test_a_given_data_dir_is_kept_with_a_dir_per_shard(tmp_path: Path, children:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shard-0", "shard-1"]
     assert all(any((tmp_path / f"shard-{i}").iterdir()) for i in range(2))
     assert sum(isinstance(item, Left) for item in items) == 1000
+
+
+@pytest.mark.timeout(300)
+def test_a_shard_whose_port_was_taken_meanwhile_fails_the_job_naming_the_port(
+    children: list[RecordingChild],
+) -> None:
+    stream = transform(range(10 * RECORDS), Exactness(), "const:0", "add", 2, 2, progress=False, durable=True)
+    taken = socket.socket()
+    # The killed shard's connections linger in TIME_WAIT; grpc binds over them the same way.
+    taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        with pytest.raises(JobFailed) as failed:
+            for seen, _item in enumerate(stream):
+                if seen == 10:
+                    (shard,) = named(children, "shard 0")
+                    assert shard.announced is not None
+                    host, port = shard.announced.rsplit(":", 1)
+                    os.kill(shard.process.pid, signal.SIGKILL)
+                    shard.process.wait()
+                    # The restart starts a new interpreter first: the port is taken long before it binds.
+                    taken.bind((host, int(port)))
+                    taken.listen()
+    finally:
+        taken.close()
+        stream.close()
+
+    assert str(failed.value).startswith(f"shard 0 cannot be restarted on {shard.announced}: ")
+    assert "\n" not in str(failed.value)
+    assert all(child.process.poll() is not None for child in children)

@@ -4,20 +4,25 @@ job fails with one line naming the shard; a dead worker still fails it at once."
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
+import sys
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
+from conftest import Processes
 from logics import Exactness
 
 import psclient.local
 from psclient import JobFailed, Left, Right, transform
 
 RECORDS = 200_000
+RUN_TIMEOUT_S = 120
 
 
 class RecordingChild(psclient.local.ChildProcess):
@@ -177,3 +182,47 @@ def test_a_shard_whose_port_was_taken_meanwhile_fails_the_job_naming_the_port(
     assert str(failed.value).startswith(f"shard 0 cannot be restarted on {shard.announced}: ")
     assert "\n" not in str(failed.value)
     assert all(child.process.poll() is not None for child in children)
+
+
+def shard_child(parent: int, shard: int) -> int:
+    """The pid of the child of `parent` that serves `shard` (its command line says so)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        if ppid == parent and b"psserver" in argv and argv[argv.index(b"--shard") + 1] == str(shard).encode():
+            return int(proc.name)
+    raise AssertionError(f"no shard {shard} among the children of {parent}")
+
+
+@pytest.mark.timeout(300)
+def test_psclient_run_durable_restarts_a_killed_shard_and_writes_the_exact_model(
+    tmp_path: Path, procs: Processes
+) -> None:
+    lines = [f"w{n % 97} w{n % 5}" for n in range(RECORDS)]
+    data, out, model_path = tmp_path / "words.txt", tmp_path / "out.jsonl", tmp_path / "model.jsonl"
+    data.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    argv = [
+        sys.executable, "-m", "psclient", "run", "--logic", "logics:WordCount", "--input", str(data),
+        "--format", "lines", "--init", "const:0", "--workers", "2", "--shards", "2", "--durable",
+        "--max-restarts", "1", "--output", str(out), "--model", str(model_path), "--no-progress",
+    ]  # fmt: skip
+    process, stderr_path = procs.popen(argv)
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while not (out.exists() and out.stat().st_size > 0) and process.poll() is None:
+        assert time.monotonic() < deadline, "no output within the timeout"
+        time.sleep(0.01)
+    os.kill(shard_child(process.pid, 0), signal.SIGKILL)
+
+    process.communicate(timeout=RUN_TIMEOUT_S)
+
+    stderr = stderr_path.read_text(encoding="utf-8")
+    assert process.returncode == 0, stderr
+    assert "shard 0 at 127.0.0.1:" in stderr and "reconnecting" in stderr  # the kill came mid-job
+    model = {row["id"]: row["value"] for row in map(json.loads, model_path.read_text().splitlines())}
+    assert model == Counter(word for line in lines for word in line.split())
+    assert len(out.read_text().splitlines()) == RECORDS

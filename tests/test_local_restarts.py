@@ -94,6 +94,9 @@ def test_a_durable_shard_killed_mid_job_is_restarted_and_the_model_is_exact(
     assert model == expected_model(RECORDS)
     first, restarted = named(children, "shard 0")
     assert restarted.announced == first.announced  # the same host:port: the workers know it
+    data_dirs = [str(c.process.args[c.process.args.index("--data-dir") + 1]) for c in (first, restarted)]  # type: ignore[index, union-attr]
+    assert data_dirs[0] == data_dirs[1]  # the same data dir: the restart recovers what it acked
+    assert not Path(data_dirs[0]).parent.exists()  # the cluster's own dir is removed
     assert all(child.process.poll() is not None for child in children)
 
 

@@ -35,12 +35,18 @@ def child_env() -> dict[str, str]:
 
 
 def shard_argv(
-    shard: int, num_shards: int, init_spec: str, update_spec: str, log_level: str = "WARNING", *extra: str
+    shard: int,
+    num_shards: int,
+    init_spec: str,
+    update_spec: str,
+    log_level: str = "WARNING",
+    *extra: str,
+    port: int = 0,
 ) -> list[str]:
-    """The command line of one shard on a free loopback port, as a deployment would run it;
-    `extra` adds flags (`--data-dir DIR`, `--load FILE`)."""
+    """The command line of one shard on a free loopback port (or `port`, for a restart), as a
+    deployment would run it; `extra` adds flags (`--data-dir DIR`, `--load FILE`)."""
     return [
-        sys.executable, "-m", "psserver", "--shard", str(shard), "--num-shards", str(num_shards), "--port", "0",
+        sys.executable, "-m", "psserver", "--shard", str(shard), "--num-shards", str(num_shards), "--port", str(port),
         "--init", init_spec, "--update", update_spec, "--log-level", log_level, *extra,
     ]  # fmt: skip
 
@@ -125,6 +131,13 @@ class ChildProcess:
             self._terminated = True
             with contextlib.suppress(ProcessLookupError):
                 self.process.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """SIGKILL, for a child whose job has failed already: its exit is no news."""
+        if self.process.poll() is None:
+            self._terminated = True
+            with contextlib.suppress(ProcessLookupError):
+                self.process.kill()
 
     def stop(self) -> None:
         self.terminate()

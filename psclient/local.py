@@ -7,7 +7,9 @@ command lines a deployment uses (`python -m psserver ...`, `python -m psworker
 
 from __future__ import annotations
 
+import shutil
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Hashable, Iterable, Iterator
@@ -30,9 +32,16 @@ DEATH_NOTICE_S = 2.0
 # A worker's own report of a failure (of a shard, say) comes well after a death
 # behind it, so a short look is enough.
 REPORTED_DEATH_NOTICE_S = 0.25
-# A local cluster restarts no shard, so its workers give up on a broken shard
-# stream at once (`psworker --shard-timeout 0`) rather than wait for it.
+# Without durability a local cluster restarts no shard, so its workers give up on
+# a broken shard stream at once (`psworker --shard-timeout 0`) rather than wait for it.
 LOCAL_SHARD_TIMEOUT_S = 0.0
+# With durability a dead shard is restarted, which takes a new interpreter's start
+# and the shard's recovery: its workers wait that long (psworker's own default).
+DURABLE_SHARD_TIMEOUT_S = 60.0
+DEFAULT_MAX_RESTARTS = 3
+# How often the cluster looks for a dead shard to restart.
+WATCH_INTERVAL_S = 0.05
+NOT_RESTARTED = "a local cluster restarts shards, not workers"
 
 
 class LocalCluster:
@@ -50,42 +59,63 @@ class LocalCluster:
         on_error: str = "fail",
         log_level: str = "WARNING",
         model_files: list[Path] | None = None,
-        shard_timeout: float = LOCAL_SHARD_TIMEOUT_S,
+        shard_timeout: float | None = None,
         job_id: str | None = None,
+        durable: bool = False,
+        data_dir: Path | None = None,
+        max_restarts: int = DEFAULT_MAX_RESTARTS,
     ):
         if num_workers < 1 or num_shards < 1:
             raise ValueError("a cluster needs at least one worker and one shard")
+        if max_restarts < 0:
+            raise ValueError(f"max_restarts must be 0 or more, not {max_restarts}")
         self.logic_spec, self.init_spec, self.update_spec = logic_spec, init_spec, update_spec
         self.num_workers, self.num_shards = num_workers, num_shards
         self.pull_limit, self.on_error, self.log_level = pull_limit, on_error, log_level
         self.model_files = model_files  # one per shard: its --load
+        # A data dir of the user's makes the shards durable too; it is kept.
+        self.durable = durable or data_dir is not None
+        self.data_dir = data_dir
+        self.max_restarts = max_restarts if self.durable else 0
+        self.restarts = 0
+        if shard_timeout is None:
+            shard_timeout = DURABLE_SHARD_TIMEOUT_S if self.durable else LOCAL_SHARD_TIMEOUT_S
         self.shard_timeout = shard_timeout
         # One job id for all its workers: worker i is `{job_id}-w{i}` to the shards.
         self.job_id = job_id or uuid.uuid4().hex[:12]
         self.children: list[ChildProcess] = []
+        self.shards: list[ChildProcess] = []
         self.servers: list[str] = []
         self.workers: list[str] = []
+        self._owned_dir: Path | None = None
+        # Set once a shard died past max_restarts or could not be restarted: the job's cause.
+        self.failure: str | None = None
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._watcher: threading.Thread | None = None
+
+    def _shard_argv(self, shard: int, port: int = 0) -> list[str]:
+        extra = ["--load", str(self.model_files[shard])] if self.model_files else []
+        if self.durable:
+            extra += ["--data-dir", str(self._shard_dir(shard))]
+        return shard_argv(shard, self.num_shards, self.init_spec, self.update_spec, self.log_level, *extra, port=port)
+
+    def _shard_dir(self, shard: int) -> Path:
+        parent = self.data_dir if self.data_dir is not None else self._owned_dir
+        assert parent is not None
+        return parent / f"shard-{shard}"
 
     def start(self) -> None:
         env = child_env()
         try:
-            shards = [
-                ChildProcess(
-                    f"shard {i}",
-                    shard_argv(
-                        i,
-                        self.num_shards,
-                        self.init_spec,
-                        self.update_spec,
-                        self.log_level,
-                        *(["--load", str(self.model_files[i])] if self.model_files else []),
-                    ),
-                    env,
-                )
-                for i in range(self.num_shards)
-            ]
-            self.children.extend(shards)
-            self.servers = [shard.address(START_TIMEOUT_S) for shard in shards]
+            if self.durable:
+                if self.data_dir is None:
+                    self._owned_dir = Path(tempfile.mkdtemp(prefix="streamps-data-"))
+                for i in range(self.num_shards):
+                    self._shard_dir(i).mkdir(parents=True, exist_ok=True)
+            self.shards = [ChildProcess(f"shard {i}", self._shard_argv(i), env) for i in range(self.num_shards)]
+            self.children.extend(self.shards)
+            self.servers = [shard.address(START_TIMEOUT_S) for shard in self.shards]
             extra = ["--pull-limit", str(self.pull_limit)] if self.pull_limit else []
             workers = [
                 ChildProcess(
@@ -112,9 +142,57 @@ class LocalCluster:
             ]
             self.children.extend(workers)
             self.workers = [worker.address(START_TIMEOUT_S) for worker in workers]
+            if self.durable:
+                self._watcher = threading.Thread(target=self._watch_shards, args=(env,), name="shards", daemon=True)
+                self._watcher.start()
         except BaseException:
             self.stop()
             raise
+
+    def _watch_shards(self, env: dict[str, str]) -> None:
+        """Restart a shard that died on the same port with the same data dir; its workers
+        reconnect and resend. Past max_restarts, or if the port was taken, fail the job."""
+        while not self._stopping.wait(WATCH_INTERVAL_S):
+            for index, shard in enumerate(self.shards):
+                reason = shard.exit_reason()
+                if reason is None:
+                    continue
+                if self.restarts >= self.max_restarts:
+                    self._fail(f"{reason}; no restart left (max_restarts={self.max_restarts})")
+                    return
+                if not self._restart(index, env):
+                    return
+
+    def _restart(self, index: int, env: dict[str, str]) -> bool:
+        address = self.servers[index]
+        port = int(address.rsplit(":", 1)[1])
+        with self._lock:
+            if self._stopping.is_set():
+                return False
+            self.restarts += 1
+            old = self.shards[index]
+            new = ChildProcess(f"shard {index}", self._shard_argv(index, port), env)
+            self.shards[index] = new
+            self.children[self.children.index(old)] = new
+        try:
+            restarted = new.address(START_TIMEOUT_S)
+        except StreampsError as exc:
+            if not self._stopping.is_set():
+                self._fail(f"shard {index} cannot be restarted on {address}: {exc}")
+            return False
+        if restarted.rsplit(":", 1)[1] != str(port):  # cannot happen with a fixed --port; never mislead workers
+            self._fail(f"shard {index} was restarted on {restarted}, not on {address}")
+            return False
+        return True
+
+    def _fail(self, reason: str) -> None:
+        """Record why the job failed and end the workers, which would wait for the shard,
+        so that the stream breaks now and the job names this cause."""
+        with self._lock:
+            self.failure = reason
+            for child in self.children:
+                if not child.name.startswith("shard "):
+                    child.kill()
 
     def unexpected_exit(self, *, count_worker_exits: bool, wait: float = 0.0) -> str | None:
         """Which child ended on its own and how, looking for up to `wait` seconds; else None.
@@ -127,24 +205,38 @@ class LocalCluster:
         """
         deadline = time.monotonic() + wait
         while True:
-            for child in self.children:
+            if self.failure is not None:
+                return self.failure
+            for child in list(self.children):
                 reason = child.exit_reason()
                 if reason is None:
                     continue
                 code = child.process.returncode
-                if code < 0 or child.name.startswith("shard ") or (count_worker_exits and code > 0):
-                    return reason
+                is_shard = child.name.startswith("shard ")
+                if is_shard and self.durable:
+                    continue  # restarted, or given up on: then `failure` says so
+                if code < 0 or is_shard or (count_worker_exits and code > 0):
+                    return f"{reason}; {NOT_RESTARTED}" if self.durable else reason
             if time.monotonic() >= deadline:
                 return None
             time.sleep(0.02)
 
     def stop(self) -> None:
         """Stop every child (SIGTERM, then SIGKILL after a grace period)."""
-        for child in self.children:  # all at once, then wait for each
-            child.terminate()
+        with self._lock:
+            self._stopping.set()
+            for child in self.children:  # all at once, then wait for each
+                child.terminate()
+        if self._watcher is not None:
+            # A restart in progress sees its child stopped and gives up at once.
+            self._watcher.join()
+            self._watcher = None
         for child in self.children:
             child.stop()
         self.children = []
+        if self._owned_dir is not None:
+            shutil.rmtree(self._owned_dir, ignore_errors=True)
+            self._owned_dir = None
 
     def __enter__(self) -> LocalCluster:
         self.start()
@@ -168,13 +260,18 @@ def run_local_job(
     on_error: str = "fail",
     progress: bool | None = None,
     model_files: list[Path] | None = None,
-    shard_timeout: float = LOCAL_SHARD_TIMEOUT_S,
+    shard_timeout: float | None = None,
+    durable: bool = False,
+    data_dir: Path | None = None,
+    max_restarts: int = DEFAULT_MAX_RESTARTS,
 ) -> Iterator[Left[Any] | Right[tuple[Id, Any]]]:
     """Start a local cluster, run the job, yield its stream, tear everything down.
 
     `progress` shows a live bar on stderr (None: when stderr is a terminal). If a
     child dies (a signal, the out-of-memory killer, a crash), JobFailed names it
-    and how it ended, rather than the broken stream it leaves behind.
+    and how it ended, rather than the broken stream it leaves behind. With
+    `durable` (or a `data_dir`), a dead shard is restarted up to `max_restarts`
+    times in the job instead (see LocalCluster).
     """
     bar = JobProgress(progress)  # before any child starts: nothing to clean up if it fails
     cluster = LocalCluster(
@@ -187,6 +284,9 @@ def run_local_job(
         on_error=on_error,
         model_files=model_files,
         shard_timeout=shard_timeout,
+        durable=durable,
+        data_dir=data_dir,
+        max_restarts=max_restarts,
     )
     try:
         with cluster, Cluster(cluster.servers, cluster.workers) as client:
@@ -223,7 +323,10 @@ def transform(
     partition_by: Callable[[Any], Hashable] | None = None,
     progress: bool | None = None,
     model: Iterable[tuple[Id, Any]] | None = None,
-    shard_timeout: float = LOCAL_SHARD_TIMEOUT_S,
+    shard_timeout: float | None = None,
+    durable: bool = False,
+    max_restarts: int = DEFAULT_MAX_RESTARTS,
+    data_dir: str | Path | None = None,
 ) -> Iterator[Left[Any] | Right[tuple[Id, Any]]]:
     """Run `worker_logic` over `training_data` on an embedded local cluster.
 
@@ -238,10 +341,19 @@ def transform(
 
     `progress` shows a live bar of outputs and records on stderr, like `psclient
     run` (None: when stderr is a terminal). If a child process dies, JobFailed
-    names it: "worker 1 (pid N) was killed by signal 9 (SIGKILL)". The cluster
-    restarts no child, so a worker gives up on a broken shard stream at once;
-    `shard_timeout` makes it reconnect and resend for that many seconds instead
-    (`psworker --shard-timeout`).
+    names it: "worker 1 (pid N) was killed by signal 9 (SIGKILL)". Without
+    `durable` the cluster restarts no child, so a worker gives up on a broken
+    shard stream at once; `shard_timeout` makes it reconnect and resend for that
+    many seconds instead (`psworker --shard-timeout`).
+
+    `durable=True` gives each shard a data dir (`psserver --data-dir`: a log of
+    acked pushes and snapshots) in a temporary directory removed at the end, or
+    under `data_dir` (which implies `durable`), kept. A shard that dies is then
+    restarted on its port from its data dir, at most `max_restarts` times in the
+    job; its workers reconnect and resend (`shard_timeout` defaults to 60 s), and
+    the model is exactly the fault-free one. One more death fails the job with
+    JobFailed naming the shard. A dead worker still fails the job at once: workers
+    are not restarted.
 
     `model` warm-starts the job (transformWithModelLoad): an iterable of (id,
     value) pairs, such as the `Right`s of an earlier job. Each shard loads its
@@ -265,6 +377,9 @@ def transform(
         progress=progress,
         model=model,
         shard_timeout=shard_timeout,
+        durable=durable,
+        max_restarts=max_restarts,
+        data_dir=Path(data_dir) if data_dir is not None else None,
     )
 
 
@@ -280,7 +395,10 @@ def _transform_job(
     partition_by: Callable[[Any], Hashable] | None,
     progress: bool | None,
     model: Iterable[tuple[Id, Any]] | None,
-    shard_timeout: float,
+    shard_timeout: float | None,
+    durable: bool,
+    max_restarts: int,
+    data_dir: Path | None,
 ) -> Iterator[Left[Any] | Right[tuple[Id, Any]]]:
     with tempfile.TemporaryDirectory(prefix="streamps-") as tmp:
         directory = Path(tmp)
@@ -297,4 +415,7 @@ def _transform_job(
             progress=progress,
             model_files=model_files,
             shard_timeout=shard_timeout,
+            durable=durable,
+            data_dir=data_dir,
+            max_restarts=max_restarts,
         )

@@ -120,6 +120,17 @@ def main() -> None:
 @click.option(
     "--progress/--no-progress", default=None, help="Live progress on stderr (default: when stderr is a terminal)."
 )
+@click.option(
+    "--durable",
+    is_flag=True,
+    help="Give each shard a data dir (a temporary one) and restart a shard that dies on its port.",
+)
+@click.option(
+    "--max-restarts",
+    type=click.IntRange(min=0),
+    default=3,
+    help="With --durable: shard restarts allowed in the job; one more death fails it.",
+)
 def run(
     logic_spec: str,
     input_path: str,
@@ -136,6 +147,8 @@ def run(
     output_path: str,
     model_path: str | None,
     progress: bool | None,
+    durable: bool,
+    max_restarts: int,
 ) -> None:
     """Run a whole job on an embedded local cluster."""
     _check_specs(init_spec, update_spec)
@@ -158,6 +171,7 @@ def run(
                 counted(_records(spec, on_error)), logic_spec, init_spec, update_spec, workers, shards,
                 iteration_wait_time=iteration_wait_time, partition_by=_partition_by(spec),
                 pull_limit=pull_limit, on_error=on_error, progress=progress,
+                durable=durable, max_restarts=max_restarts,
             )  # fmt: skip
             for item in stream:
                 match item:

@@ -12,7 +12,8 @@ if TYPE_CHECKING:
     from psclient.cluster import Cluster, connect
     from psclient.either import Left, Right
     from psclient.errors import JobFailed, ShardError, SpecError, StreampsError, WireError
-    from psclient.local import LocalCluster, transform
+    from psclient.jobs import transform
+    from psclient.local import LocalCluster
     from psclient.wire.partition import Id, shard_of
 
 # Exported names load their module on first use, so a command that needs none of
@@ -29,7 +30,7 @@ _EXPORTS = {
     "StreampsError": "psclient.errors",
     "WireError": "psclient.errors",
     "LocalCluster": "psclient.local",
-    "transform": "psclient.local",
+    "transform": "psclient.jobs",
     "Id": "psclient.wire.partition",
     "shard_of": "psclient.wire.partition",
 }

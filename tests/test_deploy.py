@@ -185,6 +185,7 @@ def test_each_compose_shard_keeps_its_data_dir_in_a_named_volume_of_its_own() ->
 
 HEAVY = (
     "psclient.cluster",
+    "psclient.jobs",
     "psclient.local",
     "psclient.rpc.connection",
     "psclient.rpc.layout",

@@ -21,7 +21,7 @@ from logics import Exactness
 
 from psclient.children import shard_argv, worker_argv
 from psclient.either import Right
-from psclient.local import transform
+from psclient.jobs import transform
 from psclient.wire.partition import shard_of
 
 RECORDS = list(range(3000))

@@ -47,13 +47,13 @@ def _on_first_call(module: str, name: str) -> Any:
 
 if TYPE_CHECKING:
     from psclient.cluster import Cluster
-    from psclient.local import run_local_job
+    from psclient.jobs import run_local_job
     from psclient.rpc.errors import describe_rpc_error
     from psclient.rpc.layout import layout_problems
     from psclient.wire.records import to_json_compatible
 else:
     Cluster = _on_first_call("psclient.cluster", "Cluster")
-    run_local_job = _on_first_call("psclient.local", "run_local_job")
+    run_local_job = _on_first_call("psclient.jobs", "run_local_job")
     to_json_compatible = _on_first_call("psclient.wire.records", "to_json_compatible")
     describe_rpc_error = _on_first_call("psclient.rpc.errors", "describe_rpc_error")
     layout_problems = _on_first_call("psclient.rpc.layout", "layout_problems")

@@ -1,0 +1,206 @@
+"""A whole job on an embedded local cluster: `transform` and `psclient run`.
+
+Each starts a LocalCluster (psclient/local.py), streams the records through
+it, and yields every output and then the final model; a failure names the
+child whose death caused it (its pid and signal) rather than the broken
+stream that showed it.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Hashable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from psclient.cluster import Cluster, WorkerReported
+from psclient.either import Left, Right
+from psclient.errors import JobFailed, StreampsError
+from psclient.local import DEFAULT_MAX_RESTARTS, LocalCluster
+from psclient.model_files import write_model_files
+from psclient.plugins import ship
+from psclient.progress import JobProgress
+from psclient.specs import check_specs
+from psclient.wire.partition import Id
+
+# After a stream broke, how long to look for the child whose death broke it: the
+# socket closes as the process dies, a moment before it can be reaped.
+DEATH_NOTICE_S = 2.0
+# A worker's own report of a failure (of a shard, say) comes well after a death
+# behind it, so a short look is enough.
+REPORTED_DEATH_NOTICE_S = 0.25
+
+
+def run_local_job(
+    records: Iterable[Any],
+    logic_spec: str,
+    init_spec: str,
+    update_spec: str,
+    num_workers: int,
+    num_shards: int,
+    *,
+    iteration_wait_time: float | None = None,
+    partition_by: Callable[[Any], Hashable] | None = None,
+    pull_limit: int | None = None,
+    on_error: str = "fail",
+    progress: bool | None = None,
+    model_files: list[Path] | None = None,
+    shard_timeout: float | None = None,
+    durable: bool = False,
+    data_dir: Path | None = None,
+    max_restarts: int = DEFAULT_MAX_RESTARTS,
+) -> Iterator[Left[Any] | Right[tuple[Id, Any]]]:
+    """Start a local cluster, run the job, yield its stream, tear everything down.
+
+    `progress` shows a live bar on stderr (None: when stderr is a terminal). If a
+    child dies (a signal, the out-of-memory killer, a crash), JobFailed names it
+    and how it ended, rather than the broken stream it leaves behind. With
+    `durable` (or a `data_dir`), a dead shard is restarted up to `max_restarts`
+    times in the job instead (see LocalCluster).
+    """
+    bar = JobProgress(progress)  # before any child starts: nothing to clean up if it fails
+    cluster = LocalCluster(
+        logic_spec,
+        init_spec,
+        update_spec,
+        num_workers,
+        num_shards,
+        pull_limit=pull_limit,
+        on_error=on_error,
+        model_files=model_files,
+        shard_timeout=shard_timeout,
+        durable=durable,
+        data_dir=data_dir,
+        max_restarts=max_restarts,
+    )
+    try:
+        with cluster, Cluster(cluster.servers, cluster.workers) as client:
+            records = bar.count(records)
+            try:
+                for item in client.stream(records, partition_by=partition_by, iteration_wait_time=iteration_wait_time):
+                    if isinstance(item, Left):
+                        bar.output()
+                    yield item
+            except StreampsError as exc:
+                reported = isinstance(exc, WorkerReported)
+                wait = REPORTED_DEATH_NOTICE_S if reported else DEATH_NOTICE_S
+                died = cluster.unexpected_exit(count_worker_exits=not reported, wait=wait)
+                if died:
+                    raise JobFailed(died) from exc
+                raise
+    finally:
+        bar.close()
+
+
+def _spec(obj: Any, directory: Path, name: str) -> str:
+    return obj if isinstance(obj, str) else ship(obj, directory, name)
+
+
+def transform(
+    training_data: Iterable[Any],
+    worker_logic: Any,
+    param_init: Callable[[Id], Any] | str,
+    param_update: Callable[[Any, Any], Any] | str,
+    worker_parallelism: int = 1,
+    ps_parallelism: int = 1,
+    iteration_wait_time: float | None = None,
+    *,
+    partition_by: Callable[[Any], Hashable] | None = None,
+    progress: bool | None = None,
+    model: Iterable[tuple[Id, Any]] | None = None,
+    shard_timeout: float | None = None,
+    durable: bool = False,
+    max_restarts: int = DEFAULT_MAX_RESTARTS,
+    data_dir: str | Path | None = None,
+) -> Iterator[Left[Any] | Right[tuple[Id, Any]]]:
+    """Run `worker_logic` over `training_data` on an embedded local cluster.
+
+    Yields `Left(output)` for every worker output as it arrives, then, once every
+    worker has finished, `Right((id, value))` for every parameter. When the
+    iterator is exhausted or closed, every child process is gone.
+
+    `worker_logic` is a WorkerLogic instance (each worker gets a copy) or a
+    zero-argument factory; `param_init` and `param_update` are built-in spec
+    strings or callables. Callables are shipped to the children with cloudpickle
+    through private local files; nothing is pickled over the network.
+
+    `progress` shows a live bar of outputs and records on stderr, like `psclient
+    run` (None: when stderr is a terminal). If a child process dies, JobFailed
+    names it: "worker 1 (pid N) was killed by signal 9 (SIGKILL)". Without
+    `durable` the cluster restarts no child, so a worker gives up on a broken
+    shard stream at once; `shard_timeout` makes it reconnect and resend for that
+    many seconds instead (`psworker --shard-timeout`).
+
+    `durable=True` gives each shard a data dir (`psserver --data-dir`: a log of
+    acked pushes and snapshots) in a temporary directory removed at the end, or
+    under `data_dir` (which implies `durable`), kept. A shard that dies is then
+    restarted on its port from its data dir, at most `max_restarts` times in the
+    job; its workers reconnect and resend (`shard_timeout` defaults to 60 s), and
+    the model is exactly the fault-free one. One more death fails the job with
+    JobFailed naming the shard. A dead worker still fails the job at once: workers
+    are not restarted.
+
+    `model` warm-starts the job (transformWithModelLoad): an iterable of (id,
+    value) pairs, such as the `Right`s of an earlier job. Each shard loads its
+    share (`psserver --load`) before any worker starts; ids never pushed keep
+    their values, and the others fold this job's deltas into them.
+
+    Raises ValueError (SpecError) at once, before any process starts, for an init
+    or update spec the shards would refuse.
+    """
+    # Not a generator itself, so that a bad spec fails the call, not the first next().
+    check_specs(param_init, param_update)
+    return _transform_job(
+        training_data,
+        worker_logic,
+        param_init,
+        param_update,
+        worker_parallelism,
+        ps_parallelism,
+        iteration_wait_time=iteration_wait_time,
+        partition_by=partition_by,
+        progress=progress,
+        model=model,
+        shard_timeout=shard_timeout,
+        durable=durable,
+        max_restarts=max_restarts,
+        data_dir=Path(data_dir) if data_dir is not None else None,
+    )
+
+
+def _transform_job(
+    training_data: Iterable[Any],
+    worker_logic: Any,
+    param_init: Callable[[Id], Any] | str,
+    param_update: Callable[[Any, Any], Any] | str,
+    worker_parallelism: int,
+    ps_parallelism: int,
+    *,
+    iteration_wait_time: float | None,
+    partition_by: Callable[[Any], Hashable] | None,
+    progress: bool | None,
+    model: Iterable[tuple[Id, Any]] | None,
+    shard_timeout: float | None,
+    durable: bool,
+    max_restarts: int,
+    data_dir: Path | None,
+) -> Iterator[Left[Any] | Right[tuple[Id, Any]]]:
+    with tempfile.TemporaryDirectory(prefix="streamps-") as tmp:
+        directory = Path(tmp)
+        model_files = write_model_files(model, ps_parallelism, directory) if model is not None else None
+        yield from run_local_job(
+            training_data,
+            _spec(worker_logic, directory, "logic"),
+            _spec(param_init, directory, "init"),
+            _spec(param_update, directory, "update"),
+            worker_parallelism,
+            ps_parallelism,
+            iteration_wait_time=iteration_wait_time,
+            partition_by=partition_by,
+            progress=progress,
+            model_files=model_files,
+            shard_timeout=shard_timeout,
+            durable=durable,
+            data_dir=data_dir,
+            max_restarts=max_restarts,
+        )

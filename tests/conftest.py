@@ -14,9 +14,10 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -191,3 +192,20 @@ def error_line(stderr: list[str]) -> str:
     assert len(errors) == 1, stderr
     assert stderr[-1] == errors[0], stderr
     return errors[0]
+
+
+@pytest.fixture
+def streams() -> Iterator[list[Any]]:
+    """Raw Exchange streams a test opens (tests/shard_streams.py Stream), all closed at teardown."""
+    opened: list[Any] = []
+    try:
+        yield opened
+    finally:
+        for stream in opened:
+            stream.close()
+
+
+def text_file(path: Path, lines: Iterable[str]) -> Path:
+    """Write `lines` (each ended by a newline) to `path`: a test's input file."""
+    path.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+    return path

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import Processes, psserver_argv
+from conftest import Processes, psserver_argv, text_file
 
 from psclient import ShardError, connect
 from psclient.children import worker_argv
@@ -58,9 +58,7 @@ def psworker_argv(servers: list[str], *extra: str) -> list[str]:
 
 
 def words_file(tmp_path: Path) -> Path:
-    data = tmp_path / "words.txt"
-    data.write_text("".join(f"w{n} w{n + 1} w{n + 2}\n" for n in range(200)), encoding="utf-8")
-    return data
+    return text_file(tmp_path / "words.txt", (f"w{n} w{n + 1} w{n + 2}" for n in range(200)))
 
 
 # -- shards whose own index or count disagrees with the server list -------------------

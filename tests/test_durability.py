@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -35,16 +34,6 @@ from psclient.children import shard_argv
 from psclient.wire.codec import encode_id_array
 from psclient.wire.proto import shard_pb2
 from psserver.wal import HEADER_SIZE, segment_numbers, segment_path
-
-
-@pytest.fixture
-def streams() -> Iterator[list[Stream]]:
-    opened: list[Stream] = []
-    try:
-        yield opened
-    finally:
-        for stream in opened:
-            stream.close()
 
 
 def test_shard_killed_mid_stream_recovers_every_acked_push_once(
@@ -170,13 +159,19 @@ def test_unusable_data_dir_is_one_line(procs: Processes, tmp_path: Path) -> None
     assert _refused(procs, "--no-durable") == (2, ["psserver: error: --durable/--no-durable needs --data-dir"])
 
 
-def test_pushes_before_a_bad_request_are_still_acked(procs: Processes, streams: list[Stream], tmp_path: Path) -> None:
-    pushes = batches(8)
+def _sent_to_a_new_shard(procs: Processes, streams: list[Stream], tmp_path: Path, pushes: list) -> tuple:
+    """A durable shard with `pushes` sent on one stream (seqs from 1), none acked yet."""
     shard = start_shard(procs, 0, 1, tmp_path)
     stream = Stream(shard.address)
     streams.append(stream)
     for seq, (ids, deltas) in enumerate(pushes, 1):
         stream.send(seq, ids, deltas)
+    return shard, stream
+
+
+def test_pushes_before_a_bad_request_are_still_acked(procs: Processes, streams: list[Stream], tmp_path: Path) -> None:
+    pushes = batches(8)
+    shard, stream = _sent_to_a_new_shard(procs, streams, tmp_path, pushes)
     stream.send(0, *pushes[0])  # seq 0: refused, and it ends the stream
     assert [stream.ack().seq for _ in pushes] == list(range(1, 9))
     with pytest.raises(grpc.RpcError) as failure:
@@ -189,11 +184,7 @@ def test_pushes_before_a_bad_request_are_still_acked(procs: Processes, streams: 
 
 def test_pipelined_pushes_share_fsyncs(procs: Processes, streams: list[Stream], tmp_path: Path) -> None:
     pushes = batches(200)
-    shard = start_shard(procs, 0, 1, tmp_path)
-    stream = Stream(shard.address)
-    streams.append(stream)
-    for seq, (ids, deltas) in enumerate(pushes, 1):
-        stream.send(seq, ids, deltas)
+    shard, stream = _sent_to_a_new_shard(procs, streams, tmp_path, pushes)
     assert [stream.ack().seq for _ in pushes] == list(range(1, 201))
     shard.process.send_signal(signal.SIGTERM)
     assert shard.process.wait(timeout=20) == 0

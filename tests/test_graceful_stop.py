@@ -14,7 +14,6 @@ import subprocess
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +27,6 @@ from psclient import Cluster, JobFailed
 from psclient.children import worker_argv
 from psclient.rpc.errors import shutting_down_details
 from psserver.wal import segment_numbers, segment_path
-
-
-@pytest.fixture
-def streams() -> Iterator[list[Stream]]:
-    opened: list[Stream] = []
-    try:
-        yield opened
-    finally:
-        for stream in opened:
-            stream.close()
 
 
 def stderr_lines(path: Path) -> list[str]:

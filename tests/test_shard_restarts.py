@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Processes, Service, child_env, psserver_argv
+from conftest import Processes, Service, child_env, psserver_argv, text_file
 from logics import Exactness
 
 from psclient import Cluster, LocalCluster
@@ -184,9 +184,7 @@ def test_worker_id_is_the_job_id_and_the_index() -> None:
 
 @pytest.mark.timeout(120)
 def test_psworker_pushes_as_job_id_and_index(tmp_path: Path, procs: Processes) -> None:
-    shard = start_shard(procs, 0, num_shards=1)
-    data = tmp_path / "records.jsonl"
-    data.write_text("".join(f"{r}\n" for r in range(100)), encoding="utf-8")
+    shard, data = start_shard(procs, 0, num_shards=1), text_file(tmp_path / "records.jsonl", map(str, range(100)))
     argv = worker_argv("logics:Exactness", [shard.address], 1, 2, "--input", str(data), "--job-id", "nightly-3")
     process, stderr_path = procs.popen(argv, stdout=subprocess.DEVNULL)
 
@@ -196,9 +194,7 @@ def test_psworker_pushes_as_job_id_and_index(tmp_path: Path, procs: Processes) -
 
 @pytest.mark.timeout(120)
 def test_psworker_refuses_a_worker_id_a_shard_already_has_pushes_of(tmp_path: Path, procs: Processes) -> None:
-    shard = start_shard(procs, 0, num_shards=1)
-    data = tmp_path / "records.jsonl"
-    data.write_text("".join(f"{r}\n" for r in range(100)), encoding="utf-8")
+    shard, data = start_shard(procs, 0, num_shards=1), text_file(tmp_path / "records.jsonl", map(str, range(100)))
     argv = worker_argv("logics:Exactness", [shard.address], 0, 1, "--input", str(data), "--job-id", "nightly-3")
     first, _ = procs.popen(argv, stdout=subprocess.DEVNULL)
     assert first.wait(timeout=60) == 0

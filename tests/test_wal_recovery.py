@@ -32,16 +32,6 @@ from psclient.wire.proto import shard_pb2
 from psserver.wal import HEADER_SIZE, read_records
 
 
-@pytest.fixture
-def streams() -> Iterator[list[Stream]]:
-    opened: list[Stream] = []
-    try:
-        yield opened
-    finally:
-        for stream in opened:
-            stream.close()
-
-
 def test_torn_wal_tail_recovers_to_the_last_whole_push(procs: Processes, streams: list[Stream], tmp_path: Path) -> None:
     wal = pushed_and_killed(procs, tmp_path, 10)
     size = wal.stat().st_size

@@ -24,6 +24,7 @@ MODULES = [
     "benchmarks.bench_mf",
     "benchmarks.bench_sparse",
     "benchmarks.bench_memory",
+    "benchmarks.cpu_per_record",
     "benchmarks.peers.loop",
     "benchmarks.peers.ray_ps",
     "benchmarks.peers.redis_ps",

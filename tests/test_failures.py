@@ -322,7 +322,13 @@ def test_sigterm_on_a_shard_in_a_busy_job_fails_it_at_once_naming_the_shard(proc
             pass
     elapsed = time.monotonic() - terminated[0]
 
-    assert re.fullmatch(rf"worker [01]: shard 1 at {servers[1]} is shutting down", str(info.value)), info.value
+    # The shard ends its streams with "shutting down"; a worker in the middle of a write
+    # may see its socket closed before that status arrives, and then says so instead.
+    assert re.fullmatch(
+        rf"worker [01]: shard 1 at {re.escape(servers[1])} "
+        r"(is shutting down|failed: UNAVAILABLE: Stream removed \(sendmsg: Broken pipe \(32\)\))",
+        str(info.value),
+    ), info.value
     assert_stopped_cleanly(shards[1], 1)
     # The shard used to wait out its 5 s grace period before ending the streams; and
     # feeding, in about a third of the runs, waited 5 s for a thread that never ended.

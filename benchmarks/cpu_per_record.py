@@ -32,8 +32,6 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make `benchmarks` and `examples` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import psutil
-
 from psclient.cluster import Cluster
 from psclient.either import Left
 from psclient.local import LocalCluster
@@ -54,6 +52,8 @@ def _job(name: str, window: int) -> tuple[list[Any], Any, str, Any]:
 
 
 def _cpu(pid: int) -> float:
+    import psutil  # the bench extra (`make bench` installs it)
+
     times = psutil.Process(pid).cpu_times()
     return times.user + times.system
 

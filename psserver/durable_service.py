@@ -88,11 +88,6 @@ class DurableShardServicer(ShardServicer):
         ack, safe = await self._apply_push(request, context)
         return safe, ack
 
-    async def _exchange_answer(self, request: shard_pb2.ExchangeRequest, context: grpc.aio.ServicerContext) -> _Answer:
-        ack, safe = await self._apply_push(request.push, context) if request.HasField("push") else (None, None)
-        answer = await self._answer_pull(request.pull, context) if request.HasField("pull") else None
-        return safe, shard_pb2.ExchangeResponse(ack=ack, pull=answer)
-
     # Coroutines, not generators: grpc.aio then lets the handler write answers
     # itself (context.write), from the sending task.
     async def Push(  # type: ignore[override]

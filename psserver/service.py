@@ -268,13 +268,23 @@ class ShardServicer(shard_pb2_grpc.ParameterShardServicer):
         # Logged in the order applied (no await in between), so replay repeats this order.
         durable = self.durability.log_push(request) if self.durability is not None else None
         self._watermarks[request.worker_id] = request.seq
+        keys = sum(len(d) for d in decoded)
         self._push_requests += 1
-        self._pushed_keys += sum(len(d) for d in decoded)
-        op.observe(started, sum(len(d) for d in decoded), sum(len(b.values.data) for b in request.batches))
+        self._pushed_keys += keys
+        op.observe(started, keys, sum(len(b.values.data) for b in request.batches))
         if self._push_waiters:  # a pull with after_seq (the Pull stream's read-your-writes)
             async with self.pushed:
                 self.pushed.notify_all()
         return shard_pb2.PushAck(seq=request.seq, duplicate=False), durable
+
+    async def _exchange_answer(
+        self, request: shard_pb2.ExchangeRequest, context: grpc.aio.ServicerContext
+    ) -> tuple[asyncio.Future[None] | None, shard_pb2.ExchangeResponse]:
+        """Push before pull: the order is the guarantee. The answer, and (with a data dir)
+        the future to await before sending it."""
+        ack, safe = await self._apply_push(request.push, context) if request.HasField("push") else (None, None)
+        answer = await self._answer_pull(request.pull, context) if request.HasField("pull") else None
+        return safe, shard_pb2.ExchangeResponse(ack=ack, pull=answer)
 
     # -- RPCs ---------------------------------------------------------------
 
@@ -294,11 +304,10 @@ class ShardServicer(shard_pb2_grpc.ParameterShardServicer):
     async def Exchange(
         self, request_iterator: AsyncIterator[shard_pb2.ExchangeRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[shard_pb2.ExchangeResponse]:
-        # One request at a time, push before pull: the order is the guarantee.
+        # One request at a time, in stream order.
         async for request in self._requests(request_iterator, context, "ExchangeRequest"):
-            ack = (await self._apply_push(request.push, context))[0] if request.HasField("push") else None
-            answer = await self._answer_pull(request.pull, context) if request.HasField("pull") else None
-            yield shard_pb2.ExchangeResponse(ack=ack, pull=answer)
+            _, response = await self._exchange_answer(request, context)
+            yield response
 
     async def Snapshot(
         self, request: shard_pb2.SnapshotRequest, context: grpc.aio.ServicerContext

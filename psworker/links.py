@@ -145,6 +145,10 @@ class ShardLinks:
         self.fail(f"worker {self.worker_index}: {message}")
         self._wakeup.set()  # a drain waiting for this shard's acks stops waiting
 
+    def _shard_unreachable(self, shard: int, last_error: str) -> None:
+        describe = self._connections[shard].describe()
+        self._shard_lost(shard, f"{describe} unreachable for {self.shard_timeout:g} s (last error: {last_error})")
+
     async def _reconnect(self, shard: int, last_error: str) -> None:
         """Open a new stream to the shard, then send again all it has not answered.
 
@@ -162,10 +166,7 @@ class ShardLinks:
             pause = min(pause * 2, RECONNECT_MAX_S)
             left = deadline - time.monotonic()
             if left <= 0:
-                self._shard_lost(
-                    shard,
-                    f"{connection.describe()} unreachable for {self.shard_timeout:g} s (last error: {last_error})",
-                )
+                self._shard_unreachable(shard, last_error)
                 return
             try:
                 await connection.reopen(min(RECONNECT_ATTEMPT_S, left))
@@ -213,11 +214,7 @@ class ShardLinks:
                     and shard not in self._reconnecting
                     and shard not in self._failed_shards
                 ):
-                    self._shard_lost(
-                        shard,
-                        f"{self._connections[shard].describe()} unreachable for {self.shard_timeout:g} s "
-                        "(last error: no answer)",
-                    )
+                    self._shard_unreachable(shard, "no answer")
 
     def _send(self, shard: int, request: shard_pb2.ExchangeRequest) -> None:
         # To a shard that is away, the request is only kept (ShardBuffers keeps every

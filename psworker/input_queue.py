@@ -79,13 +79,11 @@ class InputQueue:
         those waiting for room too. The records queued so far are still processed,
         unless `drop_queued`: a file reader's read-ahead, which no one was told was
         taken (the chunk the logic is in still is)."""
-        with self.cond:
-            if self._refusal is None:
-                self._refusal = reason
+        with self.cond:  # an RLock: refuse takes it again
+            self.refuse(reason)
             self.closed = True
             if drop_queued:
                 self._chunks.clear()
-            self.cond.notify_all()
         self._wake()
 
     def refuse(self, reason: str) -> None:

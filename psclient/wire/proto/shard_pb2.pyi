@@ -95,14 +95,14 @@ class PushRequest(_message.Message):
     SEQ_FIELD_NUMBER: _builtins.int
     BATCHES_FIELD_NUMBER: _builtins.int
     ORIGINS_FIELD_NUMBER: _builtins.int
-    FINISHED_THROUGH_FIELD_NUMBER: _builtins.int
+    FINISHED_BELOW_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     """Stable id of the pushing worker incarnation; watermarks are kept per id."""
     seq: _builtins.int
     """Increasing per (worker_id, shard), starting at 1."""
-    finished_through: _builtins.int
-    """With origins: every record at an input position <= this has finished, and
-    all its pushes to this shard are in this request or an earlier one.
+    finished_below: _builtins.int
+    """With origins: every record at an input position below this has finished,
+    and all its pushes to this shard are in this request or an earlier one.
     """
     @_builtins.property
     def batches(self) -> _containers.RepeatedCompositeFieldContainer[_tensor_pb2.ParamBatch]:
@@ -114,8 +114,8 @@ class PushRequest(_message.Message):
         input record whose pushes batches[i] holds. A restarted worker replays the
         records after its checkpoint and batches their pushes anew, so seqs no
         longer name the same pushes. With origins a shard deduplicates by origin
-        instead of by seq: a batch is applied unless its record is at or below the
-        worker's finished_through, or its (position, part) was applied before.
+        instead of by seq: a batch is applied unless its record is below the
+        worker's finished_below, or its (position, part) was applied before.
         Every batch of one (position, part) travels in one request.
         """
 
@@ -126,11 +126,11 @@ class PushRequest(_message.Message):
         seq: _builtins.int = ...,
         batches: _abc.Iterable[_tensor_pb2.ParamBatch] | None = ...,
         origins: _abc.Iterable[Global___PushOrigin] | None = ...,
-        finished_through: _builtins.int = ...,
+        finished_below: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batches", b"batches", "finished_through", b"finished_through", "origins", b"origins", "seq", b"seq", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batches", b"batches", "finished_below", b"finished_below", "origins", b"origins", "seq", b"seq", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -143,7 +143,9 @@ class PushOrigin(_message.Message):
     POSITION_FIELD_NUMBER: _builtins.int
     PART_FIELD_NUMBER: _builtins.int
     position: _builtins.int
-    """The input position of the record (its line number in a file input)."""
+    """The input position of the record (its line number in a file input); 0 is
+    the logic's open(), before any record.
+    """
     part: _builtins.int
     """Which release of that record's pushes to this shard: 0, then 1, ... A
     record releases its pushes when it finishes, and early (as a new part)
@@ -325,7 +327,7 @@ class InfoResponse(_message.Message):
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
     @_typing.final
-    class FinishedThroughEntry(_message.Message):
+    class FinishedBelowEntry(_message.Message):
         DESCRIPTOR: _descriptor.Descriptor
 
         KEY_FIELD_NUMBER: _builtins.int
@@ -355,7 +357,7 @@ class InfoResponse(_message.Message):
     PUSH_REQUESTS_FIELD_NUMBER: _builtins.int
     PUSHED_KEYS_FIELD_NUMBER: _builtins.int
     UPTIME_SECONDS_FIELD_NUMBER: _builtins.int
-    FINISHED_THROUGH_FIELD_NUMBER: _builtins.int
+    FINISHED_BELOW_FIELD_NUMBER: _builtins.int
     shard: _builtins.int
     """This shard's index, in [0, num_shards)."""
     num_shards: _builtins.int
@@ -377,8 +379,10 @@ class InfoResponse(_message.Message):
         """Highest applied push seq per worker_id."""
 
     @_builtins.property
-    def finished_through(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
-        """Per restartable worker_id: the highest input position whose pushes are all applied."""
+    def finished_below(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Per restartable worker_id: the input position below which every record's
+        pushes are applied (the highest finished_below received).
+        """
 
     def __init__(
         self,
@@ -394,11 +398,11 @@ class InfoResponse(_message.Message):
         push_requests: _builtins.int = ...,
         pushed_keys: _builtins.int = ...,
         uptime_seconds: _builtins.float = ...,
-        finished_through: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        finished_below: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["finished_through", b"finished_through", "init_spec", b"init_spec", "num_params", b"num_params", "num_shards", b"num_shards", "pull_requests", b"pull_requests", "pulled_keys", b"pulled_keys", "push_requests", b"push_requests", "pushed_keys", b"pushed_keys", "shard", b"shard", "update_spec", b"update_spec", "uptime_seconds", b"uptime_seconds", "watermarks", b"watermarks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finished_below", b"finished_below", "init_spec", b"init_spec", "num_params", b"num_params", "num_shards", b"num_shards", "pull_requests", b"pull_requests", "pulled_keys", b"pulled_keys", "push_requests", b"push_requests", "pushed_keys", b"pushed_keys", "shard", b"shard", "update_spec", b"update_spec", "uptime_seconds", b"uptime_seconds", "watermarks", b"watermarks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

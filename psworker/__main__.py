@@ -33,9 +33,10 @@ from psclient.cli.process import StopSignal, announce, configure_logging, start_
 from psclient.errors import JobFailed, ShardError, SpecError
 from psclient.inputs import InputSpec, MalformedRecord, read_share
 from psclient.wire.records import to_json_compatible
+from psworker.checkpoints import CheckpointError
 from psworker.logic import load_logic, with_pull_limit
 from psworker.metrics import register as register_metrics
-from psworker.runtime import DEFAULT_SHARD_TIMEOUT_S, WorkerRuntime
+from psworker.runtime import DEFAULT_CHECKPOINT_EVERY, DEFAULT_SHARD_TIMEOUT_S, WorkerRuntime
 from psworker.service import OutputBuffer, build_worker_server
 
 STOP_GRACE_S = 5.0
@@ -66,7 +67,10 @@ def _json_writer(handle: TextIO) -> Callable[[Any], None]:
 def _feed_file(runtime: WorkerRuntime, spec: InputSpec) -> None:
     chunk: list[tuple[int, Any]] = []
     try:
+        done = runtime.resume_position  # a restarted worker reads on after its checkpoint
         for number, record in read_share(spec, runtime.worker_index, runtime.num_workers):
+            if number <= done:
+                continue
             if isinstance(record, MalformedRecord):
                 runtime.feed_positioned(chunk)
                 chunk = []
@@ -170,6 +174,21 @@ def _serve_until_read(
     help="The job this worker belongs to; with --worker-index it names the worker to the shards, "
     "the same across restarts. Default: a random one for this process.",
 )
+@click.option(
+    "--checkpoint-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    **env("CHECKPOINT_DIR"),
+    help="Make the worker restartable: checkpoint its input position and logic state here, and resume "
+    "from it when started again with the same --job-id and index; the shards apply replayed pushes once.",
+)
+@click.option(
+    "--checkpoint-every",
+    type=click.IntRange(min=1),
+    default=DEFAULT_CHECKPOINT_EVERY,
+    **env("CHECKPOINT_EVERY"),
+    help="With --checkpoint-dir: records between checkpoints (each waits for every pull and push in flight).",
+)
 @process_options
 @security_options
 def main(
@@ -189,6 +208,8 @@ def main(
     connect_timeout: float,
     shard_timeout: float,
     job_id: str | None,
+    checkpoint_dir: Path | None,
+    checkpoint_every: int,
     log_level: str,
     log_format: str,
     metrics_port: int | None,
@@ -205,6 +226,8 @@ def main(
         fail(str(exc), 2)
     if input_path is not None and input_path != "-" and not Path(input_path).is_file():
         fail(f"--input {input_path}: no such file", 2)
+    if checkpoint_dir is not None:
+        _check_restartable(checkpoint_dir, input_path, job_id)
     if output_path is None and input_path is not None:
         output_path = "-"
     try:
@@ -214,19 +237,26 @@ def main(
 
     with ExitStack() as stack:
         outputs = OutputBuffer()
-        emit = _json_writer(open_output(stack, output_path)) if output_path is not None else outputs.put
-        runtime = WorkerRuntime(
-            logic,
-            split_addresses(servers),
-            worker_index,
-            num_workers,
-            emit=emit,
-            on_error=on_error,
-            position_name="line" if input_path is not None else "record",
-            connect_timeout=connect_timeout,
-            shard_timeout=shard_timeout,
-            job_id=job_id,
-        )
+        # A restartable worker adds to its outputs: a restart delivers those of the records it replays again.
+        out = open_output(stack, output_path, append=checkpoint_dir is not None)
+        emit = _json_writer(out) if out is not None else outputs.put
+        try:
+            runtime = WorkerRuntime(
+                logic,
+                split_addresses(servers),
+                worker_index,
+                num_workers,
+                emit=emit,
+                on_error=on_error,
+                position_name="line" if input_path is not None else "record",
+                connect_timeout=connect_timeout,
+                shard_timeout=shard_timeout,
+                job_id=job_id,
+                checkpoint_dir=checkpoint_dir,
+                checkpoint_every=checkpoint_every,
+            )
+        except CheckpointError as exc:
+            fail(f"worker {worker_index}: {exc}", 2)
         if metrics_port is not None:
             register_metrics(worker_index, runtime.counters)
         if input_path is not None:
@@ -242,6 +272,18 @@ def main(
         )
     else:
         log.info("finished: %d records, %d outputs", runtime.records, runtime.outputs)
+
+
+def _check_restartable(checkpoint_dir: Path, input_path: str | None, job_id: str | None) -> None:
+    """A restart resumes under the same worker id, from input it can read again."""
+    if job_id is None:
+        fail("--checkpoint-dir needs --job-id: a restarted worker resumes under the same id", 2)
+    if input_path is None or input_path == "-":
+        fail("--checkpoint-dir needs an --input file: a restarted worker reads it again from its checkpoint", 2)
+    try:
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        fail(f"--checkpoint-dir {checkpoint_dir}: {exc}", 2)
 
 
 def _connect(runtime: WorkerRuntime) -> None:

@@ -64,6 +64,10 @@ class ShardBuffers:
         self._push_batch_keys = [0] * num_shards
         self._push_ids: list[list[Id]] = [[] for _ in range(num_shards)]
         self._push_deltas: list[list[Any]] = [[] for _ in range(num_shards)]
+        # A restartable worker's pushes come in parts, one origin per batch (psworker/origins.py);
+        # set with the callable that says where its records stand.
+        self.finished_below: Callable[[], int] | None = None
+        self._push_origins: list[list[shard_pb2.PushOrigin]] = [[] for _ in range(num_shards)]
         # When the oldest buffered key came in; None while every buffer is empty.
         self.buffered_since: float | None = None
         self._seqs = [0] * num_shards
@@ -92,7 +96,7 @@ class ShardBuffers:
     def pull_chunk(self, chunk: np.ndarray) -> None:
         if self.buffered_since is None:
             self.buffered_since = time.monotonic()
-        for shard, positions in self._shard_positions(chunk):
+        for shard, positions in self.shard_positions(chunk):
             part = chunk if positions is None else chunk[positions]
             while len(part):
                 room = self.max_batch - len(self._pull_ids[shard]) - self._pull_chunk_keys[shard]
@@ -116,7 +120,7 @@ class ShardBuffers:
         """Push `deltas[i]` to `chunk[i]` (an int64 or object array of ids)."""
         if self.buffered_since is None and len(chunk):
             self.buffered_since = time.monotonic()
-        for shard, positions in self._shard_positions(chunk):
+        for shard, positions in self.shard_positions(chunk):
             part_ids = chunk if positions is None else chunk[positions]
             part_deltas = deltas if positions is None else deltas[positions]
             while len(part_ids):
@@ -126,7 +130,7 @@ class ShardBuffers:
                 if len(self._push_ids[shard]) + self._push_batch_keys[shard] >= self.max_batch:
                     self.flush_shard(shard)
 
-    def _shard_positions(self, chunk: np.ndarray) -> list[tuple[int, np.ndarray | None]]:
+    def shard_positions(self, chunk: np.ndarray) -> list[tuple[int, np.ndarray | None]]:
         """(shard, positions in chunk) of every shard owning some of `chunk`; None: all of it."""
         if self.num_shards == 1:
             return [(0, None)]
@@ -144,6 +148,20 @@ class ShardBuffers:
             self._push_ids[shard], self._push_deltas[shard] = [], []
         batches.append(encode_id_array(ids, deltas))
         self._push_batch_keys[shard] += len(ids)
+
+    def add_part(
+        self, shard: int, origin: shard_pb2.PushOrigin, batches: list[tensor_pb2.ParamBatch], keys: int
+    ) -> None:
+        """A restartable worker's pushes of one record's part: they leave in one message."""
+        if self.buffered_since is None:
+            self.buffered_since = time.monotonic()
+        if self._push_batch_keys[shard] and self._push_batch_keys[shard] + keys > self.max_batch:
+            self.flush_shard(shard)
+        self._push_batches[shard].extend(batches)
+        self._push_origins[shard].extend([origin] * len(batches))
+        self._push_batch_keys[shard] += keys
+        if self._push_batch_keys[shard] >= self.max_batch:
+            self.flush_shard(shard)
 
     # -- what the shards answer ----------------------------------------------------
 
@@ -203,6 +221,10 @@ class ShardBuffers:
             if ids:  # single pushes made after the last push_many (earlier ones are in batches)
                 batches.extend(encode_values(ids, deltas))
             push = shard_pb2.PushRequest(worker_id=self.worker_id, seq=self._seqs[shard], batches=batches)
+            if self.finished_below is not None:
+                push.origins.extend(self._push_origins[shard])
+                push.finished_below = self.finished_below()
+                self._push_origins[shard] = []
         pulls, chunks = self._pull_ids[shard], self._pull_chunks[shard]
         if pulls or chunks:
             self._pull_ids[shard], self._pull_chunks[shard], self._pull_chunk_keys[shard] = [], [], 0

@@ -40,6 +40,8 @@ class InputQueue:
         # The loop's chunk, being taken record by record.
         self._chunk: list[tuple[int, Any]] = []
         self._position = 0
+        # The position of the last record taken (a restartable worker checkpoints it).
+        self.last_taken = 0
 
     # -- feeders (any thread) ---------------------------------------------------
 
@@ -106,6 +108,8 @@ class InputQueue:
                 self.cond.notify_all()  # a feeder may wait for room
         item = self._chunk[self._position]
         self._position += 1
+        if item[0] > self.last_taken:  # an unreadable record is at 0
+            self.last_taken = item[0]
         return item
 
     def waiting(self) -> int:

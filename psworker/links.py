@@ -24,6 +24,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
 
 import grpc
 
@@ -57,6 +58,7 @@ class ShardLinks:
     servers: list[str]
     connect_timeout: float
     shard_timeout: float
+    checkpoint_dir: Path | None
     _receives_many: bool
     _answers: deque[Answer]
     _buffers: ShardBuffers
@@ -86,9 +88,11 @@ class ShardLinks:
                     )
                 )
             check_layout(self.servers, [connection.info for connection in self._connections], "--servers")
-            for connection in self._connections:
-                # A new run would number its pushes from 1 again, and the shard would take
-                # them up to its watermark as duplicates of the last run's: silently dropped.
+            # A new run would number its pushes from 1 again, and the shard would take
+            # them up to its watermark as duplicates of the last run's: silently dropped.
+            # A restartable worker's pushes are named by input position instead, so its
+            # restart is welcome (it replays what its checkpoint does not cover).
+            for connection in self._connections if self.checkpoint_dir is None else []:
                 seq = connection.info.watermarks.get(self.worker_id, 0)
                 if seq:
                     raise ShardError(

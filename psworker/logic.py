@@ -112,6 +112,26 @@ class WorkerLogic(Generic[T, P, WOut]):
     def close(self) -> None:
         """Called once, after the worker is quiescent."""
 
+    def state(self) -> Any:
+        """What a restartable worker (`psworker --checkpoint-dir`) checkpoints of this logic.
+
+        Optional: the default, None, suits a logic that keeps nothing from one
+        record to the next. A logic that does (a window of records, counters,
+        a local model) returns it as plain data: numbers, strings, bytes,
+        lists, tuples, dicts and numpy arrays. It is called at a quiescent
+        point, when every pull is answered and every push acknowledged.
+        """
+        return None
+
+    def restore(self, state: Any) -> None:
+        """Take back what `state` returned, in a worker restarted from its checkpoint.
+
+        Called after `open`, before the first record. The default takes back None
+        (a stateless logic) and refuses anything else.
+        """
+        if state is not None:
+            raise NotImplementedError(f"{type(self).__name__} returns a state() but does not define restore()")
+
 
 def load_logic(spec: str) -> WorkerLogic:
     """The WorkerLogic that `spec` names, checked to be one.

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,9 +31,11 @@ from psclient.errors import JobFailed
 from psclient.wire.codec import DecodedBatch
 from psclient.wire.partition import Id
 from psworker.batching import ShardBuffers
+from psworker.checkpoints import Checkpoint, CheckpointError, write_checkpoint
 from psworker.checks import InvalidDelta, short_repr
 from psworker.input_queue import InputQueue, Unreadable
 from psworker.logic import ParameterServerClient, WorkerLogic
+from psworker.origins import OriginTracker
 from psworker.pulls import PullWindow
 
 log = logging.getLogger("streamps.worker")
@@ -65,6 +69,13 @@ class LogicLoop:
     _wakeup: asyncio.Event
     _sent: bool
     _reconnecting: dict[int, Any]
+    _origins: OriginTracker | None
+    worker_id: str
+    num_workers: int
+    outputs: int
+    checkpoint_dir: Path | None
+    checkpoint_every: int
+    _checkpointed_records: int
 
     def _call_user(
         self, name: str, fn: Callable[..., None], *args: Any, position: int | None = None, record: Any = None
@@ -89,6 +100,9 @@ class LogicLoop:
         log.warning("%s; skipped", message)
 
     def _deliver(self, answers: deque[Answer]) -> None:
+        if self._origins is not None:
+            self._deliver_tracked(answers, self._origins)
+            return
         if self._receives_many:
             self._deliver_many(answers)
             return
@@ -119,17 +133,116 @@ class LogicLoop:
                     self._call_user("on_pull_recv_many", on_pull_recv_many, batch.str_ids, values[ints:], client)
             self._buffers.flush_if_lingering()
 
+    def _deliver_tracked(self, answers: deque[Answer], origins: OriginTracker) -> None:
+        """`_deliver` of a restartable worker: each answer's callback runs as a callback of
+        the record that pulled it, so that the pushes it makes carry that record's origin.
+        `on_pull_recv_many` gets one call per answered batch and record."""
+        client = self.client
+        for shard, ids, values in answers:
+            self._buffers.answered(shard)
+            if ids is not None:
+                on_pull_recv = self._callbacks.on_pull_recv
+                for param_id, value, origin in zip(ids, values, origins.origins_of(shard, ids).tolist(), strict=True):
+                    self._pulls.answered(1)
+                    origins.enter(origin)
+                    self._call_user("on_pull_recv", on_pull_recv, param_id, value, client)
+                    origins.leave(origin, 1)
+                self._buffers.flush_if_lingering()
+                continue
+            batches: list[DecodedBatch] = values
+            every_id: list[Id] = [param_id for batch in batches for param_id in batch.ids()]
+            by_key = origins.origins_of(shard, every_id)
+            start = 0
+            for batch in batches:
+                assert batch.values is not None
+                self._pulls.answered(len(batch))
+                batch_values = np.array(batch.values)  # writable, and no longer tied to the message
+                ints = len(batch.int_ids)
+                kinds: list[tuple[Any, np.ndarray]] = []
+                if ints:
+                    kinds.append((batch.int_ids, batch_values[:ints]))
+                if batch.str_ids:
+                    kinds.append((batch.str_ids, batch_values[ints:]))
+                for kind_ids, kind_values in kinds:
+                    kind_origins = by_key[start : start + len(kind_ids)]
+                    start += len(kind_ids)
+                    self._deliver_runs(origins, kind_ids, kind_values, kind_origins)
+            self._buffers.flush_if_lingering()
+
+    def _deliver_runs(self, origins: OriginTracker, ids: Any, values: np.ndarray, by_key: np.ndarray) -> None:
+        """One on_pull_recv_many call per run of answers of one record."""
+        on_pull_recv_many = self._callbacks.on_pull_recv_many
+        bounds = [0, *(np.flatnonzero(np.diff(by_key)) + 1).tolist(), len(by_key)]
+        for first, end in itertools.pairwise(bounds):
+            origin = int(by_key[first])
+            run_ids = ids[first:end].copy() if isinstance(ids, np.ndarray) else ids[first:end]
+            origins.enter(origin)
+            self._call_user("on_pull_recv_many", on_pull_recv_many, run_ids, values[first:end], self.client)
+            origins.leave(origin, end - first)
+
+    def _call_tracked(self, name: str, fn: Callable[..., None], *args: Any) -> None:
+        """A callback of no record (open, on_input_end): a restartable worker gives it an
+        origin of its own, 0 for open, one past the last record for on_input_end."""
+        origins = self._origins
+        if origins is None:
+            self._call_user(name, fn, *args)
+            return
+        origin = 0 if name == "open" else origins.frontier
+        origins.enter(origin)
+        self._call_user(name, fn, *args)
+        origins.leave(origin)
+
     def _input_may_flow(self) -> bool:
         # Not while a shard is away: what the logic would push to it could only pile up.
-        return self._pulls.input_may_flow and not self._reconnecting
+        # Nor while a checkpoint is due: it waits for everything in flight to be answered.
+        return self._pulls.input_may_flow and not self._reconnecting and not self._checkpoint_due()
 
-    def _finished(self) -> bool:
+    def _quiescent(self) -> bool:
+        """Nothing in flight: every pull answered and taken, every push acknowledged."""
         return (
-            self._input_end_called
-            and not self._answers
+            not self._answers
             and self._pulls.settled
             and self._buffers.buffered_since is None
             and self._buffers.unacked == 0
+            and (self._origins is None or self._origins.idle)
+        )
+
+    def _finished(self) -> bool:
+        return self._input_end_called and self._quiescent()
+
+    def _checkpoint_due(self) -> bool:
+        return self.checkpoint_dir is not None and self.records - self._checkpointed_records >= self.checkpoint_every
+
+    def _write_checkpoint(self, *, finished: bool) -> None:
+        """Checkpoint at a quiescent point: every record taken so far is done and in the shards."""
+        assert self.checkpoint_dir is not None and self._origins is not None
+        started = time.perf_counter()
+        try:
+            state = self._callbacks.state()
+        except Exception as exc:
+            raise JobFailed(f"worker {self.worker_index} failed in state: {type(exc).__name__}: {exc}") from exc
+        checkpoint = Checkpoint(
+            worker_id=self.worker_id,
+            num_workers=self.num_workers,
+            num_shards=self._buffers.num_shards,
+            position=self.inputs.last_taken,
+            records=self.records,
+            records_failed=self.records_failed,
+            outputs=self.outputs,
+            state=state,
+            finished=finished,
+        )
+        try:
+            write_checkpoint(self.checkpoint_dir, self.worker_index, checkpoint)
+        except (CheckpointError, OSError) as exc:
+            raise JobFailed(f"worker {self.worker_index}: cannot checkpoint: {exc}") from exc
+        self._checkpointed_records = self.records
+        log.debug(
+            "checkpoint at %s %d (%d records) in %.1f ms",
+            self.position_name,
+            checkpoint.position,
+            self.records,
+            1000 * (time.perf_counter() - started),
         )
 
     def _step(self) -> bool | float:
@@ -150,14 +263,24 @@ class LogicLoop:
                     self._unreadable(record.message)
                     return False
                 self.records += 1
-                on_recv = self._callbacks.on_recv
-                self._call_user("on_recv", on_recv, record, self.client, position=position, record=record)
+                on_recv, origins = self._callbacks.on_recv, self._origins
+                if origins is None:
+                    self._call_user("on_recv", on_recv, record, self.client, position=position, record=record)
+                else:
+                    origins.enter(position)
+                    self._call_user("on_recv", on_recv, record, self.client, position=position, record=record)
+                    origins.leave(position)
                 self._buffers.flush_if_lingering()
                 return False
             if not self._input_end_called and self.inputs.closed and not self.inputs.waiting():
                 self._input_end_called = True
-                self._call_user("on_input_end", self._callbacks.on_input_end, self.client)
+                self._call_tracked("on_input_end", self._callbacks.on_input_end, self.client)
                 return False
+        elif self._checkpoint_due():
+            if self._quiescent():
+                self._write_checkpoint(finished=False)
+                return False
+            self._buffers.flush_all()  # what lingers would only hold the checkpoint back
         linger_left = self._buffers.flush_idle()
         inputs = self.inputs
         with inputs.cond:

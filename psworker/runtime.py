@@ -40,6 +40,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from psclient.errors import JobFailed, ShardError
@@ -47,11 +48,13 @@ from psclient.rpc.connection import CLOSE_TIMEOUT_S, EventLoopThread, ShardConne
 from psclient.rpc.serving import DEFAULT_CONNECT_TIMEOUT_S
 from psclient.wire.partition import Id, check_id
 from psworker.batching import ShardBuffers
+from psworker.checkpoints import Checkpoint, read_checkpoint
 from psworker.checks import check_delta, check_deltas, id_groups
 from psworker.input_queue import InputQueue
 from psworker.links import ShardLinks
 from psworker.logic import WorkerLogic, pull_limit_of, receives_many, unwrapped
 from psworker.loop import Answer, LogicLoop
+from psworker.origins import OriginTracker
 from psworker.pulls import PullWindow
 
 log = logging.getLogger("streamps.worker")
@@ -69,6 +72,9 @@ DRAIN_TIMEOUT_S = 10.0
 # How long a worker waits for a shard that does not answer (its stream broke or
 # stalled) before it fails; 0: fail at once when a stream breaks.
 DEFAULT_SHARD_TIMEOUT_S = 60.0
+# A restartable worker checkpoints every this many records (a pause of one round
+# trip to the shards, while everything in flight is answered).
+DEFAULT_CHECKPOINT_EVERY = 10_000
 
 
 def new_job_id() -> str:
@@ -127,11 +133,15 @@ class WorkerRuntime(LogicLoop, ShardLinks):
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
         shard_timeout: float = DEFAULT_SHARD_TIMEOUT_S,
         job_id: str | None = None,
+        checkpoint_dir: Path | None = None,
+        checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
     ):
         if on_error not in ("fail", "skip"):
             raise ValueError(f"on_error must be 'fail' or 'skip', not {on_error!r}")
         if shard_timeout < 0:
             raise ValueError(f"shard_timeout must be >= 0, not {shard_timeout!r}")
+        if checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1, not {checkpoint_every!r}")
         self.logic = logic
         # Callbacks go straight to the user's logic: a pull-limit wrapper only passes them on.
         self._callbacks = unwrapped(logic)
@@ -176,6 +186,18 @@ class WorkerRuntime(LogicLoop, ShardLinks):
             linger_s=linger_s,
         )
         self._pulls = PullWindow(self.pull_limit, self._buffers)
+        # A restartable worker: pushes named by input position, checkpoints (psworker/origins.py).
+        self.checkpoint_dir = checkpoint_dir
+        self.checkpoint_every = checkpoint_every
+        self._checkpointed_records = 0
+        self._origins: OriginTracker | None = None
+        self.resumed: Checkpoint | None = None
+        if checkpoint_dir is not None:
+            self._origins = OriginTracker(self._buffers)
+            self._buffers.finished_below = self._origins.finished_below
+            self.resumed = read_checkpoint(
+                checkpoint_dir, worker_index, worker_id=self.worker_id, num_workers=num_workers, num_shards=num_shards
+            )
         self._connections: list[ShardConnection] = []
         # Shards whose stream broke, and the task opening a new one.
         self._reconnecting: dict[int, asyncio.Task[None]] = {}
@@ -191,6 +213,29 @@ class WorkerRuntime(LogicLoop, ShardLinks):
         self.outputs = 0
         self.pulls = 0
         self.pushes = 0
+        if self.resumed is not None:
+            self._resume_from(self.resumed)
+
+    def _resume_from(self, checkpoint: Checkpoint) -> None:
+        assert self._origins is not None
+        self.records = self._checkpointed_records = checkpoint.records
+        self.records_failed = checkpoint.records_failed
+        self.outputs = checkpoint.outputs
+        self.inputs.last_taken = self.inputs.records_fed = checkpoint.position
+        self._origins.frontier = checkpoint.position + 1
+        log.info(
+            "worker %d: resuming from its checkpoint after %s %d (%d records processed)%s",
+            self.worker_index,
+            self.position_name,
+            checkpoint.position,
+            checkpoint.records,
+            "; it had finished" if checkpoint.finished else "",
+        )
+
+    @property
+    def resume_position(self) -> int:
+        """Input positions up to this one are done (0: start from the beginning)."""
+        return self.resumed.position if self.resumed is not None else 0
 
     # -- feeding (any thread) ------------------------------------------------
 
@@ -229,24 +274,35 @@ class WorkerRuntime(LogicLoop, ShardLinks):
 
     def pull(self, param_id: Id) -> None:
         self.pulls += 1
+        if self._origins is not None:
+            self._origins.pulled(param_id)
         self._pulls.pull(param_id)
 
     def pull_many(self, ids: Any) -> None:
         for chunk, _ in id_groups(ids):
             self.pulls += len(chunk)
+            if self._origins is not None:
+                self._origins.pulled_chunk(chunk)
             self._pulls.pull_chunk(chunk)
 
     def push(self, param_id: Id, delta: Any) -> None:
         check_delta(param_id, delta)
         self.pushes += 1
-        self._buffers.push(param_id, delta)
+        if self._origins is not None:
+            self._origins.hold(param_id, delta)
+        else:
+            self._buffers.push(param_id, delta)
 
     def push_many(self, ids: Any, deltas: Any) -> None:
         groups = id_groups(ids)
         array = check_deltas(ids, deltas, len(ids))
         self.pushes += sum(len(chunk) for chunk, _ in groups)
         for chunk, rows in groups:
-            self._buffers.push_chunk(chunk, array if rows is None else array[rows])
+            part = array if rows is None else array[rows]
+            if self._origins is not None:
+                self._origins.hold_chunk(chunk, part)
+            else:
+                self._buffers.push_chunk(chunk, part)
 
     def output(self, out: Any) -> None:
         self._emit(out)
@@ -283,8 +339,15 @@ class WorkerRuntime(LogicLoop, ShardLinks):
         if self.shard_timeout:
             self._watch = asyncio.get_running_loop().create_task(self._watch_silence())
         try:
-            self._call_user("open", self.logic.open)
+            if self.resumed is not None and self.resumed.finished:
+                await self._finish(State.FINISHED, None)  # nothing left to do: not even open
+                return
+            self._call_tracked("open", self.logic.open)
+            if self.resumed is not None:
+                self._call_user("restore", self._callbacks.restore, self.resumed.state)
             await self._steps()
+            if self.checkpoint_dir is not None:
+                self._write_checkpoint(finished=True)
             self._call_user("close", self.logic.close)
         except JobFailed as exc:
             await self._drain_pushes()

@@ -7,6 +7,8 @@ import time
 from collections import defaultdict, deque
 from typing import Any
 
+import numpy as np
+
 from psworker import WorkerLogic
 
 
@@ -167,3 +169,65 @@ class SlowExactness(Exactness):
     def on_recv(self, data: Any, ps: Any) -> None:
         time.sleep(0.001)
         super().on_recv(data, ps)
+
+
+class Windows(WorkerLogic):
+    """Stateful, through the batch API: records gather in windows of 7. A full window
+    pulls the int ids r % 100 of its records with pull_many and outputs the window; each
+    answer batch pushes 1 to every id in it. So every record adds 1 to id r % 100, once
+    its window is sent; on_input_end sends the last partial one. The window being gathered
+    is the state a restarted worker must get back from its checkpoint."""
+
+    pace_s = 0.0
+
+    def open(self) -> None:
+        self.window: list[int] = []
+
+    def on_recv(self, data: Any, ps: Any) -> None:
+        if self.pace_s:
+            time.sleep(self.pace_s)
+        self.window.append(data)
+        if len(self.window) == 7:
+            self._send(ps)
+
+    def _send(self, ps: Any) -> None:
+        ps.pull_many(np.array([r % 100 for r in self.window], dtype=np.int64))
+        ps.output(self.window)
+        self.window = []
+
+    def on_pull_recv_many(self, ids: Any, values: Any, ps: Any) -> None:
+        ps.push_many(ids, np.ones(len(ids), dtype=np.int64))
+
+    def on_pull_recv(self, param_id: Any, param_value: Any, ps: Any) -> None:
+        raise AssertionError("Windows takes its answers in on_pull_recv_many")
+
+    def on_input_end(self, ps: Any) -> None:
+        if self.window:
+            self._send(ps)
+
+    def state(self) -> Any:
+        return {"window": self.window}
+
+    def restore(self, state: Any) -> None:
+        self.window = list(state["window"])
+
+
+class PacedWindows(Windows):
+    """Windows at about 0.5 ms a record: a job long enough to kill its processes in."""
+
+    pace_s = 0.0005
+
+
+class PacedPullChain(PullChain):
+    """PullChain at about 0.5 ms a record."""
+
+    def on_recv(self, data: Any, ps: Any) -> None:
+        time.sleep(0.0005)
+        super().on_recv(data, ps)
+
+
+class UnplainState(Exactness):
+    """A state() that is not plain data."""
+
+    def state(self) -> Any:
+        return {"lock": object()}

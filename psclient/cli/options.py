@@ -63,16 +63,17 @@ def split_addresses(text: str | None) -> list[str]:
 
 
 @overload
-def open_output(stack: ExitStack, path: str) -> TextIO: ...
+def open_output(stack: ExitStack, path: str, *, append: bool = False) -> TextIO: ...
 @overload
-def open_output(stack: ExitStack, path: None) -> None: ...
-def open_output(stack: ExitStack, path: str | None) -> TextIO | None:
-    """Where an --output goes: None for no path, stdout for -, else the file, closed with `stack`."""
+def open_output(stack: ExitStack, path: None, *, append: bool = False) -> None: ...
+def open_output(stack: ExitStack, path: str | None, *, append: bool = False) -> TextIO | None:
+    """Where an --output goes: None for no path, stdout for -, else the file (added to
+    with `append`), closed with `stack`."""
     if path is None:
         return None
     if path == "-":
         return sys.stdout
-    return stack.enter_context(Path(path).open("w", encoding="utf-8"))
+    return stack.enter_context(Path(path).open("a" if append else "w", encoding="utf-8"))
 
 
 # -- what a job runs ------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -18,6 +19,7 @@ import numpy as np
 from psclient.either import Left, Right
 from psclient.errors import JobFailed, ShardError, StreampsError
 from psclient.feeding import feed_workers
+from psclient.replay import BROKEN, WORKER_BACK_TIMEOUT_S, ReplayBuffer, WorkerRestarts
 from psclient.rpc.errors import describe_rpc_error
 from psclient.rpc.layout import check_layout, fetch_info
 from psclient.rpc.security import Security
@@ -55,6 +57,7 @@ class Cluster:
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
         security: Security | None = None,
         servers_label: str = "servers",
+        restarts: WorkerRestarts | None = None,
     ):
         self.servers = list(servers)
         self.workers = list(workers)
@@ -71,6 +74,11 @@ class Cluster:
         self._shard_stubs = [shard_pb2_grpc.ParameterShardStub(c) for c in self._shard_channels]
         self._worker_stubs = [worker_pb2_grpc.WorkerStub(c) for c in self._worker_channels]
         self._group: ShardGroup | None = None
+        # What restarts a worker that died (a durable LocalCluster): then feeding resends what
+        # a restarted worker lost, and its outputs are read on from the new process.
+        self.restarts = restarts
+        self._replay = [ReplayBuffer() for _ in self.workers]
+        self._retired: list[grpc.Channel] = []
 
     # -- parameters ---------------------------------------------------------
 
@@ -174,6 +182,20 @@ class Cluster:
             self._worker_stubs[index] = worker_pb2_grpc.WorkerStub(channel)
             self._workers_ready.add(index)
 
+    def worker_stub(self, index: int) -> worker_pb2_grpc.WorkerStub:
+        return self._worker_stubs[index]
+
+    def reconnect_worker(self, index: int, broken: worker_pb2_grpc.WorkerStub) -> worker_pb2_grpc.WorkerStub:
+        """A stub on a new channel to worker `index`, whose old one broke with its process; the
+        feeder and the outputs reader both ask, and the first one's new channel serves both."""
+        with self._connecting:
+            if self._worker_stubs[index] is broken:
+                # The old channel is closed with the cluster: the other thread may still hold a call on it.
+                self._retired.append(self._worker_channels[index])
+                self._worker_channels[index] = open_channel(self.workers[index], self.security)
+                self._worker_stubs[index] = worker_pb2_grpc.WorkerStub(self._worker_channels[index])
+            return self._worker_stubs[index]
+
     def feed(
         self,
         records: Iterable[Any],
@@ -197,6 +219,8 @@ class Cluster:
             partition_by=partition_by,
             end_of_input=end_of_input,
             iteration_wait_time=iteration_wait_time,
+            link=self,
+            replay=self._replay,
         )
 
     def outputs(self) -> Iterator[Any]:
@@ -210,14 +234,15 @@ class Cluster:
 
         def read(index: int) -> None:
             try:
-                for chunk in self._worker_stubs[index].Outputs(worker_pb2.OutputsRequest()):
-                    merged.put([unpack(data) for data in chunk.outputs])
+                self._read_outputs(index, merged)
                 merged.put(_DONE)
             except grpc.RpcError as exc:
                 if exc.code() == grpc.StatusCode.ABORTED:
                     merged.put(WorkerReported(exc.details()))
                 else:
                     merged.put(JobFailed(f"worker {index} at {self.workers[index]}: {describe_rpc_error(exc)}"))
+            except JobFailed as exc:  # it names the worker
+                merged.put(exc)
             except StreampsError as exc:
                 merged.put(JobFailed(f"worker {index}: {exc}"))
 
@@ -232,6 +257,29 @@ class Cluster:
                 raise item
             else:
                 yield from item
+
+    def _read_outputs(self, index: int, merged: queue.Queue[Any]) -> None:
+        """Worker `index`'s outputs into `merged`, from each process that serves it: a restarted
+        worker's outputs start again at its checkpoint, so they are at-least-once."""
+        stub = self._worker_stubs[index]
+        deadline: float | None = None  # while it is away
+        while True:
+            try:
+                for chunk in stub.Outputs(worker_pb2.OutputsRequest()):
+                    deadline = None
+                    merged.put([unpack(data) for data in chunk.outputs])
+                return
+            except grpc.RpcError as exc:
+                if self.restarts is None or exc.code() not in BROKEN:
+                    raise
+                if deadline is None:
+                    deadline = time.monotonic() + WORKER_BACK_TIMEOUT_S
+                elif time.monotonic() >= deadline:
+                    raise JobFailed(f"worker {index} did not come back: {describe_rpc_error(exc)}") from None
+                if not self.restarts.wait_for_worker(index, max(0.0, deadline - time.monotonic())):
+                    return  # it finished and exited
+                time.sleep(0.05)  # its death may not be seen yet
+                stub = self.reconnect_worker(index, stub)
 
     def stream(
         self,
@@ -278,7 +326,7 @@ class Cluster:
         if self._group is not None:
             self._group.close()
             self._group = None
-        for channel in [*self._shard_channels, *self._worker_channels]:
+        for channel in [*self._shard_channels, *self._worker_channels, *self._retired]:
             channel.close()
 
     def __enter__(self) -> Cluster:

@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 
 from psclient.errors import JobFailed
+from psclient.replay import END, Outbox, ReplayBuffer, WorkerLink, send_restartable
 from psclient.rpc.errors import describe_rpc_error
 from psclient.wire.partition import key_bucket
 from psclient.wire.proto import worker_pb2, worker_pb2_grpc
@@ -25,7 +26,7 @@ FEED_LINGER_S = 0.05
 FEED_QUEUE_MESSAGES = 8
 # Records read ahead of the router, at most.
 SOURCE_READ_AHEAD = 4 * FEED_BATCH
-_END = object()
+_END = END
 
 
 class _Failure:
@@ -93,11 +94,25 @@ def feed_workers(
     partition_by: Callable[[Any], Hashable] | None,
     end_of_input: bool,
     iteration_wait_time: float | None,
+    link: WorkerLink | None = None,
+    replay: list[ReplayBuffer] | None = None,
 ) -> int:
     """Send `records` to the workers behind `stubs` and return how many were sent; blocks
-    until all are accepted. See `Cluster.feed`."""
-    sender_queues: list[queue.Queue[Any]] = [queue.Queue(FEED_QUEUE_MESSAGES) for _ in stubs]
+    until all are accepted. See `Cluster.feed`. With a `link` that restarts workers, each
+    worker's `replay` buffer keeps what it may have to resend (psclient/replay.py), and
+    with `end_of_input` this returns once the workers finished."""
     failures: list[BaseException] = []
+    if link is not None and link.restarts is not None:
+        assert replay is not None
+        outboxes = [Outbox(FEED_QUEUE_MESSAGES) for _ in stubs]
+        senders = [
+            threading.Thread(
+                target=send_restartable, args=(i, link, outboxes[i], replay[i], failures), name=f"feed-{i}", daemon=True
+            )
+            for i in range(len(stubs))
+        ]
+        return _feed(senders, outboxes, records, partition_by, end_of_input, iteration_wait_time, failures)
+    sender_queues: list[queue.Queue[Any]] = [queue.Queue(FEED_QUEUE_MESSAGES) for _ in stubs]
 
     def send(index: int) -> None:
         def requests() -> Iterator[worker_pb2.FeedRequest]:
@@ -115,6 +130,18 @@ def feed_workers(
                 pass
 
     senders = [threading.Thread(target=send, args=(i,), name=f"feed-{i}", daemon=True) for i in range(len(stubs))]
+    return _feed(senders, sender_queues, records, partition_by, end_of_input, iteration_wait_time, failures)
+
+
+def _feed(
+    senders: list[threading.Thread],
+    sender_queues: Sequence[queue.Queue[Any] | Outbox],
+    records: Iterable[Any],
+    partition_by: Callable[[Any], Hashable] | None,
+    end_of_input: bool,
+    iteration_wait_time: float | None,
+    failures: list[BaseException],
+) -> int:
     for sender in senders:
         sender.start()
     count = 0
@@ -132,7 +159,7 @@ def feed_workers(
 
 def _route(
     records: Iterable[Any],
-    sender_queues: list[queue.Queue[Any]],
+    sender_queues: Sequence[queue.Queue[Any] | Outbox],
     partition_by: Callable[[Any], Hashable] | None,
     iteration_wait_time: float | None,
     failures: list[BaseException],

@@ -74,7 +74,10 @@ def run_local_job(
         max_restarts=max_restarts,
     )
     try:
-        with cluster, Cluster(cluster.servers, cluster.workers) as client:
+        with (
+            cluster,
+            Cluster(cluster.servers, cluster.workers, restarts=cluster if cluster.durable else None) as client,
+        ):
             records = bar.count(records)
             try:
                 for item in client.stream(records, partition_by=partition_by, iteration_wait_time=iteration_wait_time):

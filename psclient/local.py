@@ -15,7 +15,7 @@ import uuid
 from pathlib import Path
 
 from psclient.children import START_TIMEOUT_S, ChildProcess, child_env, shard_argv, worker_argv
-from psclient.errors import StreampsError
+from psclient.errors import JobFailed, StreampsError
 
 # Without durability a local cluster restarts no shard, so its workers give up on
 # a broken shard stream at once (`psworker --shard-timeout 0`) rather than wait for it.
@@ -24,9 +24,19 @@ LOCAL_SHARD_TIMEOUT_S = 0.0
 # and the shard's recovery: its workers wait that long (psworker's own default).
 DURABLE_SHARD_TIMEOUT_S = 60.0
 DEFAULT_MAX_RESTARTS = 3
-# How often the cluster looks for a dead shard to restart.
+# How often the cluster looks for a dead child to restart.
 WATCH_INTERVAL_S = 0.05
-NOT_RESTARTED = "a local cluster restarts shards, not workers"
+# A worker that ended with an exit code of its own is not restarted: 0, it finished;
+# 1, it reported its failure (user code raised); 2, it refused its command line.
+WORKER_EXIT_CODES = (0, 1, 2)
+NOT_RESTARTED = "a worker that fails with its own error is not restarted"
+
+
+def crashed(child: ChildProcess) -> bool:
+    """The child died of a signal (SIGKILL, a segfault) or exited as psworker never does:
+    a restart may help."""
+    code = child.process.returncode
+    return code is not None and (code < 0 or code not in WORKER_EXIT_CODES)
 
 
 class LocalCluster:
@@ -70,6 +80,9 @@ class LocalCluster:
         self.job_id = job_id or uuid.uuid4().hex[:12]
         self.children: list[ChildProcess] = []
         self.shards: list[ChildProcess] = []
+        self.worker_children: list[ChildProcess] = []
+        # Children being restarted, by name: their new process does not listen yet.
+        self._restarting: set[str] = set()
         self.servers: list[str] = []
         self.workers: list[str] = []
         self._owned_dir: Path | None = None
@@ -90,6 +103,20 @@ class LocalCluster:
         assert parent is not None
         return parent / f"shard-{shard}"
 
+    def _worker_argv(self, worker: int, port: int = 0) -> list[str]:
+        extra = ["--pull-limit", str(self.pull_limit)] if self.pull_limit else []
+        if self.durable:
+            extra += ["--checkpoint-dir", str(self._checkpoint_dir())]
+        return worker_argv(
+            self.logic_spec, self.servers, worker, self.num_workers, "--port", str(port), "--on-error", self.on_error,
+            "--shard-timeout", f"{self.shard_timeout:g}", "--job-id", self.job_id, *extra, log_level=self.log_level,
+        )  # fmt: skip
+
+    def _checkpoint_dir(self) -> Path:
+        parent = self.data_dir if self.data_dir is not None else self._owned_dir
+        assert parent is not None
+        return parent / "checkpoints"
+
     def start(self) -> None:
         env = child_env()
         try:
@@ -98,77 +125,93 @@ class LocalCluster:
                     self._owned_dir = Path(tempfile.mkdtemp(prefix="streamps-data-"))
                 for i in range(self.num_shards):
                     self._shard_dir(i).mkdir(parents=True, exist_ok=True)
+                # Checkpoints of an earlier job in a kept data dir are another job's (another
+                # job id): this one's workers start afresh.
+                shutil.rmtree(self._checkpoint_dir(), ignore_errors=True)
+                self._checkpoint_dir().mkdir()
             self.shards = [ChildProcess(f"shard {i}", self._shard_argv(i), env) for i in range(self.num_shards)]
             self.children.extend(self.shards)
             self.servers = [shard.address(START_TIMEOUT_S) for shard in self.shards]
-            extra = ["--pull-limit", str(self.pull_limit)] if self.pull_limit else []
-            workers = [
-                ChildProcess(
-                    f"worker {i}",
-                    worker_argv(
-                        self.logic_spec,
-                        self.servers,
-                        i,
-                        self.num_workers,
-                        "--port",
-                        "0",
-                        "--on-error",
-                        self.on_error,
-                        "--shard-timeout",
-                        f"{self.shard_timeout:g}",
-                        "--job-id",
-                        self.job_id,
-                        *extra,
-                        log_level=self.log_level,
-                    ),
-                    env,
-                )
-                for i in range(self.num_workers)
-            ]
+            workers = [ChildProcess(f"worker {i}", self._worker_argv(i), env) for i in range(self.num_workers)]
+            self.worker_children = workers
             self.children.extend(workers)
             self.workers = [worker.address(START_TIMEOUT_S) for worker in workers]
             if self.durable:
-                self._watcher = threading.Thread(target=self._watch_shards, args=(env,), name="shards", daemon=True)
+                self._watcher = threading.Thread(target=self._watch, args=(env,), name="children", daemon=True)
                 self._watcher.start()
         except BaseException:
             self.stop()
             raise
 
-    def _watch_shards(self, env: dict[str, str]) -> None:
-        """Restart a shard that died on the same port with the same data dir; its workers
-        reconnect and resend. Past max_restarts, or if the port was taken, fail the job."""
+    def _watch(self, env: dict[str, str]) -> None:
+        """Restart a shard that died on the same port with the same data dir (its workers
+        reconnect and resend), and a worker that crashed on the same port with the same
+        checkpoint dir (its feeder resends what followed its checkpoint, psclient/replay.py).
+        Past max_restarts, or if the port was taken, fail the job."""
         while not self._stopping.wait(WATCH_INTERVAL_S):
-            for index, shard in enumerate(self.shards):
-                reason = shard.exit_reason()
-                if reason is None:
-                    continue
-                if self.restarts >= self.max_restarts:
-                    self._fail(f"{reason}; no restart left (max_restarts={self.max_restarts})")
-                    return
-                if not self._restart(index, env):
-                    return
+            for kind, children in (("shard", self.shards), ("worker", self.worker_children)):
+                for index, child in enumerate(children):
+                    reason = child.exit_reason()
+                    if reason is None or (kind == "worker" and not crashed(child)):
+                        continue
+                    if self.restarts >= self.max_restarts:
+                        self._fail(f"{reason}; no restart left (max_restarts={self.max_restarts})")
+                        return
+                    if not self._restart(kind, index, env):
+                        return
 
-    def _restart(self, index: int, env: dict[str, str]) -> bool:
-        address = self.servers[index]
+    def _restart(self, kind: str, index: int, env: dict[str, str]) -> bool:
+        children, addresses = (self.shards, self.servers) if kind == "shard" else (self.worker_children, self.workers)
+        address = addresses[index]
         port = int(address.rsplit(":", 1)[1])
+        name = f"{kind} {index}"
         with self._lock:
             if self._stopping.is_set():
                 return False
             self.restarts += 1
-            old = self.shards[index]
-            new = ChildProcess(f"shard {index}", self._shard_argv(index, port), env)
-            self.shards[index] = new
+            old = children[index]
+            argv = self._shard_argv(index, port) if kind == "shard" else self._worker_argv(index, port)
+            new = ChildProcess(name, argv, env)
+            children[index] = new
             self.children[self.children.index(old)] = new
+            self._restarting.add(name)
         try:
             restarted = new.address(START_TIMEOUT_S)
         except StreampsError as exc:
             if not self._stopping.is_set():
-                self._fail(f"shard {index} cannot be restarted on {address}: {exc}")
+                self._fail(f"{name} cannot be restarted on {address}: {exc}")
             return False
-        if restarted.rsplit(":", 1)[1] != str(port):  # cannot happen with a fixed --port; never mislead workers
-            self._fail(f"shard {index} was restarted on {restarted}, not on {address}")
+        finally:
+            with self._lock:
+                self._restarting.discard(name)
+        if restarted.rsplit(":", 1)[1] != str(port):  # cannot happen with a fixed --port; never mislead clients
+            self._fail(f"{name} was restarted on {restarted}, not on {address}")
             return False
         return True
+
+    def wait_for_worker(self, index: int, timeout: float) -> bool:
+        """Wait until worker `index` serves (it never died, or it was restarted): True; False
+        if it finished and exited. JobFailed, one line, when it will not serve again: it
+        failed with its own error, the job failed, or `timeout` passed."""
+        deadline = time.monotonic() + timeout
+        name = f"worker {index}"
+        while True:
+            if self.failure is not None:
+                raise JobFailed(self.failure)
+            if self._stopping.is_set():
+                raise JobFailed(f"{name}: the local cluster was stopped")
+            with self._lock:
+                child, restarting = self.worker_children[index], name in self._restarting
+            code = child.process.poll()
+            if not restarting and code is None:
+                return True
+            if not restarting and code is not None and not crashed(child):
+                if code == 0:
+                    return False
+                raise JobFailed(f"{child.exit_reason()}; {NOT_RESTARTED}")
+            if time.monotonic() >= deadline:
+                raise JobFailed(f"{name} was not restarted within {timeout:g} s")
+            time.sleep(WATCH_INTERVAL_S / 2)
 
     def _fail(self, reason: str) -> None:
         """Record why the job failed and end the workers, which would wait for the shard,
@@ -198,7 +241,7 @@ class LocalCluster:
                     continue
                 code = child.process.returncode
                 is_shard = child.name.startswith("shard ")
-                if is_shard and self.durable:
+                if self.durable and (is_shard or crashed(child)):
                     continue  # restarted, or given up on: then `failure` says so
                 if code < 0 or is_shard or (count_worker_exits and code > 0):
                     return f"{reason}; {NOT_RESTARTED}" if self.durable else reason

@@ -278,8 +278,13 @@ def _check_restartable(checkpoint_dir: Path, input_path: str | None, job_id: str
     """A restart resumes under the same worker id, from input it can read again."""
     if job_id is None:
         fail("--checkpoint-dir needs --job-id: a restarted worker resumes under the same id", 2)
-    if input_path is None or input_path == "-":
-        fail("--checkpoint-dir needs an --input file: a restarted worker reads it again from its checkpoint", 2)
+    if input_path == "-":
+        # Fed through Feed instead, the feeder resends what follows the checkpoint (Status.next_position).
+        fail(
+            "--checkpoint-dir needs an --input file or Feed, not stdin: a restarted worker reads on "
+            "from its checkpoint",
+            2,
+        )
     try:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -76,6 +76,7 @@ class LogicLoop:
     checkpoint_dir: Path | None
     checkpoint_every: int
     _checkpointed_records: int
+    checkpoint_position: int
 
     def _call_user(
         self, name: str, fn: Callable[..., None], *args: Any, position: int | None = None, record: Any = None
@@ -237,6 +238,7 @@ class LogicLoop:
         except (CheckpointError, OSError) as exc:
             raise JobFailed(f"worker {self.worker_index}: cannot checkpoint: {exc}") from exc
         self._checkpointed_records = self.records
+        self.checkpoint_position = checkpoint.position
         log.debug(
             "checkpoint at %s %d (%d records) in %.1f ms",
             self.position_name,

@@ -190,6 +190,7 @@ class WorkerRuntime(LogicLoop, ShardLinks):
         self.checkpoint_dir = checkpoint_dir
         self.checkpoint_every = checkpoint_every
         self._checkpointed_records = 0
+        self.checkpoint_position = 0  # of the last checkpoint written or resumed from
         self._origins: OriginTracker | None = None
         self.resumed: Checkpoint | None = None
         if checkpoint_dir is not None:
@@ -221,7 +222,7 @@ class WorkerRuntime(LogicLoop, ShardLinks):
         self.records = self._checkpointed_records = checkpoint.records
         self.records_failed = checkpoint.records_failed
         self.outputs = checkpoint.outputs
-        self.inputs.last_taken = self.inputs.records_fed = checkpoint.position
+        self.inputs.last_taken = self.inputs.records_fed = self.checkpoint_position = checkpoint.position
         self._origins.frontier = checkpoint.position + 1
         log.info(
             "worker %d: resuming from its checkpoint after %s %d (%d records processed)%s",

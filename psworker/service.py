@@ -115,6 +115,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             num_workers=runtime.num_workers,
             error=runtime.error or "",
             uptime_seconds=time.monotonic() - runtime.started,
+            next_position=runtime.inputs.records_fed + 1,
+            checkpoint_position=runtime.checkpoint_position,
             **{name: value for name, value in counters.items() if name in _STATUS_FIELDS},
         )
 

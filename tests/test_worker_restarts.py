@@ -220,7 +220,7 @@ def test_chaos_ten_kills_of_random_processes_leave_the_model_exact(tmp_path: Pat
 ONE_WORKER = ("--logic", "logics:Exactness", "--worker-index", "0", "--num-workers", "1")
 
 
-def test_checkpoint_dir_needs_a_job_id_and_an_input_file(tmp_path: Path, procs: Processes) -> None:
+def test_checkpoint_dir_needs_a_job_id_and_an_input_file_or_feed(tmp_path: Path, procs: Processes) -> None:
     records = text_file(tmp_path / "in.jsonl", ["1"])
     checkpoints = ("--checkpoint-dir", str(tmp_path / "c"))
     code, _, stderr = run_psworker(procs, *ONE_WORKER, "--input", str(records), *checkpoints)
@@ -228,11 +228,11 @@ def test_checkpoint_dir_needs_a_job_id_and_an_input_file(tmp_path: Path, procs: 
         2,
         "psworker: error: --checkpoint-dir needs --job-id: a restarted worker resumes under the same id",
     )
-    code, _, stderr = run_psworker(procs, *ONE_WORKER, "--job-id", "j", *checkpoints)
+    code, _, stderr = run_psworker(procs, *ONE_WORKER, "--job-id", "j", "--input", "-", *checkpoints)
     assert (code, error_line(stderr)) == (
         2,
-        "psworker: error: --checkpoint-dir needs an --input file: a restarted worker reads it again from its "
-        "checkpoint",
+        "psworker: error: --checkpoint-dir needs an --input file or Feed, not stdin: a restarted worker reads on "
+        "from its checkpoint",
     )
 
 

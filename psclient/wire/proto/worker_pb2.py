@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n psclient/wire/proto/worker.proto\x12\x0bstreamps.v1\"4\n\x0b\x46\x65\x65\x64Request\x12\x0f\n\x07records\x18\x01 \x03(\x0c\x12\x14\n\x0c\x65nd_of_input\x18\x02 \x01(\x08\" \n\x0c\x46\x65\x65\x64Response\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x04\"\x10\n\x0eOutputsRequest\"\x1e\n\x0bOutputChunk\x12\x0f\n\x07outputs\x18\x01 \x03(\x0c\"\x0f\n\rStatusRequest\"\xfb\x02\n\x0eStatusResponse\x12\x30\n\x05state\x18\x01 \x01(\x0e\x32!.streamps.v1.StatusResponse.State\x12\x14\n\x0cworker_index\x18\x02 \x01(\r\x12\x13\n\x0bnum_workers\x18\x03 \x01(\r\x12\x0f\n\x07records\x18\x04 \x01(\x04\x12\x16\n\x0erecords_failed\x18\x05 \x01(\x04\x12\x0f\n\x07outputs\x18\x06 \x01(\x04\x12\r\n\x05pulls\x18\x07 \x01(\x04\x12\x0e\n\x06pushes\x18\x08 \x01(\x04\x12\x17\n\x0fpulls_in_flight\x18\t \x01(\x04\x12\x14\n\x0cpulls_queued\x18\n \x01(\x04\x12\x16\n\x0epushes_unacked\x18\x0b \x01(\x04\x12\r\n\x05\x65rror\x18\x0c \x01(\t\x12\x16\n\x0euptime_seconds\x18\r \x01(\x01\"E\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07RUNNING\x10\x01\x12\x0c\n\x08\x46INISHED\x10\x02\x12\n\n\x06\x46\x41ILED\x10\x03\x32\xce\x01\n\x06Worker\x12=\n\x04\x46\x65\x65\x64\x12\x18.streamps.v1.FeedRequest\x1a\x19.streamps.v1.FeedResponse(\x01\x12\x42\n\x07Outputs\x12\x1b.streamps.v1.OutputsRequest\x1a\x18.streamps.v1.OutputChunk0\x01\x12\x41\n\x06Status\x12\x1a.streamps.v1.StatusRequest\x1a\x1b.streamps.v1.StatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n psclient/wire/proto/worker.proto\x12\x0bstreamps.v1\"4\n\x0b\x46\x65\x65\x64Request\x12\x0f\n\x07records\x18\x01 \x03(\x0c\x12\x14\n\x0c\x65nd_of_input\x18\x02 \x01(\x08\" \n\x0c\x46\x65\x65\x64Response\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x04\"\x10\n\x0eOutputsRequest\"\x1e\n\x0bOutputChunk\x12\x0f\n\x07outputs\x18\x01 \x03(\x0c\"\x0f\n\rStatusRequest\"\xaf\x03\n\x0eStatusResponse\x12\x30\n\x05state\x18\x01 \x01(\x0e\x32!.streamps.v1.StatusResponse.State\x12\x14\n\x0cworker_index\x18\x02 \x01(\r\x12\x13\n\x0bnum_workers\x18\x03 \x01(\r\x12\x0f\n\x07records\x18\x04 \x01(\x04\x12\x16\n\x0erecords_failed\x18\x05 \x01(\x04\x12\x0f\n\x07outputs\x18\x06 \x01(\x04\x12\r\n\x05pulls\x18\x07 \x01(\x04\x12\x0e\n\x06pushes\x18\x08 \x01(\x04\x12\x17\n\x0fpulls_in_flight\x18\t \x01(\x04\x12\x14\n\x0cpulls_queued\x18\n \x01(\x04\x12\x16\n\x0epushes_unacked\x18\x0b \x01(\x04\x12\r\n\x05\x65rror\x18\x0c \x01(\t\x12\x16\n\x0euptime_seconds\x18\r \x01(\x01\x12\x15\n\rnext_position\x18\x0e \x01(\x04\x12\x1b\n\x13\x63heckpoint_position\x18\x0f \x01(\x04\"E\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07RUNNING\x10\x01\x12\x0c\n\x08\x46INISHED\x10\x02\x12\n\n\x06\x46\x41ILED\x10\x03\x32\xce\x01\n\x06Worker\x12=\n\x04\x46\x65\x65\x64\x12\x18.streamps.v1.FeedRequest\x1a\x19.streamps.v1.FeedResponse(\x01\x12\x42\n\x07Outputs\x12\x1b.streamps.v1.OutputsRequest\x1a\x18.streamps.v1.OutputChunk0\x01\x12\x41\n\x06Status\x12\x1a.streamps.v1.StatusRequest\x1a\x1b.streamps.v1.StatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,9 +42,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STATUSREQUEST']._serialized_start=187
   _globals['_STATUSREQUEST']._serialized_end=202
   _globals['_STATUSRESPONSE']._serialized_start=205
-  _globals['_STATUSRESPONSE']._serialized_end=584
-  _globals['_STATUSRESPONSE_STATE']._serialized_start=515
-  _globals['_STATUSRESPONSE_STATE']._serialized_end=584
-  _globals['_WORKER']._serialized_start=587
-  _globals['_WORKER']._serialized_end=793
+  _globals['_STATUSRESPONSE']._serialized_end=636
+  _globals['_STATUSRESPONSE_STATE']._serialized_start=567
+  _globals['_STATUSRESPONSE_STATE']._serialized_end=636
+  _globals['_WORKER']._serialized_start=639
+  _globals['_WORKER']._serialized_end=845
 # @@protoc_insertion_point(module_scope)

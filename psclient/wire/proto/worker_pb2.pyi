@@ -162,6 +162,8 @@ class StatusResponse(_message.Message):
     PUSHES_UNACKED_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     UPTIME_SECONDS_FIELD_NUMBER: _builtins.int
+    NEXT_POSITION_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_POSITION_FIELD_NUMBER: _builtins.int
     state: Global___StatusResponse.State.ValueType
     worker_index: _builtins.int
     num_workers: _builtins.int
@@ -179,6 +181,14 @@ class StatusResponse(_message.Message):
     error: _builtins.str
     """The error that stopped the job, in one line; empty otherwise."""
     uptime_seconds: _builtins.float
+    next_position: _builtins.int
+    """A restartable worker (psworker --checkpoint-dir) fed through Feed: the position
+    the next record fed gets (records are numbered from 1 in the worker's stream,
+    across its restarts), and the position of its last checkpoint (0: none yet).
+    A restarted worker expects the records after its checkpoint again: a feeder
+    keeps what it sent past checkpoint_position and resends from next_position.
+    """
+    checkpoint_position: _builtins.int
     def __init__(
         self,
         *,
@@ -195,10 +205,12 @@ class StatusResponse(_message.Message):
         pushes_unacked: _builtins.int = ...,
         error: _builtins.str = ...,
         uptime_seconds: _builtins.float = ...,
+        next_position: _builtins.int = ...,
+        checkpoint_position: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "num_workers", b"num_workers", "outputs", b"outputs", "pulls", b"pulls", "pulls_in_flight", b"pulls_in_flight", "pulls_queued", b"pulls_queued", "pushes", b"pushes", "pushes_unacked", b"pushes_unacked", "records", b"records", "records_failed", b"records_failed", "state", b"state", "uptime_seconds", b"uptime_seconds", "worker_index", b"worker_index"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint_position", b"checkpoint_position", "error", b"error", "next_position", b"next_position", "num_workers", b"num_workers", "outputs", b"outputs", "pulls", b"pulls", "pulls_in_flight", b"pulls_in_flight", "pulls_queued", b"pulls_queued", "pushes", b"pushes", "pushes_unacked", b"pushes_unacked", "records", b"records", "records_failed", b"records_failed", "state", b"state", "uptime_seconds", b"uptime_seconds", "worker_index", b"worker_index"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,6 +1,7 @@
-"""transform with durable shards: a shard killed mid-job is restarted on its port from its data
-dir and the model is exactly the fault-free one; past max_restarts, or without durability, the
-job fails with one line naming the shard; a dead worker still fails it at once."""
+"""transform with durability: a shard killed mid-job is restarted on its port from its data dir, a
+worker on its port from its checkpoint, and the model is exactly the fault-free one; past
+max_restarts, or without durability, the job fails with one line naming the child; a worker
+whose own code fails is not restarted."""
 
 from __future__ import annotations
 
@@ -16,12 +17,15 @@ from typing import Any, ClassVar
 
 import pytest
 from conftest import Processes
-from logics import Exactness
+from logics import Exactness, FailOnX, PacedWindows
 
 import psclient.local
 from psclient import JobFailed, Left, Right, transform
 
 RECORDS = 200_000
+# PacedWindows takes about 0.5 ms a record: with 3 workers, long enough for each to checkpoint
+# (every 10,000 records) well before its end.
+WORKER_RECORDS = 50_000
 RUN_TIMEOUT_S = 120
 
 
@@ -131,18 +135,80 @@ def test_without_durability_a_killed_shard_fails_the_job_at_once(children: list[
     assert all(child.process.poll() is not None for child in children)
 
 
+def checkpoint_of(child: RecordingChild) -> Path:
+    """Where worker `child` checkpoints (its --checkpoint-dir)."""
+    argv = [str(arg) for arg in child.process.args]  # type: ignore[union-attr]
+    index = argv[argv.index("--worker-index") + 1]
+    return Path(argv[argv.index("--checkpoint-dir") + 1]) / f"worker-{index}.ckpt"
+
+
+def windows_model(records: int) -> dict[Any, int]:
+    """What PacedWindows pushes over records 0..records-1: the fault-free model."""
+    return dict(Counter(r % 100 for r in range(records)))
+
+
 @pytest.mark.timeout(300)
-def test_with_durability_a_killed_worker_still_fails_the_job_at_once(children: list[RecordingChild]) -> None:
-    stream = transform(range(10 * RECORDS), Exactness(), "const:0", "add", 2, 2, progress=False, durable=True)
+def test_a_durable_worker_killed_mid_job_is_restarted_and_the_model_is_exact(
+    children: list[RecordingChild],
+) -> None:
+    """Killed after its first checkpoint, worker 1 is restarted on its port; the feeder
+    resends the records after that checkpoint, and the shards apply their pushes once."""
+    stream = transform(
+        range(WORKER_RECORDS), PacedWindows(), "const:0", "add", 3, 2, progress=False, durable=True, max_restarts=3
+    )
+    model: dict[Any, Any] = {}
+    windows: list[list[int]] = []
+    checkpointed = False
+    try:
+        for item in stream:
+            if isinstance(item, Right):
+                model[item.value[0]] = item.value[1]
+                continue
+            windows.append(item.value)
+            first = named(children, "worker 1")[0]
+            if not checkpointed and checkpoint_of(first).exists():
+                os.kill(first.process.pid, signal.SIGKILL)
+                checkpointed = True
+    finally:
+        stream.close()
+
+    assert checkpointed, "the job ended before worker 1 checkpointed"
+    assert model == windows_model(WORKER_RECORDS)
+    first, restarted = named(children, "worker 1")
+    assert restarted.announced == first.announced  # the same host:port: the feeder knows it
+    assert Counter(r for window in windows for r in window).keys() == set(range(WORKER_RECORDS))  # at least once
+    assert all(child.process.poll() is not None for child in children)
+
+
+@pytest.mark.timeout(300)
+def test_a_worker_killed_more_often_than_max_restarts_fails_the_job_naming_it(
+    children: list[RecordingChild],
+) -> None:
+    stream = transform(
+        range(10 * RECORDS), Exactness(), "const:0", "add", 2, 2, progress=False, durable=True, max_restarts=1
+    )
 
     with pytest.raises(JobFailed) as failed:
-        run_killing(stream, children, "worker 1", kills=1)
+        run_killing(stream, children, "worker 1", kills=2)
 
-    (worker,) = named(children, "worker 1")
+    last = named(children, "worker 1")[-1]
     assert str(failed.value) == (
-        f"worker 1 (pid {worker.process.pid}) was killed by signal 9 (SIGKILL); "
-        "a local cluster restarts shards, not workers"
+        f"worker 1 (pid {last.process.pid}) was killed by signal 9 (SIGKILL); no restart left (max_restarts=1)"
     )
+    assert len(named(children, "worker 1")) == 2
+    assert all(child.process.poll() is not None for child in children)
+
+
+@pytest.mark.timeout(300)
+def test_with_durability_a_worker_whose_code_raises_is_not_restarted(children: list[RecordingChild]) -> None:
+    records = ["x" if n == 4_000 else "a" for n in range(10_000)]  # the 2,001st record of worker 0
+    stream = transform(records, FailOnX(), "const:0", "add", 2, 2, progress=False, durable=True)
+
+    with pytest.raises(JobFailed) as failed:
+        list(stream)
+
+    assert str(failed.value) == "worker 0 failed in on_recv: ValueError: bad record x (record 2001: 'x')"
+    assert len(named(children, "worker 0")) == 1  # not restarted
     assert all(child.process.poll() is not None for child in children)
 
 
@@ -153,7 +219,7 @@ def test_a_given_data_dir_is_kept_with_a_dir_per_shard(tmp_path: Path, children:
     assert {param_id: value for param_id, value in (i.value for i in items if isinstance(i, Right))} == (
         expected_model(1000)
     )
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["shard-0", "shard-1"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "shard-0", "shard-1"]
     assert all(any((tmp_path / f"shard-{i}").iterdir()) for i in range(2))
     assert sum(isinstance(item, Left) for item in items) == 1000
 

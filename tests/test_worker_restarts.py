@@ -24,6 +24,7 @@ from test_shard_restarts import port_of, start_shard
 
 from psclient import Cluster
 from psclient.children import worker_argv
+from psclient.wire.proto import worker_pb2
 from psworker.checkpoints import checkpoint_path
 
 WORKERS = 3
@@ -276,3 +277,43 @@ def test_a_state_that_is_not_plain_data_fails_the_worker_in_one_line(
     assert code == 1
     not_plain = "psworker: error: worker 0: cannot checkpoint: the logic's state() is not plain data: "
     assert error_line(stderr).startswith(not_plain)
+
+
+# -- fed through Feed -------------------------------------------------------------------
+
+
+def test_a_feed_mode_worker_reports_where_its_input_stands_across_a_restart(
+    tmp_path: Path, procs: Processes, start_shards: Any
+) -> None:
+    """Fed records are numbered from 1 in the worker's stream; Status says which position the
+    next record fed gets and where its last checkpoint stands, and a worker killed and started
+    again expects the records after that checkpoint again."""
+    (shard,) = start_shards(1)
+    argv = worker_argv(
+        "logics:Exactness", [shard], 0, 1, "--port", "0", "--job-id", JOB,
+        "--checkpoint-dir", str(tmp_path / "c"), "--checkpoint-every", "10",
+    )  # fmt: skip
+    worker = procs.start_server(argv)
+    with Cluster([shard], [worker.address]) as cluster:
+        (status,) = cluster.status()
+        assert isinstance(status, worker_pb2.StatusResponse)
+        assert (status.next_position, status.checkpoint_position) == (1, 0)
+        assert cluster.feed(range(25), end_of_input=False) == 25
+
+        def stands() -> tuple[int, int]:
+            (status,) = cluster.status()
+            assert isinstance(status, worker_pb2.StatusResponse)
+            return status.next_position, status.checkpoint_position
+
+        wait_for(lambda: stands() == (26, 20))
+    os.kill(worker.process.pid, signal.SIGKILL)
+    worker.process.wait(timeout=10)
+    argv[argv.index("--port") + 1] = worker.address.rsplit(":", 1)[1]
+    restarted = procs.start_server(argv)
+    with Cluster([shard], [restarted.address]) as cluster:
+        (status,) = cluster.status()
+        assert isinstance(status, worker_pb2.StatusResponse)
+        assert (status.next_position, status.checkpoint_position, status.records) == (21, 20, 20)
+        assert cluster.feed(range(20, 25)) == 5
+        assert list(cluster.outputs()) == [[0, r] for r in range(20, 25)]  # the records after its checkpoint
+        assert dict(cluster.snapshot()) == exactness_model(range(25))

@@ -254,6 +254,7 @@ def main(
                 job_id=job_id,
                 checkpoint_dir=checkpoint_dir,
                 checkpoint_every=checkpoint_every,
+                flush_outputs=out.flush if out is not None else None,
             )
         except CheckpointError as exc:
             fail(f"worker {worker_index}: {exc}", 2)

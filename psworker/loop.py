@@ -76,6 +76,7 @@ class LogicLoop:
     checkpoint_dir: Path | None
     checkpoint_every: int
     _checkpointed_records: int
+    _flush_outputs: Callable[[], None] | None
     checkpoint_position: int
 
     def _call_user(
@@ -234,6 +235,9 @@ class LogicLoop:
             finished=finished,
         )
         try:
+            if self._flush_outputs is not None:
+                # The outputs of the records up to the checkpoint are never made again: they must be out first.
+                self._flush_outputs()
             write_checkpoint(self.checkpoint_dir, self.worker_index, checkpoint)
         except (CheckpointError, OSError) as exc:
             raise JobFailed(f"worker {self.worker_index}: cannot checkpoint: {exc}") from exc

@@ -135,6 +135,7 @@ class WorkerRuntime(LogicLoop, ShardLinks):
         job_id: str | None = None,
         checkpoint_dir: Path | None = None,
         checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
+        flush_outputs: Callable[[], None] | None = None,
     ):
         if on_error not in ("fail", "skip"):
             raise ValueError(f"on_error must be 'fail' or 'skip', not {on_error!r}")
@@ -158,6 +159,7 @@ class WorkerRuntime(LogicLoop, ShardLinks):
         self.connect_timeout = connect_timeout
         self.shard_timeout = shard_timeout
         self._emit = emit
+        self._flush_outputs = flush_outputs  # before a checkpoint: its records' outputs are not replayed
         self._receives_many = receives_many(logic)
         self.client = _Client(self)
         num_shards = len(self.servers)

@@ -55,8 +55,8 @@ def run_local_job(
     `progress` shows a live bar on stderr (None: when stderr is a terminal). If a
     child dies (a signal, the out-of-memory killer, a crash), JobFailed names it
     and how it ended, rather than the broken stream it leaves behind. With
-    `durable` (or a `data_dir`), a dead shard is restarted up to `max_restarts`
-    times in the job instead (see LocalCluster).
+    `durable` (or a `data_dir`), a dead shard or worker is restarted up to
+    `max_restarts` times in the job instead (see LocalCluster).
     """
     bar = JobProgress(progress)  # before any child starts: nothing to clean up if it fails
     cluster = LocalCluster(
@@ -139,9 +139,11 @@ def transform(
     under `data_dir` (which implies `durable`), kept. A shard that dies is then
     restarted on its port from its data dir, at most `max_restarts` times in the
     job; its workers reconnect and resend (`shard_timeout` defaults to 60 s), and
-    the model is exactly the fault-free one. One more death fails the job with
-    JobFailed naming the shard. A dead worker still fails the job at once: workers
-    are not restarted.
+    the model is exactly the fault-free one. So is a worker that dies of a signal
+    or a crash, from its checkpoint (`psworker --checkpoint-dir`), and the records
+    fed to it since are fed again: their outputs come again (at least once), their
+    pushes count once. One more death fails the job with JobFailed naming the
+    child; a worker whose own code fails is not restarted.
 
     `model` warm-starts the job (transformWithModelLoad): an iterable of (id,
     value) pairs, such as the `Right`s of an earlier job. Each shard loads its

@@ -37,7 +37,7 @@ from psworker.checkpoints import CheckpointError
 from psworker.logic import load_logic, with_pull_limit
 from psworker.metrics import register as register_metrics
 from psworker.runtime import DEFAULT_CHECKPOINT_EVERY, DEFAULT_SHARD_TIMEOUT_S, WorkerRuntime
-from psworker.service import OutputBuffer, build_worker_server
+from psworker.service import CHECKPOINT_OUTPUTS_WAIT_S, OutputBuffer, build_worker_server
 
 STOP_GRACE_S = 5.0
 FILE_CHUNK = 256
@@ -254,7 +254,7 @@ def main(
                 job_id=job_id,
                 checkpoint_dir=checkpoint_dir,
                 checkpoint_every=checkpoint_every,
-                flush_outputs=out.flush if out is not None else None,
+                flush_outputs=out.flush if out is not None else lambda: outputs.wait_taken(CHECKPOINT_OUTPUTS_WAIT_S),
             )
         except CheckpointError as exc:
             fail(f"worker {worker_index}: {exc}", 2)

@@ -105,21 +105,22 @@ def test_a_durable_shard_killed_mid_job_is_restarted_and_the_model_is_exact(
 
 
 @pytest.mark.timeout(300)
-def test_a_shard_killed_more_often_than_max_restarts_fails_the_job_naming_it(
-    children: list[RecordingChild],
+@pytest.mark.parametrize("name", ["shard 1", "worker 1"])
+def test_a_child_killed_more_often_than_max_restarts_fails_the_job_naming_it(
+    children: list[RecordingChild], name: str
 ) -> None:
     stream = transform(
         range(10 * RECORDS), Exactness(), "const:0", "add", 2, 2, progress=False, durable=True, max_restarts=1
     )
 
     with pytest.raises(JobFailed) as failed:
-        run_killing(stream, children, "shard 1", kills=2)
+        run_killing(stream, children, name, kills=2)
 
-    last = named(children, "shard 1")[-1]
+    last = named(children, name)[-1]
     assert str(failed.value) == (
-        f"shard 1 (pid {last.process.pid}) was killed by signal 9 (SIGKILL); no restart left (max_restarts=1)"
+        f"{name} (pid {last.process.pid}) was killed by signal 9 (SIGKILL); no restart left (max_restarts=1)"
     )
-    assert len(named(children, "shard 1")) == 2
+    assert len(named(children, name)) == 2
     assert all(child.process.poll() is not None for child in children)
 
 
@@ -177,25 +178,6 @@ def test_a_durable_worker_killed_mid_job_is_restarted_and_the_model_is_exact(
     first, restarted = named(children, "worker 1")
     assert restarted.announced == first.announced  # the same host:port: the feeder knows it
     assert Counter(r for window in windows for r in window).keys() == set(range(WORKER_RECORDS))  # at least once
-    assert all(child.process.poll() is not None for child in children)
-
-
-@pytest.mark.timeout(300)
-def test_a_worker_killed_more_often_than_max_restarts_fails_the_job_naming_it(
-    children: list[RecordingChild],
-) -> None:
-    stream = transform(
-        range(10 * RECORDS), Exactness(), "const:0", "add", 2, 2, progress=False, durable=True, max_restarts=1
-    )
-
-    with pytest.raises(JobFailed) as failed:
-        run_killing(stream, children, "worker 1", kills=2)
-
-    last = named(children, "worker 1")[-1]
-    assert str(failed.value) == (
-        f"worker 1 (pid {last.process.pid}) was killed by signal 9 (SIGKILL); no restart left (max_restarts=1)"
-    )
-    assert len(named(children, "worker 1")) == 2
     assert all(child.process.poll() is not None for child in children)
 
 

@@ -129,7 +129,7 @@ def main() -> None:
     "--max-restarts",
     type=click.IntRange(min=0),
     default=3,
-    help="With --durable: shard restarts allowed in the job; one more death fails it.",
+    help="With --durable: shard and worker restarts allowed in the job; one more death fails it.",
 )
 def run(
     logic_spec: str,

@@ -155,7 +155,13 @@ def send_restartable(
     """Run worker `index`'s Feed calls: one, and one more after each restart of the worker."""
     stop_trimming = threading.Event()
     try:
-        resumed: Resumed | None = _resume(index, link.worker_stub(index), buffer)
+        stub = link.worker_stub(index)
+        try:
+            resumed: Resumed | None = _resume(index, stub, buffer)
+        except grpc.RpcError as exc:
+            if exc.code() not in BROKEN:
+                raise
+            resumed = _after_break(index, link, stub, buffer)  # it died before this feed began
         threading.Thread(
             target=_trim, args=(index, link, buffer, stop_trimming), name=f"trim-{index}", daemon=True
         ).start()

@@ -3,7 +3,8 @@
 Layout of DIR:
     LOCK                 flock'ed by the running shard: a second one is refused
     shard.json           which shard of how many this dir belongs to
-    snapshot.bin         the table and the watermarks as of a point in the log
+    snapshot.bin         the table, the watermarks and the origins (psserver.origins)
+                         as of a point in the log
     wal-<n>.log          applied pushes from segment n on (psserver.wal)
 
 A snapshot names the first WAL segment that is not in it. Recovery loads the
@@ -33,6 +34,7 @@ from typing import Any
 from psclient.errors import StreampsError
 from psclient.wire.codec import DecodedBatch, decode_batch, encode_batch
 from psclient.wire.proto import shard_pb2
+from psserver.origins import Origins, tagged
 from psserver.store import ParameterStore
 from psserver.wal import MAX_RECORD, WriteAheadLog, frame, fsync_dir, iter_segments, read_records, segment_numbers
 
@@ -164,6 +166,7 @@ class Durability:
         self.durable = durable
         self.snapshot_interval = snapshot_interval
         self.watermarks: dict[str, int] = {}
+        self.origins = Origins()
         self.recovered = False  # the dir held a snapshot or log records
         self._lock_fd = lock_data_dir(directory)
         check_meta(directory, shard, num_shards)
@@ -191,6 +194,7 @@ class Durability:
                 for batch in shard_pb2.SnapshotChunk.FromString(payload).batches:
                     self.store.put(decode_batch(batch, with_values=True))
             self.watermarks.update(header["watermarks"])
+            self.origins.load_json(header.get("finished_below", {}))  # absent before origins existed
             first = int(header["wal_segment"])
             self.recovered = True
             # Left by a stop between a snapshot's rename and the removal of what it covers.
@@ -236,6 +240,13 @@ class Durability:
         return replayed
 
     def _apply(self, request: shard_pb2.PushRequest) -> None:
+        if tagged(request):  # the live shard's rule (ShardServicer._apply_tagged), from the same state
+            fresh = self.origins.fresh(request)
+            if fresh:
+                self.store.push_rows([decode_batch(request.batches[i], with_values=True) for i in fresh])
+            self.origins.record(request, fresh)
+            self.watermarks[request.worker_id] = max(self.watermarks.get(request.worker_id, 0), request.seq)
+            return
         if request.seq <= self.watermarks.get(request.worker_id, 0):
             return
         self.store.push_rows([decode_batch(batch, with_values=True) for batch in request.batches])
@@ -268,6 +279,7 @@ class Durability:
             "num_shards": self.num_shards,
             "wal_segment": segment,
             "watermarks": dict(self.watermarks),
+            "finished_below": self.origins.to_json(),
             "params": len(self.store),
         }
         return header, chunks

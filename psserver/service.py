@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -28,6 +28,7 @@ from psclient.wire.partition import shard_of, shards_of_ints
 from psclient.wire.proto import shard_pb2, shard_pb2_grpc, tensor_pb2
 from psserver import metrics
 from psserver.durability import Durability
+from psserver.origins import Origins, tagged
 from psserver.store import ParameterStore
 
 log = logging.getLogger("streamps.shard")
@@ -72,6 +73,7 @@ class ShardServicer(shard_pb2_grpc.ParameterShardServicer):
         self.durability = durability
         # With a data dir, the recovered watermarks (one dict, kept by both).
         self._watermarks: dict[str, int] = durability.watermarks if durability is not None else {}
+        self._origins: Origins = durability.origins if durability is not None else Origins()
         self._pushed: asyncio.Condition | None = None  # made on the serving loop
         self._push_waiters = 0  # pulls waiting in `_await_push`
         self._started = time.monotonic()
@@ -253,6 +255,8 @@ class ShardServicer(shard_pb2_grpc.ParameterShardServicer):
         if not request.worker_id or request.seq == 0:
             op.errors.inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a push needs a worker_id and a seq >= 1")
+        if tagged(request):
+            return await self._apply_tagged(request, context)
         if request.seq <= self._watermarks.get(request.worker_id, 0):
             self._duplicates.inc()
             # Applied, but maybe not yet on disk: its ack waits for what is logged so far.
@@ -268,14 +272,54 @@ class ShardServicer(shard_pb2_grpc.ParameterShardServicer):
         # Logged in the order applied (no await in between), so replay repeats this order.
         durable = self.durability.log_push(request) if self.durability is not None else None
         self._watermarks[request.worker_id] = request.seq
+        self._count_push(started, decoded, request.batches)
+        if self._push_waiters:  # a pull with after_seq (the Pull stream's read-your-writes)
+            await self._notify_pushed()
+        return shard_pb2.PushAck(seq=request.seq, duplicate=False), durable
+
+    async def _apply_tagged(
+        self, request: shard_pb2.PushRequest, context: grpc.aio.ServicerContext
+    ) -> tuple[shard_pb2.PushAck, asyncio.Future[None] | None]:
+        """`_apply_push` for a push with origins (psserver.origins): only the batches
+        not applied before are. Its seq only moves the watermark Info reports: a
+        restarted worker starts its seqs over."""
+        started = time.perf_counter()
+        try:
+            fresh = self._origins.fresh(request)
+            decoded = [self._decode(request.batches[i], with_values=True) for i in fresh]
+            if decoded:
+                self.store.push_rows(decoded)
+        except Exception as exc:
+            self._metrics["push"].errors.inc()
+            await self._abort(context, exc)
+        changed = self._origins.record(request, fresh)
+        moved = request.seq > self._watermarks.get(request.worker_id, 0)
+        if moved:
+            self._watermarks[request.worker_id] = request.seq
+        durable = None
+        if self.durability is not None:
+            # The whole request: recovery runs the same rule on it from the same state.
+            # One that changed nothing need not be replayed; its ack waits for what is logged.
+            durable = self.durability.log_push(request) if changed or moved else self.durability.barrier()
+        if decoded:
+            self._count_push(started, decoded, [request.batches[i] for i in fresh])
+        else:
+            self._duplicates.inc()
+        if moved and self._push_waiters:
+            await self._notify_pushed()
+        return shard_pb2.PushAck(seq=request.seq, duplicate=not decoded), durable
+
+    def _count_push(
+        self, started: float, decoded: list[DecodedBatch], batches: Sequence[tensor_pb2.ParamBatch]
+    ) -> None:
         keys = sum(len(d) for d in decoded)
         self._push_requests += 1
         self._pushed_keys += keys
-        op.observe(started, keys, sum(len(b.values.data) for b in request.batches))
-        if self._push_waiters:  # a pull with after_seq (the Pull stream's read-your-writes)
-            async with self.pushed:
-                self.pushed.notify_all()
-        return shard_pb2.PushAck(seq=request.seq, duplicate=False), durable
+        self._metrics["push"].observe(started, keys, sum(len(b.values.data) for b in batches))
+
+    async def _notify_pushed(self) -> None:
+        async with self.pushed:
+            self.pushed.notify_all()
 
     async def _exchange_answer(
         self, request: shard_pb2.ExchangeRequest, context: grpc.aio.ServicerContext
@@ -330,4 +374,5 @@ class ShardServicer(shard_pb2_grpc.ParameterShardServicer):
             push_requests=self._push_requests,
             pushed_keys=self._pushed_keys,
             uptime_seconds=time.monotonic() - self._started,
+            finished_below=dict(self._origins.finished_below),
         )

@@ -59,7 +59,9 @@ class Stream:
             yield request
 
     def send(self, seq: int, ids: np.ndarray, deltas: np.ndarray) -> None:
-        push = shard_pb2.PushRequest(worker_id=WORKER, seq=seq, batches=[encode_id_array(ids, deltas)])
+        self.send_push(shard_pb2.PushRequest(worker_id=WORKER, seq=seq, batches=[encode_id_array(ids, deltas)]))
+
+    def send_push(self, push: shard_pb2.PushRequest) -> None:
         self._requests.put(shard_pb2.ExchangeRequest(push=push))
 
     def ack(self) -> shard_pb2.PushAck:
@@ -78,7 +80,10 @@ class Stream:
         return values
 
     def watermarks(self) -> dict[str, int]:
-        return dict(self.stub.Info(shard_pb2.InfoRequest(), timeout=10).watermarks)
+        return dict(self.info().watermarks)
+
+    def info(self) -> shard_pb2.InfoResponse:
+        return self.stub.Info(shard_pb2.InfoRequest(), timeout=10)
 
     def close(self) -> None:
         self._requests.put(None)
@@ -125,9 +130,9 @@ def pushed_and_killed(procs: Processes, data_dir: Path, count: int) -> Path:
     return segment_path(data_dir, number)
 
 
-def restarted(procs: Processes, streams: list[Stream], data_dir: Path) -> tuple[Service, Stream]:
+def restarted(procs: Processes, streams: list[Stream], data_dir: Path, *extra: str) -> tuple[Service, Stream]:
     """The shard of `data_dir` started again, and a stream to it (closed with `streams`)."""
-    shard = start_shard(procs, 0, 1, data_dir)
+    shard = start_shard(procs, 0, 1, data_dir, *extra)
     stream = Stream(shard.address)
     streams.append(stream)
     return shard, stream

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
+import os
 import re
 import signal
 import threading
@@ -62,6 +65,12 @@ def _json_writer(handle: TextIO) -> Callable[[Any], None]:
         handle.write(json.dumps(to_json_compatible(out)) + "\n")
 
     return write
+
+
+def _flush(handle: TextIO) -> None:
+    handle.flush()
+    with contextlib.suppress(OSError):  # a pipe or a terminal: flushed is all there is
+        os.fsync(handle.fileno())
 
 
 def _feed_file(runtime: WorkerRuntime, spec: InputSpec) -> None:
@@ -254,6 +263,7 @@ def main(
                 job_id=job_id,
                 checkpoint_dir=checkpoint_dir,
                 checkpoint_every=checkpoint_every,
+                flush_outputs=functools.partial(_flush, out) if out is not None else None,
             )
         except CheckpointError as exc:
             fail(f"worker {worker_index}: {exc}", 2)

@@ -75,6 +75,7 @@ class LogicLoop:
     outputs: int
     checkpoint_dir: Path | None
     checkpoint_every: int
+    flush_outputs: Callable[[], None] | None
     _checkpointed_records: int
 
     def _call_user(
@@ -233,6 +234,8 @@ class LogicLoop:
             finished=finished,
         )
         try:
+            if self.flush_outputs is not None:
+                self.flush_outputs()
             write_checkpoint(self.checkpoint_dir, self.worker_index, checkpoint)
         except (CheckpointError, OSError) as exc:
             raise JobFailed(f"worker {self.worker_index}: cannot checkpoint: {exc}") from exc

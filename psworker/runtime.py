@@ -135,6 +135,7 @@ class WorkerRuntime(LogicLoop, ShardLinks):
         job_id: str | None = None,
         checkpoint_dir: Path | None = None,
         checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
+        flush_outputs: Callable[[], None] | None = None,
     ):
         if on_error not in ("fail", "skip"):
             raise ValueError(f"on_error must be 'fail' or 'skip', not {on_error!r}")
@@ -189,6 +190,9 @@ class WorkerRuntime(LogicLoop, ShardLinks):
         # A restartable worker: pushes named by input position, checkpoints (psworker/origins.py).
         self.checkpoint_dir = checkpoint_dir
         self.checkpoint_every = checkpoint_every
+        # Outputs of the records a checkpoint covers are written out before it: a restart
+        # replays only the records after it, so those outputs would be lost.
+        self.flush_outputs = flush_outputs
         self._checkpointed_records = 0
         self._origins: OriginTracker | None = None
         self.resumed: Checkpoint | None = None

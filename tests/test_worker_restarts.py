@@ -24,7 +24,7 @@ from test_shard_restarts import port_of, start_shard
 
 from psclient import Cluster
 from psclient.children import worker_argv
-from psworker.checkpoints import checkpoint_path
+from psworker.checkpoints import checkpoint_path, read_checkpoint
 
 WORKERS = 3
 SHARDS = 2
@@ -213,6 +213,27 @@ def test_chaos_ten_kills_of_random_processes_leave_the_model_exact(tmp_path: Pat
     assert job.model() == windows_model(range(RECORDS)), dict(job.restarts)
     assert sum(job.restarts.values()) == 10
     assert any(name.startswith("worker") for name in job.restarts), dict(job.restarts)
+
+
+def test_sigterm_checkpoints_a_restartable_worker_without_ending_its_input(tmp_path: Path, procs: Processes) -> None:
+    """A graceful stop is not the end of the input: on_input_end waits for the run that ends it."""
+    records = 20_000
+    job = Job(procs, tmp_path, "logics:PacedCountingInputEnd", records, every=1_000)
+    wait_for(lambda: has_checkpoint(job, 0))
+    job.workers[0].send_signal(signal.SIGTERM)
+    assert job.workers[0].wait(timeout=20) == 0, job.stderr(0)
+    stopped = re.search(r"stopped on SIGTERM: .*; checkpointed after line (\d+)", job.stderr(0))
+    assert stopped is not None, job.stderr(0)
+    checkpoint = read_checkpoint(job.checkpoints, 0, worker_id=f"{JOB}-w0", num_workers=WORKERS, num_shards=SHARDS)
+    assert checkpoint is not None and not checkpoint.finished
+    assert checkpoint.position == int(stopped.group(1)) < records
+    job.kill_worker(0)  # it has exited: this starts it again
+    job.wait()
+    assert job.model() == {
+        "sum": sum(range(records)),
+        **{f"count-{index}": len(range(index, records, WORKERS)) for index in range(WORKERS)},
+        "after-end": WORKERS,
+    }
 
 
 # -- what a restart refuses -----------------------------------------------------------

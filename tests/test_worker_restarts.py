@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 from conftest import Processes, error_line, run_psworker, text_file
-from test_shard_restarts import port_of, start_shard
+from test_shard_restarts import expected_model, port_of, start_shard
 
 from psclient import Cluster
 from psclient.children import worker_argv
@@ -30,14 +30,6 @@ WORKERS = 3
 SHARDS = 2
 JOB = "job11"
 RECORDS = 50_000
-
-
-def exactness_model(records: range) -> dict[Any, int]:
-    model: Counter[Any] = Counter()
-    for r in records:
-        model[r % 500 - 250] += r % 7 + 1
-        model[f"s{r % 300}"] += 2
-    return dict(model)
 
 
 def windows_model(records: range) -> dict[Any, int]:
@@ -143,7 +135,7 @@ def has_checkpoint(job: Job, index: int) -> bool:
 
 @pytest.mark.parametrize(
     ("logic", "model"),
-    [("logics:Exactness", exactness_model), ("logics:Windows", windows_model), ("logics:PullChain", pull_chain_model)],
+    [("logics:Exactness", expected_model), ("logics:Windows", windows_model), ("logics:PullChain", pull_chain_model)],
 )
 def test_a_restartable_job_without_a_failure_gives_the_exact_model(
     tmp_path: Path, procs: Processes, logic: str, model: Callable[[range], dict[Any, int]]

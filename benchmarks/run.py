@@ -28,6 +28,7 @@ from benchmarks import (
     bench_mf,
     bench_raw,
     bench_recovery,
+    bench_restarts,
     bench_sparse,
 )
 from benchmarks.common import format_table, machine_facts
@@ -45,6 +46,7 @@ def sections() -> list[tuple[str, ModuleType]]:
         ("e. Shard memory holding 1,000,000 parameters of 16 float32", bench_memory),
         ("f. Durable shards: push throughput without --data-dir, with --no-durable, with --durable", bench_durability),
         ("g. Durable shards: recovery of 1,000,000 parameters after SIGKILL", bench_recovery),
+        ("h. Restartable jobs: durable shards and worker checkpoints against a plain job, MF 2x2", bench_restarts),
     ]
 
 

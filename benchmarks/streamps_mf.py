@@ -87,19 +87,22 @@ class WindowMF(WorkerLogic[Rating, np.ndarray, list[float]]):
             self._start(ps)
 
 
-def run(data: Ratings, workers: int, shards: int, window: int, *, batched: bool = False) -> tuple[float, float]:
+def run(
+    data: Ratings, workers: int, shards: int, window: int, *, batched: bool = False, durable: bool = False
+) -> tuple[float, float]:
     """(ratings per second, prequential RMSE) of one job on a fresh cluster.
 
     `batched` runs WindowMF with windows of `window` ratings, else StreamMF at
     pull limit `window`. The clock starts once every shard and worker serves,
     and stops when the workers have finished (every pull answered, every push
     acknowledged): when the first final parameter arrives. Reading the final
-    model is not timed.
+    model is not timed. `durable` gives the shards data dirs and the workers
+    checkpoints (`LocalCluster(durable=True)`).
     """
     records = data.records()
     logic = WindowMF(window) if batched else stream_mf(window)
     with tempfile.TemporaryDirectory() as tmp:
-        cluster = LocalCluster(ship(logic, Path(tmp), "logic"), INIT_SPEC, "add", workers, shards)
+        cluster = LocalCluster(ship(logic, Path(tmp), "logic"), INIT_SPEC, "add", workers, shards, durable=durable)
         with cluster, Cluster(cluster.servers, cluster.workers) as client:
             errors: list[float] = []
             start = time.perf_counter()

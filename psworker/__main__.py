@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
+import os
 import re
 import signal
 import threading
@@ -64,6 +67,12 @@ def _json_writer(handle: TextIO) -> Callable[[Any], None]:
     return write
 
 
+def _flush(handle: TextIO) -> None:
+    handle.flush()
+    with contextlib.suppress(OSError):  # a pipe or a terminal: flushed is all there is
+        os.fsync(handle.fileno())
+
+
 def _feed_file(runtime: WorkerRuntime, spec: InputSpec) -> None:
     chunk: list[tuple[int, Any]] = []
     try:
@@ -90,9 +99,12 @@ def _feed_file(runtime: WorkerRuntime, spec: InputSpec) -> None:
 
 def _stop_input(runtime: WorkerRuntime, stop: StopSignal, *, drop_queued: bool = False) -> None:
     """A graceful stop: no more input; the logic finishes the records it has (its
-    pulls answered, its pushes acked) and ends as at the end of its input."""
+    pulls answered, its pushes acked) and ends as at the end of its input, or for a
+    restartable worker, checkpoints without calling on_input_end."""
     name = signal.Signals(stop.signum).name if stop.signum is not None else "request"
     reason = f"worker {runtime.worker_index} is stopping ({name}): it takes no more input"
+    # A restartable worker's input has not ended: it checkpoints, and a restart reads on.
+    runtime.stopped = True
     runtime.inputs.stop(reason, drop_queued=drop_queued)
     logging.getLogger("streamps").info("%s; a second signal stops it at once", reason)
 
@@ -254,7 +266,11 @@ def main(
                 job_id=job_id,
                 checkpoint_dir=checkpoint_dir,
                 checkpoint_every=checkpoint_every,
-                flush_outputs=out.flush if out is not None else lambda: outputs.wait_taken(CHECKPOINT_OUTPUTS_WAIT_S),
+                flush_outputs=(
+                    functools.partial(_flush, out)
+                    if out is not None
+                    else functools.partial(outputs.wait_taken, CHECKPOINT_OUTPUTS_WAIT_S)
+                ),
             )
         except CheckpointError as exc:
             fail(f"worker {worker_index}: {exc}", 2)
@@ -266,10 +282,11 @@ def main(
             stop = _serve_feed(runtime, outputs, host, port, to_file=output_path is not None)
     if stop.signum is not None:
         log.info(
-            "stopped on %s: took no more input; processed %d records, %d outputs",
+            "stopped on %s: took no more input; processed %d records, %d outputs%s",
             signal.Signals(stop.signum).name,
             runtime.records,
             runtime.outputs,
+            f"; checkpointed after {runtime.position_name} {runtime.inputs.last_taken}" if checkpoint_dir else "",
         )
     else:
         log.info("finished: %d records, %d outputs", runtime.records, runtime.outputs)

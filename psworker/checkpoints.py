@@ -15,14 +15,23 @@ temp file, fsynced, renamed over the old one, and the directory fsynced.
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from psclient.errors import StreampsError, WireError
+from psclient.errors import JobFailed, StreampsError, WireError
 from psclient.wire.records import pack, unpack
+from psworker.batching import ShardBuffers
+from psworker.input_queue import InputQueue
+from psworker.logic import WorkerLogic
+from psworker.origins import OriginTracker
+
+log = logging.getLogger("streamps.worker")
 
 FORMAT = 1
 # The file starts with a magic and a CRC-32 of the payload: a checkpoint cut short
@@ -129,3 +138,103 @@ def read_checkpoint(
         state=fields["state"],
         finished=fields["finished"],
     )
+
+
+class Checkpointing:
+    """The checkpoints of a restartable worker: when one is due, writing it, resuming
+    from one. `WorkerRuntime` (psworker/runtime.py) builds on this class, through
+    LogicLoop (psworker/loop.py), which writes one when the loop is quiescent."""
+
+    # Set by WorkerRuntime.__init__.
+    worker_index: int
+    worker_id: str
+    num_workers: int
+    position_name: str
+    records: int
+    records_failed: int
+    outputs: int
+    inputs: InputQueue
+    _callbacks: WorkerLogic
+    _buffers: ShardBuffers
+
+    def _init_checkpoints(self, directory: Path | None, every: int, flush_outputs: Callable[[], None] | None) -> None:
+        """A worker with a `directory` is restartable: its pushes carry their records'
+        origins (psworker/origins.py), and it resumes from the checkpoint it finds there."""
+        self.checkpoint_dir = directory
+        self.checkpoint_every = every
+        # Outputs of the records a checkpoint covers are written out before it: a restart
+        # replays only the records after it, so those outputs would be lost.
+        self.flush_outputs = flush_outputs
+        self._checkpointed_records = 0
+        self.checkpoint_position = 0  # of the last checkpoint written or resumed from (Status)
+        self._origins: OriginTracker | None = None
+        self.resumed: Checkpoint | None = None
+        if directory is not None:
+            self._origins = OriginTracker(self._buffers)
+            self._buffers.finished_below = self._origins.finished_below
+            self.resumed = read_checkpoint(
+                directory,
+                self.worker_index,
+                worker_id=self.worker_id,
+                num_workers=self.num_workers,
+                num_shards=self._buffers.num_shards,
+            )
+
+    def _resume_from(self, checkpoint: Checkpoint) -> None:
+        assert self._origins is not None
+        self.records = self._checkpointed_records = checkpoint.records
+        self.records_failed = checkpoint.records_failed
+        self.outputs = checkpoint.outputs
+        self.inputs.last_taken = self.inputs.records_fed = self.checkpoint_position = checkpoint.position
+        self._origins.frontier = checkpoint.position + 1
+        log.info(
+            "worker %d: resuming from its checkpoint after %s %d (%d records processed)%s",
+            self.worker_index,
+            self.position_name,
+            checkpoint.position,
+            checkpoint.records,
+            "; it had finished" if checkpoint.finished else "",
+        )
+
+    @property
+    def resume_position(self) -> int:
+        """Input positions up to this one are done (0: start from the beginning)."""
+        return self.resumed.position if self.resumed is not None else 0
+
+    def _checkpoint_due(self) -> bool:
+        return self.checkpoint_dir is not None and self.records - self._checkpointed_records >= self.checkpoint_every
+
+    def _write_checkpoint(self, *, finished: bool) -> None:
+        """Checkpoint at a quiescent point: every record taken so far is done and in the shards."""
+        assert self.checkpoint_dir is not None and self._origins is not None
+        started = time.perf_counter()
+        try:
+            state = self._callbacks.state()
+        except Exception as exc:
+            raise JobFailed(f"worker {self.worker_index} failed in state: {type(exc).__name__}: {exc}") from exc
+        checkpoint = Checkpoint(
+            worker_id=self.worker_id,
+            num_workers=self.num_workers,
+            num_shards=self._buffers.num_shards,
+            position=self.inputs.last_taken,
+            records=self.records,
+            records_failed=self.records_failed,
+            outputs=self.outputs,
+            state=state,
+            finished=finished,
+        )
+        try:
+            if self.flush_outputs is not None:
+                self.flush_outputs()
+            write_checkpoint(self.checkpoint_dir, self.worker_index, checkpoint)
+        except (CheckpointError, OSError) as exc:
+            raise JobFailed(f"worker {self.worker_index}: cannot checkpoint: {exc}") from exc
+        self._checkpointed_records = self.records
+        self.checkpoint_position = checkpoint.position
+        log.debug(
+            "checkpoint at %s %d (%d records) in %.1f ms",
+            self.position_name,
+            checkpoint.position,
+            self.records,
+            1000 * (time.perf_counter() - started),
+        )

@@ -97,7 +97,8 @@ class WorkerLogic(Generic[T, P, WOut]):
         answered batch: `ids` an int64 array or a list of str ids (a batch
         holding both kinds comes in two calls), `values` one writable array
         whose first axis follows `ids` (a 1-D array for scalar parameters;
-        values of different dtypes or shapes come in separate calls). Define
+        values of different dtypes or shapes come in separate calls, and in a
+        restartable worker, the answers to different records' pulls). Define
         it to vectorize what the logic does with the answers of `pull_many`.
         """
         scalars = values.ndim == 1

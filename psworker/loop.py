@@ -22,7 +22,6 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,7 +30,7 @@ from psclient.errors import JobFailed
 from psclient.wire.codec import DecodedBatch
 from psclient.wire.partition import Id
 from psworker.batching import ShardBuffers
-from psworker.checkpoints import Checkpoint, CheckpointError, write_checkpoint
+from psworker.checkpoints import Checkpointing
 from psworker.checks import InvalidDelta, short_repr
 from psworker.input_queue import InputQueue, Unreadable
 from psworker.logic import ParameterServerClient, WorkerLogic
@@ -50,7 +49,7 @@ IDLE_WAIT_S = 1.0
 Answer = tuple[int, list[Id] | None, list[Any]]
 
 
-class LogicLoop:
+class LogicLoop(Checkpointing):
     # Set by WorkerRuntime.__init__.
     worker_index: int
     on_error: str
@@ -70,14 +69,7 @@ class LogicLoop:
     _sent: bool
     _reconnecting: dict[int, Any]
     _origins: OriginTracker | None
-    worker_id: str
-    num_workers: int
-    outputs: int
-    checkpoint_dir: Path | None
-    checkpoint_every: int
-    _checkpointed_records: int
-    _flush_outputs: Callable[[], None] | None
-    checkpoint_position: int
+    stopped: bool
 
     def _call_user(
         self, name: str, fn: Callable[..., None], *args: Any, position: int | None = None, record: Any = None
@@ -212,45 +204,6 @@ class LogicLoop:
     def _finished(self) -> bool:
         return self._input_end_called and self._quiescent()
 
-    def _checkpoint_due(self) -> bool:
-        return self.checkpoint_dir is not None and self.records - self._checkpointed_records >= self.checkpoint_every
-
-    def _write_checkpoint(self, *, finished: bool) -> None:
-        """Checkpoint at a quiescent point: every record taken so far is done and in the shards."""
-        assert self.checkpoint_dir is not None and self._origins is not None
-        started = time.perf_counter()
-        try:
-            state = self._callbacks.state()
-        except Exception as exc:
-            raise JobFailed(f"worker {self.worker_index} failed in state: {type(exc).__name__}: {exc}") from exc
-        checkpoint = Checkpoint(
-            worker_id=self.worker_id,
-            num_workers=self.num_workers,
-            num_shards=self._buffers.num_shards,
-            position=self.inputs.last_taken,
-            records=self.records,
-            records_failed=self.records_failed,
-            outputs=self.outputs,
-            state=state,
-            finished=finished,
-        )
-        try:
-            if self._flush_outputs is not None:
-                # The outputs of the records up to the checkpoint are never made again: they must be out first.
-                self._flush_outputs()
-            write_checkpoint(self.checkpoint_dir, self.worker_index, checkpoint)
-        except (CheckpointError, OSError) as exc:
-            raise JobFailed(f"worker {self.worker_index}: cannot checkpoint: {exc}") from exc
-        self._checkpointed_records = self.records
-        self.checkpoint_position = checkpoint.position
-        log.debug(
-            "checkpoint at %s %d (%d records) in %.1f ms",
-            self.position_name,
-            checkpoint.position,
-            self.records,
-            1000 * (time.perf_counter() - started),
-        )
-
     def _step(self) -> bool | float:
         """Do one unit of work. Return True when the worker is finished, False after
         some work, or how long to wait for news (an answer, input, a failure) when
@@ -280,7 +233,8 @@ class LogicLoop:
                 return False
             if not self._input_end_called and self.inputs.closed and not self.inputs.waiting():
                 self._input_end_called = True
-                self._call_tracked("on_input_end", self._callbacks.on_input_end, self.client)
+                if not (self.stopped and self.checkpoint_dir is not None):  # else it resumes later
+                    self._call_tracked("on_input_end", self._callbacks.on_input_end, self.client)
                 return False
         elif self._checkpoint_due():
             if self._quiescent():

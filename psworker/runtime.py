@@ -48,13 +48,11 @@ from psclient.rpc.connection import CLOSE_TIMEOUT_S, EventLoopThread, ShardConne
 from psclient.rpc.serving import DEFAULT_CONNECT_TIMEOUT_S
 from psclient.wire.partition import Id, check_id
 from psworker.batching import ShardBuffers
-from psworker.checkpoints import Checkpoint, read_checkpoint
 from psworker.checks import check_delta, check_deltas, id_groups
 from psworker.input_queue import InputQueue
 from psworker.links import ShardLinks
 from psworker.logic import WorkerLogic, pull_limit_of, receives_many, unwrapped
 from psworker.loop import Answer, LogicLoop
-from psworker.origins import OriginTracker
 from psworker.pulls import PullWindow
 
 log = logging.getLogger("streamps.worker")
@@ -159,7 +157,6 @@ class WorkerRuntime(LogicLoop, ShardLinks):
         self.connect_timeout = connect_timeout
         self.shard_timeout = shard_timeout
         self._emit = emit
-        self._flush_outputs = flush_outputs  # before a checkpoint: its records' outputs are not replayed
         self._receives_many = receives_many(logic)
         self.client = _Client(self)
         num_shards = len(self.servers)
@@ -168,6 +165,8 @@ class WorkerRuntime(LogicLoop, ShardLinks):
         self.inputs = InputQueue(worker_index, INPUT_CAPACITY_CHUNKS, self._wake_threadsafe)
         self._failure: str | None = None
         self.state = State.RUNNING
+        # Stopped by a signal (a graceful stop) rather than at the end of its input.
+        self.stopped = False
 
         # The loop thread only (the logic and the stream callbacks). Status and the
         # metrics read the counters below from other threads without a lock: each
@@ -188,19 +187,7 @@ class WorkerRuntime(LogicLoop, ShardLinks):
             linger_s=linger_s,
         )
         self._pulls = PullWindow(self.pull_limit, self._buffers)
-        # A restartable worker: pushes named by input position, checkpoints (psworker/origins.py).
-        self.checkpoint_dir = checkpoint_dir
-        self.checkpoint_every = checkpoint_every
-        self._checkpointed_records = 0
-        self.checkpoint_position = 0  # of the last checkpoint written or resumed from
-        self._origins: OriginTracker | None = None
-        self.resumed: Checkpoint | None = None
-        if checkpoint_dir is not None:
-            self._origins = OriginTracker(self._buffers)
-            self._buffers.finished_below = self._origins.finished_below
-            self.resumed = read_checkpoint(
-                checkpoint_dir, worker_index, worker_id=self.worker_id, num_workers=num_workers, num_shards=num_shards
-            )
+        self._init_checkpoints(checkpoint_dir, checkpoint_every, flush_outputs)
         self._connections: list[ShardConnection] = []
         # Shards whose stream broke, and the task opening a new one.
         self._reconnecting: dict[int, asyncio.Task[None]] = {}
@@ -218,27 +205,6 @@ class WorkerRuntime(LogicLoop, ShardLinks):
         self.pushes = 0
         if self.resumed is not None:
             self._resume_from(self.resumed)
-
-    def _resume_from(self, checkpoint: Checkpoint) -> None:
-        assert self._origins is not None
-        self.records = self._checkpointed_records = checkpoint.records
-        self.records_failed = checkpoint.records_failed
-        self.outputs = checkpoint.outputs
-        self.inputs.last_taken = self.inputs.records_fed = self.checkpoint_position = checkpoint.position
-        self._origins.frontier = checkpoint.position + 1
-        log.info(
-            "worker %d: resuming from its checkpoint after %s %d (%d records processed)%s",
-            self.worker_index,
-            self.position_name,
-            checkpoint.position,
-            checkpoint.records,
-            "; it had finished" if checkpoint.finished else "",
-        )
-
-    @property
-    def resume_position(self) -> int:
-        """Input positions up to this one are done (0: start from the beginning)."""
-        return self.resumed.position if self.resumed is not None else 0
 
     # -- feeding (any thread) ------------------------------------------------
 
@@ -350,7 +316,7 @@ class WorkerRuntime(LogicLoop, ShardLinks):
                 self._call_user("restore", self._callbacks.restore, self.resumed.state)
             await self._steps()
             if self.checkpoint_dir is not None:
-                self._write_checkpoint(finished=True)
+                self._write_checkpoint(finished=not self.stopped)
             self._call_user("close", self.logic.close)
         except JobFailed as exc:
             await self._drain_pushes()

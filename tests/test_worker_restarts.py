@@ -20,25 +20,17 @@ from typing import Any
 
 import pytest
 from conftest import Processes, error_line, run_psworker, text_file
-from test_shard_restarts import port_of, start_shard
+from test_shard_restarts import expected_model, port_of, start_shard
 
 from psclient import Cluster
 from psclient.children import worker_argv
 from psclient.wire.proto import worker_pb2
-from psworker.checkpoints import checkpoint_path
+from psworker.checkpoints import checkpoint_path, read_checkpoint
 
 WORKERS = 3
 SHARDS = 2
 JOB = "job11"
 RECORDS = 50_000
-
-
-def exactness_model(records: range) -> dict[Any, int]:
-    model: Counter[Any] = Counter()
-    for r in records:
-        model[r % 500 - 250] += r % 7 + 1
-        model[f"s{r % 300}"] += 2
-    return dict(model)
 
 
 def windows_model(records: range) -> dict[Any, int]:
@@ -144,7 +136,7 @@ def has_checkpoint(job: Job, index: int) -> bool:
 
 @pytest.mark.parametrize(
     ("logic", "model"),
-    [("logics:Exactness", exactness_model), ("logics:Windows", windows_model), ("logics:PullChain", pull_chain_model)],
+    [("logics:Exactness", expected_model), ("logics:Windows", windows_model), ("logics:PullChain", pull_chain_model)],
 )
 def test_a_restartable_job_without_a_failure_gives_the_exact_model(
     tmp_path: Path, procs: Processes, logic: str, model: Callable[[range], dict[Any, int]]
@@ -199,7 +191,7 @@ def test_a_shard_killed_mid_job_and_restarted_leaves_the_model_exact(tmp_path: P
     assert job.model() == windows_model(range(RECORDS))
 
 
-@pytest.mark.parametrize("seed", [11])
+@pytest.mark.parametrize("seed", [int(s) for s in os.environ.get("CHAOS_SEEDS", "11,12").split(",")])
 def test_chaos_ten_kills_of_random_processes_leave_the_model_exact(tmp_path: Path, procs: Processes, seed: int) -> None:
     """Every 0.5-2 s a random process of the job (a running worker or a shard) is killed
     with SIGKILL and started again, ten times; the model is then the fault-free one."""
@@ -213,6 +205,28 @@ def test_chaos_ten_kills_of_random_processes_leave_the_model_exact(tmp_path: Pat
     job.wait(timeout=180)
     assert job.model() == windows_model(range(RECORDS)), dict(job.restarts)
     assert sum(job.restarts.values()) == 10
+    assert any(name.startswith("worker") for name in job.restarts), dict(job.restarts)
+
+
+def test_sigterm_checkpoints_a_restartable_worker_without_ending_its_input(tmp_path: Path, procs: Processes) -> None:
+    """A graceful stop is not the end of the input: on_input_end waits for the run that ends it."""
+    records = 20_000
+    job = Job(procs, tmp_path, "logics:PacedCountingInputEnd", records, every=1_000)
+    wait_for(lambda: has_checkpoint(job, 0))
+    job.workers[0].send_signal(signal.SIGTERM)
+    assert job.workers[0].wait(timeout=20) == 0, job.stderr(0)
+    stopped = re.search(r"stopped on SIGTERM: .*; checkpointed after line (\d+)", job.stderr(0))
+    assert stopped is not None, job.stderr(0)
+    checkpoint = read_checkpoint(job.checkpoints, 0, worker_id=f"{JOB}-w0", num_workers=WORKERS, num_shards=SHARDS)
+    assert checkpoint is not None and not checkpoint.finished
+    assert checkpoint.position == int(stopped.group(1)) < records
+    job.kill_worker(0)  # it has exited: this starts it again
+    job.wait()
+    assert job.model() == {
+        "sum": sum(range(records)),
+        **{f"count-{index}": len(range(index, records, WORKERS)) for index in range(WORKERS)},
+        "after-end": WORKERS,
+    }
 
 
 # -- what a restart refuses -----------------------------------------------------------
@@ -316,4 +330,4 @@ def test_a_feed_mode_worker_reports_where_its_input_stands_across_a_restart(
         assert (status.next_position, status.checkpoint_position, status.records) == (21, 20, 20)
         assert cluster.feed(range(20, 25)) == 5
         assert list(cluster.outputs()) == [[0, r] for r in range(20, 25)]  # the records after its checkpoint
-        assert dict(cluster.snapshot()) == exactness_model(range(25))
+        assert dict(cluster.snapshot()) == expected_model(range(25))

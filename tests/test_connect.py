@@ -25,6 +25,7 @@ from conftest import Processes, psserver_argv, text_file
 
 from psclient import ShardError, connect
 from psclient.children import worker_argv
+from psclient.rpc import serving
 from psclient.rpc.shard_group import ShardGroup
 from psclient.wire.proto import shard_pb2, shard_pb2_grpc
 
@@ -298,8 +299,6 @@ def test_a_lookup_still_under_way_at_the_deadline_is_reported_as_the_earlier_att
 ) -> None:
     # The last health check ends at the deadline with no news (the resolver is
     # slow under load); the ones before it said the name did not resolve.
-    from psclient.rpc import serving
-
     failures = iter(
         [_FailedCheck(grpc.StatusCode.UNAVAILABLE, detail)] * 3
         + [_FailedCheck(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")] * 100
@@ -319,3 +318,35 @@ def test_a_lookup_still_under_way_at_the_deadline_is_reported_as_the_earlier_att
     with pytest.raises(ShardError) as raised:
         serving.ready_channel("shard-0.invalid:7401", "shard 0 at shard-0.invalid:7401", 0.5)
     assert str(raised.value) == "shard 0 at shard-0.invalid:7401: the name shard-0.invalid did not resolve within 0.5 s"
+
+
+def test_a_server_that_resets_connections_is_waited_for_as_one_restarting() -> None:
+    """A server killed as it accepted resets the connection: a supervisor restarts it, so the
+    client waits for it (up to its connect timeout) rather than failing at once."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    address = f"127.0.0.1:{listener.getsockname()[1]}"
+    stop = threading.Event()
+
+    def reset_every_connection() -> None:
+        listener.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                connection, _ = listener.accept()
+            except TimeoutError:
+                continue
+            # SO_LINGER 0: close sends a RST, as a killed process's socket does.
+            connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            connection.close()
+
+    thread = threading.Thread(target=reset_every_connection, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(ShardError) as raised:
+            serving.ready_channel(address, f"shard 0 at {address}", 1.0)
+    finally:
+        stop.set()
+        thread.join()
+        listener.close()
+    assert str(raised.value) == f"shard 0 at {address} is unreachable (no answer after 1 s)"

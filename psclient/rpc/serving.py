@@ -132,11 +132,12 @@ def open_channel(address: str, security: Security | None = None) -> grpc.Channel
 
 
 def _retry_reason(exc: grpc.RpcError, what: str) -> str:
-    """Why a failed health check is worth repeating ("refused", "unresolved", "no answer"), or raise.
+    """Why a failed health check is worth repeating ("refused", "reset", "unresolved", "no answer"), or raise.
 
     A refused connection is a server still starting, and a name that does not
     resolve yet is one Kubernetes has not published yet (it publishes a pod's
-    DNS name only once the pod is ready): both heal by waiting. Any other failure
+    DNS name only once the pod is ready), and a reset connection is a server that
+    died as it accepted: all heal by waiting. Any other failure
     to connect (a TLS handshake that fails, plaintext against TLS) will not, so
     it is reported at once.
     """
@@ -150,6 +151,8 @@ def _retry_reason(exc: grpc.RpcError, what: str) -> str:
             return "unresolved"
         if "refused" in lowered:
             return "refused"
+        if "reset by peer" in lowered:  # a server killed as it accepted: a supervisor restarts it
+            return "reset"
         raise ShardError(
             f"{what}: cannot connect ({detail}); check that both sides agree on TLS "
             "(--tls-ca/--tls-cert/--tls-key) and the token"

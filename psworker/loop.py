@@ -182,7 +182,7 @@ class LogicLoop(Checkpointing):
             self._call_user(name, fn, *args)
             return
         origin = 0 if name == "open" else origins.frontier
-        origins.enter(origin)
+        origins.enter(origin, first=True)
         self._call_user(name, fn, *args)
         origins.leave(origin)
 
@@ -226,7 +226,7 @@ class LogicLoop(Checkpointing):
                 if origins is None:
                     self._call_user("on_recv", on_recv, record, self.client, position=position, record=record)
                 else:
-                    origins.enter(position)
+                    origins.enter(position, first=True)
                     self._call_user("on_recv", on_recv, record, self.client, position=position, record=record)
                     origins.leave(position)
                 self._buffers.flush_if_lingering()

@@ -7,15 +7,17 @@ origin instead: the input position of the record whose callbacks made it
 (0 for `open`, the last position + 1 for `on_input_end`). A shard applies a
 record's pushes once, whichever run sends them (shard.proto, PushOrigin).
 
-For that, a record's pushes to a shard must leave together, the same way in
-every run. They are held until the record finishes (its `on_recv` returned
-and every pull it made, in whichever callback, is answered), then released as
-one part per shard. A record that pulls after it pushed releases what it
-holds first, as a part of its own, so that the pull sees those pushes (the
-guarantee of `pull`). Parts are numbered per record; a deterministic logic
-makes the same parts in every run. A pull of another record, made while a
-record holds pushes, does not see them: the price of pushes that can be
-replayed exactly once.
+For that, a record's pushes to a shard must leave in the same parts in every
+run. What `on_recv` pushes (or `open`, or `on_input_end`: a record's first
+callback) leaves when it returns, and before any pull it makes after pushing,
+so that the pull sees those pushes (the guarantee of `pull`): a part at each
+such point. What the answers' callbacks push is held until the record
+finishes (every pull it made, in whichever callback, is answered) and leaves
+as its last part. The answers of different shards arrive in either order, so
+a cut between them would not fall at the same place in every run: a pull made
+in an answer's callback does not see what the record pushed in answers'
+callbacks, nor does a pull of another record. That is the price of pushes
+that can be replayed exactly once. Parts are numbered per record.
 
 The origin of each answered pull comes from what was pulled: per shard, the
 ids in the order they were pulled (which is the order the shard gets them,
@@ -39,8 +41,10 @@ class OriginTracker:
     def __init__(self, buffers: ShardBuffers):
         self._buffers = buffers
         self._num_shards = buffers.num_shards
-        # The record whose callback runs now.
+        # The record whose callback runs now, and whether that callback is its first
+        # (on_recv, open, on_input_end: one callback, so its cuts are the same in every run).
         self.current = 0
+        self._first = False
         # One past the highest origin entered so far: where finished_below stands
         # when no record is in progress.
         self.frontier = 0
@@ -54,9 +58,10 @@ class OriginTracker:
 
     # -- callbacks --------------------------------------------------------------
 
-    def enter(self, origin: int) -> None:
-        """A callback of `origin` starts."""
+    def enter(self, origin: int, *, first: bool = False) -> None:
+        """A callback of `origin` starts: its `first` (on_recv, open, on_input_end), or an answer's."""
         self.current = origin
+        self._first = first
         self._pending[origin] = self._pending.get(origin, 0) + 1
         if origin >= self.frontier:
             self.frontier = origin + 1
@@ -66,9 +71,14 @@ class OriginTracker:
         left = self._pending[origin] - 1 - answered
         if left:
             self._pending[origin] = left
+            if self._first:
+                self.release(origin)
             return
-        del self._pending[origin]
+        # Released while the record still counts as unfinished: a flush the release
+        # sets off must not tell the shard it has finished, or its part would come
+        # after that news and be skipped as already applied.
         self.release(origin)
+        del self._pending[origin]
         self._parts.pop(origin, None)
 
     def finished_below(self) -> int:
@@ -83,7 +93,7 @@ class OriginTracker:
 
     def pulled(self, param_id: Id) -> None:
         origin = self.current
-        if origin in self._held:
+        if self._first and origin in self._held:
             self.release(origin)
         self._pending[origin] += 1
         runs = self._pulled[shard_of(param_id, self._num_shards)]
@@ -94,7 +104,7 @@ class OriginTracker:
 
     def pulled_chunk(self, chunk: np.ndarray) -> None:
         origin = self.current
-        if origin in self._held:
+        if self._first and origin in self._held:
             self.release(origin)
         self._pending[origin] += len(chunk)
         for shard, positions in self._buffers.shard_positions(chunk):

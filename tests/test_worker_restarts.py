@@ -20,12 +20,16 @@ from typing import Any
 
 import pytest
 from conftest import Processes, error_line, run_psworker, text_file
+from logics import Exactness
 from test_shard_restarts import expected_model, port_of, start_shard
 
 from psclient import Cluster
 from psclient.children import worker_argv
+from psclient.wire.partition import shard_of
 from psclient.wire.proto import worker_pb2
 from psworker.checkpoints import checkpoint_path, read_checkpoint
+from psworker.origins import OriginTracker
+from psworker.runtime import WorkerRuntime
 
 WORKERS = 3
 SHARDS = 2
@@ -331,3 +335,68 @@ def test_a_feed_mode_worker_reports_where_its_input_stands_across_a_restart(
         assert cluster.feed(range(20, 25)) == 5
         assert list(cluster.outputs()) == [[0, r] for r in range(20, 25)]  # the records after its checkpoint
         assert dict(cluster.snapshot()) == expected_model(range(25))
+
+
+# -- parts: the same in every run, and never skipped ------------------------------------
+
+
+class PartsSeen:
+    """A ShardBuffers stand-in that records the parts a tracker releases."""
+
+    num_shards = 3
+
+    def __init__(self) -> None:
+        self.parts: list[tuple[int, int, int, int]] = []
+
+    def add_part(self, shard: int, origin: Any, batches: list[Any], keys: int) -> None:
+        self.parts.append((shard, origin.position, origin.part, keys))
+
+
+def test_a_records_parts_do_not_depend_on_which_shard_answers_first() -> None:
+    """Record 5 pulls x (shard 0) and y (shard 1); x's answer pushes x and pulls z, y's
+    answer pushes w (shard 0). Whichever answer comes first, shard 0 gets the same parts,
+    so a replay skips exactly what the first run applied."""
+    by_shard = {s: [i for i in range(100) if shard_of(i, 3) == s] for s in range(3)}
+    x, y, z, w = by_shard[0][0], by_shard[1][0], by_shard[2][0], by_shard[0][1]
+
+    def parts(answer_order: list[int]) -> list[tuple[int, int, int, int]]:
+        seen = PartsSeen()
+        tracker = OriginTracker(seen)  # type: ignore[arg-type]
+        tracker.enter(5, first=True)  # on_recv: push 1 to w, pull x and y
+        tracker.hold(w, 1)
+        tracker.pulled(x)
+        tracker.pulled(y)
+        tracker.leave(5)
+        for answered in answer_order:
+            tracker.enter(5)
+            if answered == x:
+                tracker.hold(x, 1)
+                tracker.pulled(z)
+            else:
+                tracker.hold(w, 1)
+            tracker.leave(5, 1)
+        tracker.enter(5)  # z's answer
+        tracker.leave(5, 1)
+        return seen.parts
+
+    assert parts([x, y]) == parts([y, x]) == [(0, 5, 0, 1), (0, 5, 1, 2)]
+
+
+class PushThree(Exactness):
+    def on_recv(self, data: Any, ps: Any) -> None:
+        for param_id in range(3):
+            ps.push(param_id, 1)
+
+
+def test_a_part_that_overflows_the_buffer_is_applied_not_skipped(tmp_path: Path, start_shards: Any) -> None:
+    """A record's part set off a flush of the buffer before it: that flush must not tell
+    the shard the record had finished, or the part, sent after, is skipped."""
+    (shard,) = start_shards(1)
+    runtime = WorkerRuntime(
+        PushThree(), [shard], 0, 1, emit=lambda out: None, job_id="j", checkpoint_dir=tmp_path, max_batch=4
+    )
+    runtime.feed(list(range(200)))
+    runtime.end_input()
+    runtime.run()
+    with Cluster([shard]) as cluster:
+        assert dict(cluster.snapshot()) == {0: 200, 1: 200, 2: 200}

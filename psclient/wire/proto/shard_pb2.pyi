@@ -148,8 +148,9 @@ class PushOrigin(_message.Message):
     """
     part: _builtins.int
     """Which release of that record's pushes to this shard: 0, then 1, ... A
-    record releases its pushes when it finishes, and early (as a new part)
-    when it pulls after it pushed, so that the pull sees its pushes.
+    record's first callback (on_recv) releases what it pushed when it returns
+    and before each pull it makes after pushing; what the answers' callbacks
+    push is released when the record finishes.
     """
     def __init__(
         self,

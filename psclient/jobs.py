@@ -16,7 +16,7 @@ from typing import Any
 from psclient.cluster import Cluster, WorkerReported
 from psclient.either import Left, Right
 from psclient.errors import JobFailed, StreampsError
-from psclient.local import DEFAULT_MAX_RESTARTS, LocalCluster
+from psclient.local import DEFAULT_MAX_RESTARTS, LocalCluster, check_batching
 from psclient.model_files import write_model_files
 from psclient.plugins import ship
 from psclient.progress import JobProgress
@@ -49,6 +49,8 @@ def run_local_job(
     durable: bool = False,
     data_dir: Path | None = None,
     max_restarts: int = DEFAULT_MAX_RESTARTS,
+    batch_max_keys: int | None = None,
+    batch_linger_ms: float | None = None,
 ) -> Iterator[Left[Any] | Right[tuple[Id, Any]]]:
     """Start a local cluster, run the job, yield its stream, tear everything down.
 
@@ -72,6 +74,8 @@ def run_local_job(
         durable=durable,
         data_dir=data_dir,
         max_restarts=max_restarts,
+        batch_max_keys=batch_max_keys,
+        batch_linger_ms=batch_linger_ms,
     )
     try:
         with (
@@ -115,6 +119,8 @@ def transform(
     durable: bool = False,
     max_restarts: int = DEFAULT_MAX_RESTARTS,
     data_dir: str | Path | None = None,
+    batch_max_keys: int | None = None,
+    batch_linger_ms: float | None = None,
 ) -> Iterator[Left[Any] | Right[tuple[Id, Any]]]:
     """Run `worker_logic` over `training_data` on an embedded local cluster.
 
@@ -150,11 +156,17 @@ def transform(
     share (`psserver --load`) before any worker starts; ids never pushed keep
     their values, and the others fold this job's deltas into them.
 
+    `batch_max_keys` and `batch_linger_ms` are each worker's `--batch-max-keys`
+    and `--batch-linger-ms`: a worker sends a shard one message once its buffer
+    holds that many keys, or once a buffered key has waited that many
+    milliseconds (0: at once). None keeps the workers' default (4,096 keys, 2 ms).
+
     Raises ValueError (SpecError) at once, before any process starts, for an init
-    or update spec the shards would refuse.
+    or update spec the shards would refuse, or batching knobs the workers would.
     """
     # Not a generator itself, so that a bad spec fails the call, not the first next().
     check_specs(param_init, param_update)
+    check_batching(batch_max_keys, batch_linger_ms)
     return _transform_job(
         training_data,
         worker_logic,
@@ -170,6 +182,8 @@ def transform(
         durable=durable,
         max_restarts=max_restarts,
         data_dir=Path(data_dir) if data_dir is not None else None,
+        batch_max_keys=batch_max_keys,
+        batch_linger_ms=batch_linger_ms,
     )
 
 
@@ -189,6 +203,8 @@ def _transform_job(
     durable: bool,
     max_restarts: int,
     data_dir: Path | None,
+    batch_max_keys: int | None,
+    batch_linger_ms: float | None,
 ) -> Iterator[Left[Any] | Right[tuple[Id, Any]]]:
     with tempfile.TemporaryDirectory(prefix="streamps-") as tmp:
         directory = Path(tmp)
@@ -208,4 +224,6 @@ def _transform_job(
             durable=durable,
             data_dir=data_dir,
             max_restarts=max_restarts,
+            batch_max_keys=batch_max_keys,
+            batch_linger_ms=batch_linger_ms,
         )

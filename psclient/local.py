@@ -7,6 +7,7 @@ command lines a deployment uses (`python -m psserver ...`, `python -m psworker
 
 from __future__ import annotations
 
+import math
 import shutil
 import tempfile
 import threading
@@ -30,6 +31,21 @@ WATCH_INTERVAL_S = 0.05
 # 1, it reported its failure (user code raised); 2, it refused its command line.
 WORKER_EXIT_CODES = (0, 1, 2)
 NOT_RESTARTED = "a worker that fails with its own error is not restarted"
+
+
+def check_batching(batch_max_keys: int | None, batch_linger_ms: float | None) -> None:
+    """Refuse batching knobs psworker would refuse (`--batch-max-keys`, `--batch-linger-ms`),
+    before any child starts; None leaves the workers' default."""
+    if batch_max_keys is not None and (
+        isinstance(batch_max_keys, bool) or not isinstance(batch_max_keys, int) or batch_max_keys < 1
+    ):
+        raise ValueError(f"batch_max_keys must be an int of 1 or more, not {batch_max_keys!r}")
+    if batch_linger_ms is not None and (
+        isinstance(batch_linger_ms, bool)
+        or not isinstance(batch_linger_ms, int | float)
+        or not (math.isfinite(batch_linger_ms) and batch_linger_ms >= 0)
+    ):
+        raise ValueError(f"batch_linger_ms must be a finite number of 0 or more, not {batch_linger_ms!r}")
 
 
 def crashed(child: ChildProcess) -> bool:
@@ -59,15 +75,20 @@ class LocalCluster:
         durable: bool = False,
         data_dir: Path | None = None,
         max_restarts: int = DEFAULT_MAX_RESTARTS,
+        batch_max_keys: int | None = None,
+        batch_linger_ms: float | None = None,
     ):
         if num_workers < 1 or num_shards < 1:
             raise ValueError("a cluster needs at least one worker and one shard")
         if max_restarts < 0:
             raise ValueError(f"max_restarts must be 0 or more, not {max_restarts}")
+        check_batching(batch_max_keys, batch_linger_ms)
         self.logic_spec, self.init_spec, self.update_spec = logic_spec, init_spec, update_spec
         self.num_workers, self.num_shards = num_workers, num_shards
         self.pull_limit, self.on_error, self.log_level = pull_limit, on_error, log_level
         self.model_files = model_files  # one per shard: its --load
+        # Each worker's --batch-max-keys and --batch-linger-ms; None: psworker's default.
+        self.batch_max_keys, self.batch_linger_ms = batch_max_keys, batch_linger_ms
         # A data dir of the user's makes the shards durable too; it is kept.
         self.durable = durable or data_dir is not None
         self.data_dir = data_dir
@@ -105,6 +126,10 @@ class LocalCluster:
 
     def _worker_argv(self, worker: int, port: int = 0) -> list[str]:
         extra = ["--pull-limit", str(self.pull_limit)] if self.pull_limit else []
+        if self.batch_max_keys is not None:
+            extra += ["--batch-max-keys", str(self.batch_max_keys)]
+        if self.batch_linger_ms is not None:
+            extra += ["--batch-linger-ms", repr(float(self.batch_linger_ms))]
         if self.durable:
             extra += ["--checkpoint-dir", str(self._checkpoint_dir())]
         return worker_argv(

@@ -19,6 +19,7 @@ from typing import Any, TextIO
 import click
 
 from psclient.cli.options import (
+    batch_options,
     connect_timeout_option,
     env,
     fail,
@@ -168,6 +169,7 @@ def _serve_until_read(
 )
 @listen_options
 @pull_limit_option
+@batch_options
 @on_error_option
 @connect_timeout_option("shard")
 @click.option(
@@ -216,6 +218,8 @@ def main(
     host: str,
     port: int,
     pull_limit: int | None,
+    batch_max_keys: int,
+    batch_linger_ms: float,
     on_error: str,
     connect_timeout: float,
     shard_timeout: float,
@@ -260,6 +264,8 @@ def main(
                 num_workers,
                 emit=emit,
                 on_error=on_error,
+                max_batch=batch_max_keys,
+                linger_s=batch_linger_ms / 1000,
                 position_name="line" if input_path is not None else "record",
                 connect_timeout=connect_timeout,
                 shard_timeout=shard_timeout,

@@ -36,6 +36,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+import math
 import time
 import uuid
 from collections import deque
@@ -45,7 +46,7 @@ from typing import Any
 
 from psclient.errors import JobFailed, ShardError
 from psclient.rpc.connection import CLOSE_TIMEOUT_S, EventLoopThread, ShardConnection
-from psclient.rpc.serving import DEFAULT_CONNECT_TIMEOUT_S
+from psclient.rpc.serving import DEFAULT_BATCH_LINGER_MS, DEFAULT_BATCH_MAX_KEYS, DEFAULT_CONNECT_TIMEOUT_S
 from psclient.wire.partition import Id, check_id
 from psworker.batching import ShardBuffers
 from psworker.checks import check_delta, check_deltas, id_groups
@@ -59,9 +60,10 @@ log = logging.getLogger("streamps.worker")
 
 # Without a user limit, a worker still bounds its unanswered pulls (memory).
 DEFAULT_PULL_LIMIT = 65_536
-DEFAULT_MAX_BATCH = 4_096
-# How long a buffered pull or push may wait for company before it is sent.
-DEFAULT_LINGER_S = 0.002
+# Keys in one message to a shard, and how long a buffered pull or push may wait
+# for company before it is sent (`--batch-max-keys`, `--batch-linger-ms`).
+DEFAULT_MAX_BATCH = DEFAULT_BATCH_MAX_KEYS
+DEFAULT_LINGER_S = DEFAULT_BATCH_LINGER_MS / 1000
 # Input queue bound, in chunks of records (a Feed message or a file read).
 INPUT_CAPACITY_CHUNKS = 64
 # After a failure, how long acknowledgements of the last pushes are awaited
@@ -141,6 +143,10 @@ class WorkerRuntime(LogicLoop, ShardLinks):
             raise ValueError(f"shard_timeout must be >= 0, not {shard_timeout!r}")
         if checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1, not {checkpoint_every!r}")
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, not {max_batch!r}")
+        if not (linger_s >= 0 and math.isfinite(linger_s)):
+            raise ValueError(f"linger_s must be a finite number >= 0, not {linger_s!r}")
         self.logic = logic
         # Callbacks go straight to the user's logic: a pull-limit wrapper only passes them on.
         self._callbacks = unwrapped(logic)

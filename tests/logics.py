@@ -246,3 +246,15 @@ class PacedCountingInputEnd(InputEnd):
 
     def restore(self, state: Any) -> None:
         self.count = state
+
+
+class PushThenWait(WorkerLogic):
+    """Record r pushes 1 to int id r % 10, then takes 5 ms: longer than the default 2 ms
+    linger, so each record's push has waited out the linger when its callback returns."""
+
+    def on_recv(self, data: Any, ps: Any) -> None:
+        ps.push(data % 10, 1)
+        time.sleep(0.005)
+
+    def on_pull_recv(self, param_id: Any, param_value: Any, ps: Any) -> None:
+        raise AssertionError("PushThenWait never pulls")

@@ -16,6 +16,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from psclient.cli.options import (
+    batch_options,
     connect_timeout_option,
     env,
     fail,
@@ -106,6 +107,7 @@ def main() -> None:
 @click.option("--workers", type=click.IntRange(min=1), default=1, **env("WORKERS"), help="Worker processes.")
 @click.option("--shards", type=click.IntRange(min=1), default=1, **env("SHARDS"), help="Shard processes.")
 @pull_limit_option
+@batch_options
 @click.option(
     "--iteration-wait-time",
     type=float,
@@ -143,6 +145,8 @@ def run(
     workers: int,
     shards: int,
     pull_limit: int | None,
+    batch_max_keys: int,
+    batch_linger_ms: float,
     iteration_wait_time: float | None,
     output_path: str,
     model_path: str | None,
@@ -171,6 +175,7 @@ def run(
                 counted(_records(spec, on_error)), logic_spec, init_spec, update_spec, workers, shards,
                 iteration_wait_time=iteration_wait_time, partition_by=_partition_by(spec),
                 pull_limit=pull_limit, on_error=on_error, progress=progress,
+                batch_max_keys=batch_max_keys, batch_linger_ms=batch_linger_ms,
                 durable=durable, max_restarts=max_restarts,
             )  # fmt: skip
             for item in stream:

@@ -10,6 +10,7 @@ port in use) and 1 when the work itself fails.
 from __future__ import annotations
 
 import functools
+import math
 import sys
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -22,7 +23,7 @@ from psclient.cli.process import LOG_FORMATS
 from psclient.errors import SpecError
 from psclient.inputs import FORMATS
 from psclient.rpc.security import Security, configure
-from psclient.rpc.serving import DEFAULT_CONNECT_TIMEOUT_S
+from psclient.rpc.serving import DEFAULT_BATCH_LINGER_MS, DEFAULT_BATCH_MAX_KEYS, DEFAULT_CONNECT_TIMEOUT_S
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
@@ -106,6 +107,34 @@ pull_limit_option = click.option(
     default=None,
     **env("PULL_LIMIT"),
     help="Most unanswered pulls; input pauses at the limit.",
+)
+
+
+def _finite(_context: click.Context, _param: click.Parameter, value: float | None) -> float | None:
+    # FloatRange lets nan and inf through: neither is a time to wait.
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number.")
+    return value
+
+
+batch_options = options(
+    click.option(
+        "--batch-max-keys",
+        type=click.IntRange(min=1),
+        default=DEFAULT_BATCH_MAX_KEYS,
+        **env("BATCH_MAX_KEYS"),
+        help="A worker sends a shard its buffered pulls and pushes as one message once they hold this many "
+        "keys: fewer means smaller, more frequent messages.",
+    ),
+    click.option(
+        "--batch-linger-ms",
+        type=click.FloatRange(min=0),
+        default=DEFAULT_BATCH_LINGER_MS,
+        callback=_finite,
+        **env("BATCH_LINGER_MS"),
+        help="Longest a buffered pull or push waits for company before it is sent, also for a shard still "
+        "answering earlier messages; 0 sends what a callback buffered as soon as it returns.",
+    ),
 )
 
 on_error_option = click.option(

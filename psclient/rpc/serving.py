@@ -27,6 +27,13 @@ from psclient.rpc.security import current as current_security
 # more so the largest batch the runtime builds always fits in one message.
 MAX_MESSAGE_BYTES = 128 * 1024 * 1024
 
+# A worker sends a shard its buffered pulls and pushes as one message once they
+# hold this many keys, or once the oldest has waited this long (psworker/batching.py);
+# `--batch-max-keys` and `--batch-linger-ms` set them. Kept here, where both the
+# worker runtime and the command lines that start workers read them.
+DEFAULT_BATCH_MAX_KEYS = 4_096
+DEFAULT_BATCH_LINGER_MS = 2.0
+
 # How long to wait for a server to accept a connection before giving up.
 DEFAULT_CONNECT_TIMEOUT_S = 15.0
 

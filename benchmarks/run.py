@@ -22,6 +22,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `example
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import (
+    bench_batching,
     bench_durability,
     bench_logic,
     bench_memory,
@@ -47,6 +48,7 @@ def sections() -> list[tuple[str, ModuleType]]:
         ("f. Durable shards: push throughput without --data-dir, with --no-durable, with --durable", bench_durability),
         ("g. Durable shards: recovery of 1,000,000 parameters after SIGKILL", bench_recovery),
         ("h. Restartable jobs: durable shards and worker checkpoints against a plain job, MF 2x2", bench_restarts),
+        ("i. Batching knobs: the per-key MF job at several --batch-max-keys and --batch-linger-ms", bench_batching),
     ]
 
 

@@ -7,9 +7,11 @@ sends the shard one Exchange message: the pushes as one PushRequest (with the
 next seq), the pulls as one PullRequest. The shard applies the push before it
 answers the pull, which gives read-your-writes.
 
-A buffer leaves when it holds `max_batch` keys, when it has waited `linger_s`,
-or when the logic runs out of work (`flush_idle`, Nagle's rule), so the batch
-size follows the load. What the logic does with answers, and how many pulls
+A buffer leaves when it holds `max_batch` keys, when it has waited `linger_s`
+(`--batch-max-keys`, `--batch-linger-ms`), or when the logic runs out of work
+(`flush_idle`, Nagle's rule), so the batch size follows the load. A linger of 0
+sends every buffer after each record's callback and after the callbacks of each
+answered message: no Nagle wait. What the logic does with answers, and how many pulls
 may be out, is psworker/loop.py's and psworker/pulls.py's business; this module only
 counts what each shard still owes: answers to pull requests, acks to pushes.
 

@@ -8,6 +8,7 @@ command lines a deployment uses (`python -m psserver ...`, `python -m psworker
 from __future__ import annotations
 
 import math
+import numbers
 import shutil
 import tempfile
 import threading
@@ -37,12 +38,12 @@ def check_batching(batch_max_keys: int | None, batch_linger_ms: float | None) ->
     """Refuse batching knobs psworker would refuse (`--batch-max-keys`, `--batch-linger-ms`),
     before any child starts; None leaves the workers' default."""
     if batch_max_keys is not None and (
-        isinstance(batch_max_keys, bool) or not isinstance(batch_max_keys, int) or batch_max_keys < 1
+        isinstance(batch_max_keys, bool) or not isinstance(batch_max_keys, numbers.Integral) or batch_max_keys < 1
     ):
         raise ValueError(f"batch_max_keys must be an int of 1 or more, not {batch_max_keys!r}")
     if batch_linger_ms is not None and (
         isinstance(batch_linger_ms, bool)
-        or not isinstance(batch_linger_ms, int | float)
+        or not isinstance(batch_linger_ms, numbers.Real)
         or not (math.isfinite(batch_linger_ms) and batch_linger_ms >= 0)
     ):
         raise ValueError(f"batch_linger_ms must be a finite number of 0 or more, not {batch_linger_ms!r}")
@@ -127,7 +128,7 @@ class LocalCluster:
     def _worker_argv(self, worker: int, port: int = 0) -> list[str]:
         extra = ["--pull-limit", str(self.pull_limit)] if self.pull_limit else []
         if self.batch_max_keys is not None:
-            extra += ["--batch-max-keys", str(self.batch_max_keys)]
+            extra += ["--batch-max-keys", str(int(self.batch_max_keys))]
         if self.batch_linger_ms is not None:
             extra += ["--batch-linger-ms", repr(float(self.batch_linger_ms))]
         if self.durable:

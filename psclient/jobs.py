@@ -49,7 +49,8 @@ def run_local_job(
     durable: bool = False,
     data_dir: Path | None = None,
     max_restarts: int = DEFAULT_MAX_RESTARTS,
-) -> Iterator[Left[Any] | Right[tuple[Id, Any]]]:
+    ps_logic_spec: str | None = None,
+) -> Iterator[Left[Any] | Right[Any]]:
     """Start a local cluster, run the job, yield its stream, tear everything down.
 
     `progress` shows a live bar on stderr (None: when stderr is a terminal). If a
@@ -72,6 +73,7 @@ def run_local_job(
         durable=durable,
         data_dir=data_dir,
         max_restarts=max_restarts,
+        ps_logic_spec=ps_logic_spec,
     )
     try:
         with (
@@ -80,7 +82,12 @@ def run_local_job(
         ):
             records = bar.count(records)
             try:
-                for item in client.stream(records, partition_by=partition_by, iteration_wait_time=iteration_wait_time):
+                for item in client.stream(
+                    records,
+                    partition_by=partition_by,
+                    iteration_wait_time=iteration_wait_time,
+                    server_logic=ps_logic_spec is not None,
+                ):
                     if isinstance(item, Left):
                         bar.output()
                     yield item
@@ -115,7 +122,8 @@ def transform(
     durable: bool = False,
     max_restarts: int = DEFAULT_MAX_RESTARTS,
     data_dir: str | Path | None = None,
-) -> Iterator[Left[Any] | Right[tuple[Id, Any]]]:
+    ps_logic: Any = None,
+) -> Iterator[Left[Any] | Right[Any]]:
     """Run `worker_logic` over `training_data` on an embedded local cluster.
 
     Yields `Left(output)` for every worker output as it arrives, then, once every
@@ -150,11 +158,22 @@ def transform(
     share (`psserver --load`) before any worker starts; ids never pushed keep
     their values, and the others fold this job's deltas into them.
 
+    `ps_logic` gives every shard a server logic (`psserver --logic`): a
+    psserver.ServerLogic subclass, factory or instance (each shard gets its own,
+    shipped like `worker_logic`), or a `module:Class` string. The logic handles
+    the pulls and pushes and keeps its own state (`param_init` is still what its
+    `ps.init(id)` gives); the job's `Right` values are then what it passed to
+    `ps.output`, after its close(ps), shard by shard. It cannot be combined
+    with `durable`, `data_dir` or `model`.
+
     Raises ValueError (SpecError) at once, before any process starts, for an init
     or update spec the shards would refuse.
     """
     # Not a generator itself, so that a bad spec fails the call, not the first next().
     check_specs(param_init, param_update)
+    if ps_logic is not None and (durable or data_dir is not None or model is not None):
+        what = "model" if model is not None else "durable or data_dir"
+        raise ValueError(f"ps_logic cannot be combined with {what}: a server logic keeps its own state")
     return _transform_job(
         training_data,
         worker_logic,
@@ -170,6 +189,7 @@ def transform(
         durable=durable,
         max_restarts=max_restarts,
         data_dir=Path(data_dir) if data_dir is not None else None,
+        ps_logic=ps_logic,
     )
 
 
@@ -189,7 +209,8 @@ def _transform_job(
     durable: bool,
     max_restarts: int,
     data_dir: Path | None,
-) -> Iterator[Left[Any] | Right[tuple[Id, Any]]]:
+    ps_logic: Any,
+) -> Iterator[Left[Any] | Right[Any]]:
     with tempfile.TemporaryDirectory(prefix="streamps-") as tmp:
         directory = Path(tmp)
         model_files = write_model_files(model, ps_parallelism, directory) if model is not None else None
@@ -208,4 +229,5 @@ def _transform_job(
             durable=durable,
             data_dir=data_dir,
             max_restarts=max_restarts,
+            ps_logic_spec=_spec(ps_logic, directory, "ps_logic") if ps_logic is not None else None,
         )

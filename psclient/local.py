@@ -59,6 +59,7 @@ class LocalCluster:
         durable: bool = False,
         data_dir: Path | None = None,
         max_restarts: int = DEFAULT_MAX_RESTARTS,
+        ps_logic_spec: str | None = None,
     ):
         if num_workers < 1 or num_shards < 1:
             raise ValueError("a cluster needs at least one worker and one shard")
@@ -68,6 +69,7 @@ class LocalCluster:
         self.num_workers, self.num_shards = num_workers, num_shards
         self.pull_limit, self.on_error, self.log_level = pull_limit, on_error, log_level
         self.model_files = model_files  # one per shard: its --load
+        self.ps_logic_spec = ps_logic_spec  # every shard's --logic
         # A data dir of the user's makes the shards durable too; it is kept.
         self.durable = durable or data_dir is not None
         self.data_dir = data_dir
@@ -96,6 +98,8 @@ class LocalCluster:
         extra = ["--load", str(self.model_files[shard])] if self.model_files else []
         if self.durable:
             extra += ["--data-dir", str(self._shard_dir(shard))]
+        if self.ps_logic_spec is not None:
+            extra += ["--logic", self.ps_logic_spec]
         return shard_argv(shard, self.num_shards, self.init_spec, self.update_spec, self.log_level, *extra, port=port)
 
     def _shard_dir(self, shard: int) -> Path:

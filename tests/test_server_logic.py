@@ -1,0 +1,205 @@
+"""Server logic (psserver --logic, transform(ps_logic=)): late answers in order, dedupe, outputs, errors."""
+
+from __future__ import annotations
+
+import queue
+import re
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import pytest
+from conftest import START_TIMEOUT_S, Processes
+from server_logics import Counting, FailingClose, FailingPush
+
+from examples.lock_server import count
+from psclient import Right, transform
+from psclient.children import shard_argv
+from psclient.errors import StreampsError
+from psclient.wire.codec import decode_rows, encode_keys, encode_values
+from psclient.wire.proto import shard_pb2, shard_pb2_grpc
+from psclient.wire.records import unpack
+from psworker import WorkerLogic
+
+TIMEOUT_S = 30.0
+
+
+def start_logic_shard(procs: Processes, logic: str) -> shard_pb2_grpc.ParameterShardStub:
+    service = procs.start_server(shard_argv(0, 1, "const:0", "add", "WARNING", "--logic", logic))
+    channel = grpc.insecure_channel(service.address)
+    grpc.channel_ready_future(channel).result(timeout=START_TIMEOUT_S)
+    return shard_pb2_grpc.ParameterShardStub(channel)
+
+
+class Stream:
+    """One Exchange stream driven by hand: send a message, read answers as they come."""
+
+    def __init__(self, stub: shard_pb2_grpc.ParameterShardStub):
+        self._requests: queue.Queue[shard_pb2.ExchangeRequest | None] = queue.Queue()
+        self._responses = stub.Exchange(iter(self._requests.get, None), timeout=TIMEOUT_S)
+
+    def send(
+        self, *, push: tuple[int, list[Any], list[Any]] | None = None, pull: tuple[int, list[Any], int] | None = None
+    ) -> None:
+        request = shard_pb2.ExchangeRequest()
+        if push is not None:
+            seq, ids, deltas = push
+            request.push.CopyFrom(
+                shard_pb2.PushRequest(worker_id="job-w0", seq=seq, batches=encode_values(ids, deltas))
+            )
+        if pull is not None:
+            request_id, ids, worker_index = pull
+            request.pull.CopyFrom(
+                shard_pb2.PullRequest(request_id=request_id, keys=encode_keys(ids), worker_index=worker_index)
+            )
+        self._requests.put(request)
+
+    def answers(self) -> Iterator[shard_pb2.ExchangeResponse]:
+        return self._responses
+
+    def close(self) -> None:
+        self._requests.put(None)
+
+
+def pulled(response: shard_pb2.ExchangeResponse) -> dict[Any, Any]:
+    ids, values = decode_rows(response.pull.batches)
+    return dict(zip(ids, values, strict=True))
+
+
+def logic_outputs(stub: shard_pb2_grpc.ParameterShardStub) -> list[Any]:
+    return [unpack(out) for chunk in stub.LogicOutputs(shard_pb2.LogicOutputsRequest()) for out in chunk.outputs]
+
+
+@pytest.mark.timeout(120)
+def test_a_resent_push_seq_reaches_the_logic_once(procs: Processes) -> None:
+    stub = start_logic_shard(procs, "server_logics:Counting")
+    stream = Stream(stub)
+    answers = stream.answers()
+    stream.send(push=(1, [5], [1.0]))
+    stream.send(push=(1, [5], [1.0]))  # resent after a broken stream, say
+    stream.send(push=(2, [5], [2.0]), pull=(1, [5], 3))
+    first, again, third = next(answers), next(answers), next(answers)
+    stream.close()
+
+    assert (first.ack.seq, first.ack.duplicate) == (1, False)
+    assert (again.ack.seq, again.ack.duplicate) == (1, True)
+    assert (third.ack.seq, third.ack.duplicate) == (2, False)
+    assert pulled(third) == {5: 3.0}  # the push before it in the message, read-your-writes
+    assert logic_outputs(stub) == [("calls", {"open": 1, "on_pull_recv": 1, "on_push_recv": 2}), (5, 3.0)]
+    info = stub.Info(shard_pb2.InfoRequest())
+    assert (info.logic, dict(info.watermarks)) == ("server_logics:Counting", {"job-w0": 2})
+
+
+@pytest.mark.timeout(120)
+def test_a_late_answer_holds_back_the_answers_behind_it_not_the_pushes(procs: Processes) -> None:
+    stub = start_logic_shard(procs, "examples.lock_server:LockServer")
+    stream = Stream(stub)
+    answers = stream.answers()
+    stream.send(pull=(1, [7], 0))  # takes the lock
+    stream.send(pull=(2, [7], 1))  # waits for it
+    stream.send(push=(1, [7], [5.0]))  # the holder's push frees it: the waiting pull gets 5
+    stream.send(pull=(3, [8], 2))
+    got = [next(answers) for _ in range(4)]
+    stream.close()
+
+    assert [r.pull.request_id for r in got] == [1, 2, 0, 3]
+    assert [pulled(r) for r in got] == [{7: 0.0}, {7: 5.0}, {}, {8: 0.0}]
+    assert got[2].ack.seq == 1
+
+
+@pytest.mark.timeout(180)
+def test_a_lock_server_loses_no_update_of_many_workers() -> None:
+    records = [i % 3 for i in range(300)]
+
+    seen, counts = count(records, workers=4, shards=2)
+
+    expected = Counter(records)
+    assert counts == dict(expected)
+    # Each increment saw its own value: the n increments of a counter saw 0, 1, ..., n-1.
+    for counter, total in expected.items():
+        assert sorted(v for c, v in seen if c == counter) == list(range(total))
+
+
+class PushEach(WorkerLogic):
+    """Each record (id, delta) is pushed."""
+
+    def on_recv(self, data: Any, ps: Any) -> None:
+        ps.push(data[0], data[1])
+
+    def on_pull_recv(self, param_id: Any, param_value: Any, ps: Any) -> None:
+        raise AssertionError("never pulls")
+
+
+@pytest.mark.timeout(120)
+def test_a_logic_that_raises_fails_the_job_in_one_line_naming_shard_and_callback() -> None:
+    records = [(0, 1.0), (0, -2.0)]
+    with pytest.raises(StreampsError) as raised:
+        list(transform(records, PushEach, "const:0", "add", ps_logic=FailingPush))
+    message = re.sub(r":\d+ failed", ":PORT failed", str(raised.value))
+    assert message == (
+        "worker 0: shard 0 at 127.0.0.1:PORT failed: FAILED_PRECONDITION: "
+        "server logic FailingPush.on_push_recv for id 0 failed: ValueError: negative delta -2.0"
+    )
+
+
+@pytest.mark.timeout(120)
+def test_a_close_that_raises_fails_the_job_in_one_line() -> None:
+    with pytest.raises(StreampsError) as raised:
+        list(transform([(1, 1.0)], PushEach, "const:0", "add", ps_logic=FailingClose))
+    message = re.sub(r":\d+ failed", ":PORT failed", str(raised.value))
+    assert message == (
+        "server logic outputs of shard 0 at 127.0.0.1:PORT failed: FAILED_PRECONDITION: "
+        "server logic FailingClose.close failed: RuntimeError: cannot close"
+    )
+
+
+@pytest.mark.timeout(120)
+def test_transform_yields_the_logics_outputs_as_rights_from_every_shard() -> None:
+    records = [(i, 1.0) for i in range(10)] * 2
+    rights = [
+        item.value
+        for item in transform(records, PushEach, "const:0", "add", 2, 2, ps_logic=Counting())
+        if isinstance(item, Right)
+    ]
+
+    calls = [value for key, value in rights if key == "calls"]
+    assert sorted(c["on_push_recv"] for c in calls) == [10, 10]
+    assert {key: value for key, value in rights if key != "calls"} == {i: 2.0 for i in range(10)}
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("nosuchmodule:Logic", "psserver: error: server logic 'nosuchmodule:Logic': no module named 'nosuchmodule'"),
+        (
+            "server_logics:Nope",
+            "psserver: error: server logic 'server_logics:Nope': 'server_logics' has no attribute 'Nope'",
+        ),
+        ("logics:Exactness", "psserver: error: server logic 'logics:Exactness' is not a ServerLogic subclass"),
+    ],
+)
+@pytest.mark.timeout(120)
+def test_a_bad_logic_spec_is_one_line_and_exit_2(spec: str, message: str, procs: Processes) -> None:
+    process, stderr_path = procs.popen(shard_argv(0, 1, "const:0", "add", "WARNING", "--logic", spec))
+    process.communicate(timeout=60)
+
+    assert process.returncode == 2
+    assert stderr_path.read_text(encoding="utf-8").splitlines() == [message]
+
+
+@pytest.mark.timeout(60)
+def test_a_logic_cannot_have_a_data_dir(procs: Processes, tmp_path: Any) -> None:
+    argv = shard_argv(
+        0, 1, "const:0", "add", "WARNING", "--logic", "server_logics:Counting", "--data-dir", str(tmp_path)
+    )
+    process, stderr_path = procs.popen(argv)
+    process.communicate(timeout=60)
+
+    assert process.returncode == 2
+    assert stderr_path.read_text(encoding="utf-8").splitlines() == [
+        "psserver: error: --logic cannot be used with --data-dir: a server logic keeps its own state, "
+        "which the shard does not log or load"
+    ]
+    with pytest.raises(ValueError, match="ps_logic cannot be combined with durable or data_dir"):
+        transform([], PushEach, "const:0", "add", ps_logic=Counting, durable=True)

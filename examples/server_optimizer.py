@@ -91,6 +91,13 @@ class GradientMF(StreamMF):
         ps.push(param_id, item_delta(row, param_value) / -HYPER.lr)
 
 
+def sgd_update(value: Any, gradient: Any) -> Any:
+    """Plain SGD at the workers' rate on the default shard (`--update
+    examples.server_optimizer:sgd_update`): what GradientMF's pushes need without
+    a server logic, where the default `add` would climb the gradient."""
+    return value - HYPER.lr * np.asarray(gradient)
+
+
 def _user(record: tuple[int, int, float]) -> int:
     return record[0]
 

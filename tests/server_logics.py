@@ -43,3 +43,8 @@ class FailingPush(Counting):
 class FailingClose(Counting):
     def close(self, ps: Handle) -> None:
         raise RuntimeError("cannot close")
+
+
+class FailingOpen(Counting):
+    def open(self, ps: Handle) -> None:
+        raise OSError("no such table")

@@ -247,6 +247,29 @@ def _topk(cls: type, module: ModuleType) -> Job:
     )
 
 
+@entry("examples.lock_server:LockedCounter")
+def _locked_counter(cls: type, module: ModuleType) -> Job:
+    # On the default shard, without the lock server its job runs with (examples/lock_server.py).
+    return Job(
+        cls,
+        lambda: [i % 3 for i in range(30)],
+        "const:0",
+        "replace",
+        schedule_dependent="increments of a counter whose pulls are out together read the same value: "
+        "which ones those are depends on when the answers arrive",
+    )
+
+
+@entry("examples.server_optimizer:GradientMF")
+def _gradient_mf(cls: type, module: ModuleType) -> Job:
+    # On the default shard with plain SGD, without the Adagrad server logic it is meant for.
+    from benchmarks.mf_common import INIT_SPEC
+
+    return Job(
+        cls, ratings, INIT_SPEC, module.sgd_update, partition_by=operator.itemgetter(0), schedule_dependent=SCHEDULE
+    )
+
+
 # -- discovery --------------------------------------------------------------------------
 
 

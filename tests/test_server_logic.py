@@ -131,27 +131,39 @@ class PushEach(WorkerLogic):
         raise AssertionError("never pulls")
 
 
+@pytest.mark.parametrize(
+    ("logic", "message"),
+    [
+        (
+            FailingPush,
+            "worker 0: shard 0 at 127.0.0.1:PORT failed: FAILED_PRECONDITION: "
+            "server logic FailingPush.on_push_recv for id 0 failed: ValueError: negative delta -2.0",
+        ),
+        (
+            FailingClose,
+            "server logic outputs of shard 0 at 127.0.0.1:PORT failed: FAILED_PRECONDITION: "
+            "server logic FailingClose.close failed: RuntimeError: cannot close",
+        ),
+    ],
+)
 @pytest.mark.timeout(120)
-def test_a_logic_that_raises_fails_the_job_in_one_line_naming_shard_and_callback() -> None:
-    records = [(0, 1.0), (0, -2.0)]
+def test_a_logic_that_raises_fails_the_job_in_one_line_naming_shard_and_callback(logic: type, message: str) -> None:
     with pytest.raises(StreampsError) as raised:
-        list(transform(records, PushEach, "const:0", "add", ps_logic=FailingPush))
-    message = re.sub(r":\d+ failed", ":PORT failed", str(raised.value))
-    assert message == (
-        "worker 0: shard 0 at 127.0.0.1:PORT failed: FAILED_PRECONDITION: "
-        "server logic FailingPush.on_push_recv for id 0 failed: ValueError: negative delta -2.0"
-    )
+        list(transform([(0, 1.0), (0, -2.0)], PushEach, "const:0", "add", ps_logic=logic))
+    assert re.sub(r":\d+ failed", ":PORT failed", str(raised.value)) == message
 
 
-@pytest.mark.timeout(120)
-def test_a_close_that_raises_fails_the_job_in_one_line() -> None:
-    with pytest.raises(StreampsError) as raised:
-        list(transform([(1, 1.0)], PushEach, "const:0", "add", ps_logic=FailingClose))
-    message = re.sub(r":\d+ failed", ":PORT failed", str(raised.value))
-    assert message == (
-        "server logic outputs of shard 0 at 127.0.0.1:PORT failed: FAILED_PRECONDITION: "
-        "server logic FailingClose.close failed: RuntimeError: cannot close"
+@pytest.mark.timeout(60)
+def test_a_logic_whose_open_raises_stops_the_shard_in_one_line(procs: Processes) -> None:
+    process, stderr_path = procs.popen(
+        shard_argv(0, 1, "const:0", "add", "WARNING", "--logic", "server_logics:FailingOpen")
     )
+    process.communicate(timeout=60)
+
+    assert process.returncode == 1
+    assert stderr_path.read_text(encoding="utf-8").splitlines() == [
+        "psserver: error: shard 0: server logic FailingOpen.open failed: OSError: no such table"
+    ]
 
 
 @pytest.mark.timeout(120)

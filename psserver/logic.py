@@ -55,7 +55,11 @@ class ServerHandle(Generic[P, SOut]):
         """Answer the oldest waiting pull of `param_id` by worker `worker_index` with `value`."""
         key = (param_id, worker_index)
         queue = self._waiting.get(key)
+        # A pull whose stream ended (the worker sends it again on a new one) takes no answer.
+        while queue and queue[0][0].dropped:
+            queue.popleft()
         if not queue:
+            self._waiting.pop(key, None)
             raise ValueError(f"no pull of id {param_id!r} by worker {worker_index} is waiting for an answer")
         pull, place = queue.popleft()
         if not queue:
@@ -76,7 +80,7 @@ class ServerHandle(Generic[P, SOut]):
 
     def waiting(self) -> int:
         """How many pulled ids wait for an answer."""
-        return sum(len(queue) for queue in self._waiting.values())
+        return sum(not pull.dropped for queue in self._waiting.values() for pull, _ in queue)
 
     def _expect(self, pull: _Pull, place: int, param_id: Id, worker_index: int) -> None:
         self._waiting.setdefault((param_id, worker_index), deque()).append((pull, place))
@@ -110,13 +114,14 @@ def load_server_logic(spec: str) -> ServerLogic:
 class _Pull:
     """One pull request waiting for its ids' answers."""
 
-    __slots__ = ("finish", "ids", "left", "values")
+    __slots__ = ("dropped", "finish", "ids", "left", "values")
 
     def __init__(self, ids: list[Id], finish: Finish):
         self.ids = ids
         self.values: list[Any] = [None] * len(ids)
         self.left = len(ids)
         self.finish = finish
+        self.dropped = False  # its stream ended before it was answered
 
     def fill(self, place: int, value: Any) -> None:
         array = np.asarray(value)
@@ -167,17 +172,22 @@ class LogicStore(ParameterStore):
             for param_id, delta in zip(batch.ids(), row_values(batch.values), strict=True):
                 self._call("on_push_recv", param_id, on_push, param_id, delta, handle)
 
-    def pull_logic(self, ids: list[Id], worker_index: int, finish: Finish) -> None:
+    def pull_logic(self, ids: list[Id], worker_index: int, finish: Finish) -> _Pull:
         """Ask the logic for `ids`; `finish` gets the answer's batches once every id has one."""
+        pull = _Pull(ids, finish)
         if not ids:
             finish([])
-            return
-        pull = _Pull(ids, finish)
+            return pull
         on_pull = self.logic.on_pull_recv
         handle = self.handle
-        for place, param_id in enumerate(ids):
-            handle._expect(pull, place, param_id, worker_index)
-            self._call("on_pull_recv", param_id, on_pull, param_id, worker_index, handle)
+        try:
+            for place, param_id in enumerate(ids):
+                handle._expect(pull, place, param_id, worker_index)
+                self._call("on_pull_recv", param_id, on_pull, param_id, worker_index, handle)
+        except BaseException:
+            pull.dropped = True  # its stream ends: no later answer may go to it
+            raise
+        return pull
 
     def __len__(self) -> int:
         return 0

@@ -12,23 +12,60 @@ frees the lock, on this stream or another, is still read and applied.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextvars import ContextVar
 
 import grpc
 
 from psclient.wire.proto import shard_pb2, tensor_pb2
 from psserver.durable_service import DurableShardServicer
-from psserver.logic import LogicStore
+from psserver.logic import LogicStore, _Pull
+from psserver.service import STOP_DRAIN_S
 
 # Bytes of outputs per LogicOutputs chunk: well under gRPC's 4 MiB message limit.
 OUTPUT_CHUNK_BYTES = 1 << 20
+
+_Waiting = dict["asyncio.Future[None]", _Pull]
+# The unanswered pulls of the stream a task serves (grpc.aio runs each call in its own task).
+_STREAM_PULLS: ContextVar[_Waiting | None] = ContextVar("stream_pulls", default=None)
 
 
 class LogicShardServicer(DurableShardServicer):
     def __init__(self, store: LogicStore, shard: int, num_shards: int):
         super().__init__(store, shard, num_shards)
         self.logic_store = store
+        self._unanswered: _Waiting = {}
+
+    def stop_streams(self) -> int:
+        """As without a logic; then, once the streams had their drain, a pull the logic
+        still has not answered is given up, so that its stream ends (UNAVAILABLE, shutting
+        down) and the worker resends it elsewhere, rather than the stop waiting for it."""
+        open_streams = super().stop_streams()
+        asyncio.get_running_loop().call_later(STOP_DRAIN_S, self._give_up_pulls)
+        return open_streams
+
+    def _give_up_pulls(self) -> None:
+        self._drop(self._unanswered)
+
+    def _drop(self, pulls: _Waiting) -> None:
+        """Give up pulls: their futures are cancelled, and an answer the logic gives later
+        goes to the next pull of that id by that worker (one sent again on a new stream)."""
+        for done, pull in list(pulls.items()):
+            pull.dropped = True
+            done.cancel()
+            self._unanswered.pop(done, None)
+
+    @contextlib.contextmanager
+    def _stream(self) -> Iterator[None]:
+        """Serve one stream; the pulls it leaves unanswered are dropped at its end."""
+        pulls: _Waiting = {}
+        _STREAM_PULLS.set(pulls)
+        try:
+            yield
+        finally:
+            self._drop(pulls)
 
     async def _start_pull(
         self, request: shard_pb2.PullRequest, response: shard_pb2.PullResponse, context: grpc.aio.ServicerContext
@@ -37,8 +74,14 @@ class LogicShardServicer(DurableShardServicer):
         op = self._metrics["pull"]
         started = time.perf_counter()
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        found = _STREAM_PULLS.get()
+        stream: _Waiting = found if found is not None else {}
 
         def finish(batches: list[tensor_pb2.ParamBatch]) -> None:
+            self._unanswered.pop(done, None)
+            stream.pop(done, None)
+            if done.cancelled():  # given up (a stop, or its stream ended)
+                return
             response.batches.extend(batches)
             op.observe(started, len(ids), sum(len(b.values.data) for b in batches))
             done.set_result(None)
@@ -46,10 +89,12 @@ class LogicShardServicer(DurableShardServicer):
         response.request_id = request.request_id
         try:
             ids = self._decode(request.keys, with_values=False).ids()
-            self.logic_store.pull_logic(ids, request.worker_index, finish)
+            pull = self.logic_store.pull_logic(ids, request.worker_index, finish)
         except Exception as exc:
             op.errors.inc()
             await self._abort(context, exc)
+        if not done.done():
+            self._unanswered[done] = stream[done] = pull
         self._pull_requests += 1
         self._pulled_keys += len(ids)
         return done
@@ -75,6 +120,19 @@ class LogicShardServicer(DurableShardServicer):
             return None, response
         response.pull.SetInParent()
         return await self._start_pull(request.pull, response.pull, context), response
+
+    async def Pull(
+        self, request_iterator: AsyncIterator[shard_pb2.PullRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[shard_pb2.PullResponse]:
+        with self._stream():
+            async for response in super().Pull(request_iterator, context):
+                yield response
+
+    async def Exchange(  # type: ignore[override]
+        self, request_iterator: AsyncIterator[shard_pb2.ExchangeRequest], context: grpc.aio.ServicerContext
+    ) -> None:
+        with self._stream():
+            await super().Exchange(request_iterator, context)
 
     async def Info(self, request: shard_pb2.InfoRequest, context: grpc.aio.ServicerContext) -> shard_pb2.InfoResponse:
         response = await super().Info(request, context)

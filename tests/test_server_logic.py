@@ -4,32 +4,40 @@ from __future__ import annotations
 
 import queue
 import re
+import signal
+import time
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
 import grpc
 import pytest
-from conftest import START_TIMEOUT_S, Processes
+from conftest import START_TIMEOUT_S, Processes, Service
 from server_logics import Counting, FailingClose, FailingPush
 
-from examples.lock_server import count
+from examples.lock_server import LockServer, count
 from psclient import Right, transform
 from psclient.children import shard_argv
 from psclient.errors import StreampsError
-from psclient.wire.codec import decode_rows, encode_keys, encode_values
+from psclient.specs import make_init, make_update
+from psclient.wire.codec import decode_batch, decode_rows, encode_keys, encode_values
 from psclient.wire.proto import shard_pb2, shard_pb2_grpc
 from psclient.wire.records import unpack
+from psserver.logic import LogicStore
 from psworker import WorkerLogic
 
 TIMEOUT_S = 30.0
 
 
 def start_logic_shard(procs: Processes, logic: str) -> shard_pb2_grpc.ParameterShardStub:
+    return start_logic_service(procs, logic)[0]
+
+
+def start_logic_service(procs: Processes, logic: str) -> tuple[shard_pb2_grpc.ParameterShardStub, Service]:
     service = procs.start_server(shard_argv(0, 1, "const:0", "add", "WARNING", "--logic", logic))
     channel = grpc.insecure_channel(service.address)
     grpc.channel_ready_future(channel).result(timeout=START_TIMEOUT_S)
-    return shard_pb2_grpc.ParameterShardStub(channel)
+    return shard_pb2_grpc.ParameterShardStub(channel), service
 
 
 class Stream:
@@ -60,6 +68,10 @@ class Stream:
 
     def close(self) -> None:
         self._requests.put(None)
+
+
+def decode_rows_of(ids: list[Any], values: list[Any]) -> list[Any]:
+    return [decode_batch(batch, with_values=True) for batch in encode_values(ids, values)]
 
 
 def pulled(response: shard_pb2.ExchangeResponse) -> dict[Any, Any]:
@@ -106,6 +118,45 @@ def test_a_late_answer_holds_back_the_answers_behind_it_not_the_pushes(procs: Pr
     assert [r.pull.request_id for r in got] == [1, 2, 0, 3]
     assert [pulled(r) for r in got] == [{7: 0.0}, {7: 5.0}, {}, {8: 0.0}]
     assert got[2].ack.seq == 1
+
+
+@pytest.mark.timeout(60)
+def test_a_stop_ends_a_stream_whose_pull_the_logic_never_answers(procs: Processes) -> None:
+    stub, service = start_logic_service(procs, "examples.lock_server:LockServer")
+    holder, waiter = Stream(stub), Stream(stub)
+    holder.send(pull=(1, [7], 0))
+    assert pulled(next(holder.answers())) == {7: 0.0}
+    waiter.send(pull=(1, [7], 1))  # waits for a push that never comes
+    deadline = time.monotonic() + TIMEOUT_S
+    while stub.Info(shard_pb2.InfoRequest()).pull_requests < 2:
+        assert time.monotonic() < deadline, "the second pull never reached the shard"
+        time.sleep(0.01)
+
+    service.process.send_signal(signal.SIGTERM)
+
+    with pytest.raises(grpc.RpcError) as ended:
+        next(waiter.answers())
+    assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert ended.value.details() == "shard 0 is shutting down"
+    assert service.process.wait(timeout=20) == 0
+
+
+def test_an_answer_skips_a_pull_whose_stream_ended() -> None:
+    store = LogicStore(LockServer(), "lock", make_init("const:0"), make_update("add"), 0, 1)
+    held: list[Any] = []
+    dropped: list[Any] = []
+    again: list[Any] = []
+    store.pull_logic([7], 0, held.append)  # worker 0 takes the lock
+    dead = store.pull_logic([7], 1, dropped.append)
+    dead.dropped = True  # as the shard does when its stream ends
+    store.pull_logic([7], 1, again.append)  # worker 1 sends it again on a new stream
+    assert store.handle.waiting() == 1
+
+    store.push_rows(decode_rows_of([7], [5.0]))  # worker 0 pushes it back: the lock goes to worker 1
+
+    assert [decode_rows(batches) for batches in held + again] == [([7], [0.0]), ([7], [5.0])]
+    assert dropped == []
+    assert store.handle.waiting() == 0
 
 
 @pytest.mark.timeout(180)

@@ -16,7 +16,7 @@ from conftest import START_TIMEOUT_S, Processes, Service
 from server_logics import Counting, FailingClose, FailingPush
 
 from examples.lock_server import LockServer, count
-from psclient import Right, transform
+from psclient import Right, connect, transform
 from psclient.children import shard_argv
 from psclient.errors import StreampsError
 from psclient.specs import make_init, make_update
@@ -266,3 +266,20 @@ def test_a_logic_cannot_have_a_data_dir(procs: Processes, tmp_path: Any) -> None
     ]
     with pytest.raises(ValueError, match="ps_logic cannot be combined with durable or data_dir"):
         transform([], PushEach, "const:0", "add", ps_logic=Counting, durable=True)
+
+
+@pytest.mark.timeout(120)
+def test_connect_pulls_and_pushes_through_a_logic_and_streams_its_outputs(procs: Processes) -> None:
+    _, service = start_logic_service(procs, "server_logics:Counting")
+    with connect([service.address]) as cluster:
+        cluster.push([1, 2, 1], [1.0, 2.0, 3.0])
+        assert cluster.pull([1, 2, 3]) == [4.0, 2.0, 0.0]
+        # No workers: the stream is the logic's outputs, as the shard's Info says it has one.
+        items = list(cluster.stream())
+
+    assert items == [
+        Right(("calls", {"open": 1, "on_pull_recv": 3, "on_push_recv": 3})),
+        Right((1, 4.0)),
+        Right((2, 2.0)),
+    ]
+    assert list(connect([service.address]).snapshot()) == []  # the logic holds the parameters

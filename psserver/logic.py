@@ -127,7 +127,8 @@ class _Pull:
         array = np.asarray(value)
         if array.dtype.kind not in ALLOWED_KINDS:
             raise TypeError(f"answer_pull got {type(value).__name__} of dtype {array.dtype} for id {self.ids[place]!r}")
-        self.values[place] = value
+        # Copied now: the logic may change its array in place before the pull's last id is answered.
+        self.values[place] = array.copy() if isinstance(value, np.ndarray) else value
         self.left -= 1
         if not self.left:
             self.finish(encode_values(self.ids, self.values))

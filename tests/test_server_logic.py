@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import grpc
+import numpy as np
 import pytest
 from conftest import START_TIMEOUT_S, Processes, Service
 from server_logics import Counting, FailingClose, FailingPush
@@ -23,6 +24,7 @@ from psclient.specs import make_init, make_update
 from psclient.wire.codec import decode_batch, decode_rows, encode_keys, encode_values
 from psclient.wire.proto import shard_pb2, shard_pb2_grpc
 from psclient.wire.records import unpack
+from psserver import ServerLogic
 from psserver.logic import LogicStore
 from psworker import WorkerLogic
 
@@ -283,3 +285,27 @@ def test_connect_pulls_and_pushes_through_a_logic_and_streams_its_outputs(procs:
         Right((2, 2.0)),
     ]
     assert list(connect([service.address]).snapshot()) == []  # the logic holds the parameters
+
+
+class AnswersThenChanges(ServerLogic):
+    """Answers with its one array, then changes that array in place."""
+
+    def __init__(self) -> None:
+        self.array = np.zeros(2)
+
+    def on_pull_recv(self, param_id: Any, worker_index: int, ps: Any) -> None:
+        ps.answer_pull(param_id, self.array, worker_index)
+        self.array += 1
+
+    def on_push_recv(self, param_id: Any, delta: Any, ps: Any) -> None:
+        raise AssertionError("never pushed")
+
+
+def test_an_answer_is_the_value_when_answered_not_when_the_pull_leaves() -> None:
+    store = LogicStore(AnswersThenChanges(), "changes", make_init("zeros:2"), make_update("add"), 0, 1)
+    answers: list[Any] = []
+    store.pull_logic([1, 2], 0, answers.append)
+
+    ((ids, values),) = [decode_rows(batches) for batches in answers]
+    assert ids == [1, 2]
+    assert [value.tolist() for value in values] == [[0.0, 0.0], [1.0, 1.0]]

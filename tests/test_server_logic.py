@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import queue
 import re
 import signal
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -309,3 +312,27 @@ def test_an_answer_is_the_value_when_answered_not_when_the_pull_leaves() -> None
     ((ids, values),) = [decode_rows(batches) for batches in answers]
     assert ids == [1, 2]
     assert [value.tolist() for value in values] == [[0.0, 0.0], [1.0, 1.0]]
+
+
+@pytest.mark.timeout(180)
+def test_psclient_run_with_a_server_logic_writes_its_outputs_as_the_model(tmp_path: Path, procs: Processes) -> None:
+    data = tmp_path / "counters.txt"
+    data.write_text("a\nb\na\na\nc\nb\n" * 10, encoding="utf-8")
+    model = tmp_path / "model.jsonl"
+    argv = [
+        sys.executable, "-m", "psclient", "run", "--logic", "examples.lock_server:locked_counter",
+        "--ps-logic", "examples.lock_server:LockServer", "--input", str(data), "--format", "lines",
+        "--init", "const:0", "--update", "replace", "--workers", "3", "--shards", "2",
+        "--output", str(tmp_path / "outputs.jsonl"), "--model", str(model),
+    ]  # fmt: skip
+    process, stderr_path = procs.popen(argv)
+    process.communicate(timeout=120)
+
+    stderr = stderr_path.read_text(encoding="utf-8")
+    assert process.returncode == 0, stderr
+    assert sorted(json.loads(line) for line in model.read_text(encoding="utf-8").splitlines()) == [
+        ["a", 30],
+        ["b", 20],
+        ["c", 10],
+    ]
+    assert "60 records, 60 outputs, 3 server logic outputs in" in stderr

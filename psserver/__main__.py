@@ -152,7 +152,8 @@ async def _final_snapshot(durability: Durability) -> str:
     "--logic",
     "logic_spec",
     default=None,
-    **env("LOGIC"),
+    # Not STREAMPS_LOGIC: that is the workers' --logic, set for every pod of a deployment.
+    **env("SERVER_LOGIC"),
     help="A ServerLogic (module:Class, a factory or an instance) that handles this shard's pulls and pushes "
     "and keeps its own state, instead of the store with --init and --update.",
 )

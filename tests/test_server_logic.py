@@ -287,7 +287,8 @@ def test_connect_pulls_and_pushes_through_a_logic_and_streams_its_outputs(procs:
         Right((1, 4.0)),
         Right((2, 2.0)),
     ]
-    assert list(connect([service.address]).snapshot()) == []  # the logic holds the parameters
+    with connect([service.address]) as cluster:
+        assert list(cluster.snapshot()) == []  # the logic holds the parameters
 
 
 class AnswersThenChanges(ServerLogic):
@@ -336,3 +337,16 @@ def test_psclient_run_with_a_server_logic_writes_its_outputs_as_the_model(tmp_pa
         ["c", 10],
     ]
     assert "60 records, 60 outputs, 3 server logic outputs in" in stderr
+
+
+@pytest.mark.timeout(120)
+def test_the_workers_logic_variable_is_not_the_shards(procs: Processes, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A deployment sets STREAMPS_LOGIC for every pod (deploy/k8s/configmap.yaml): shards ignore it.
+    monkeypatch.setenv("STREAMPS_LOGIC", "examples.online_mf:OnlineMF")
+    plain = procs.start_server(shard_argv(0, 1, "const:0", "add"))
+    monkeypatch.setenv("STREAMPS_SERVER_LOGIC", "server_logics:Counting")
+    with_logic = procs.start_server(shard_argv(0, 1, "const:0", "add"))
+
+    for service, logic in ((plain, ""), (with_logic, "server_logics:Counting")):
+        with connect([service.address]) as cluster:
+            assert [info.logic for info in cluster.info()] == [logic]  # type: ignore[union-attr]

@@ -53,14 +53,20 @@ class Stream:
         self._responses = stub.Exchange(iter(self._requests.get, None), timeout=TIMEOUT_S)
 
     def send(
-        self, *, push: tuple[int, list[Any], list[Any]] | None = None, pull: tuple[int, list[Any], int] | None = None
+        self,
+        *,
+        push: tuple[int, list[Any], list[Any]] | None = None,
+        pull: tuple[int, list[Any], int] | None = None,
+        origin: int = 0,
     ) -> None:
+        """A message; a push with `origin` carries it as its record's position (a restartable worker's)."""
         request = shard_pb2.ExchangeRequest()
         if push is not None:
             seq, ids, deltas = push
-            request.push.CopyFrom(
-                shard_pb2.PushRequest(worker_id="job-w0", seq=seq, batches=encode_values(ids, deltas))
-            )
+            batches = encode_values(ids, deltas)
+            request.push.CopyFrom(shard_pb2.PushRequest(worker_id="job-w0", seq=seq, batches=batches))
+            if origin:
+                request.push.origins.extend([shard_pb2.PushOrigin(position=origin, part=0)] * len(batches))
         if pull is not None:
             request_id, ids, worker_index = pull
             request.pull.CopyFrom(
@@ -106,6 +112,21 @@ def test_a_resent_push_seq_reaches_the_logic_once(procs: Processes) -> None:
     assert logic_outputs(stub) == [("calls", {"open": 1, "on_pull_recv": 1, "on_push_recv": 2}), (5, 3.0)]
     info = stub.Info(shard_pb2.InfoRequest())
     assert (info.logic, dict(info.watermarks)) == ("server_logics:Counting", {"job-w0": 2})
+
+
+@pytest.mark.timeout(120)
+def test_a_push_of_a_record_applied_before_reaches_the_logic_once(procs: Processes) -> None:
+    stub = start_logic_shard(procs, "server_logics:Counting")
+    stream = Stream(stub)
+    answers = stream.answers()
+    stream.send(push=(1, [5], [1.0]), origin=1)
+    stream.send(push=(1, [5], [1.0]), origin=1)  # a restarted worker replays record 1: seqs start over
+    stream.send(push=(2, [5], [2.0]), origin=2)
+    acks = [next(answers).ack for _ in range(3)]
+    stream.close()
+
+    assert [(ack.seq, ack.duplicate) for ack in acks] == [(1, False), (1, True), (2, False)]
+    assert logic_outputs(stub) == [("calls", {"open": 1, "on_pull_recv": 0, "on_push_recv": 2}), (5, 3.0)]
 
 
 @pytest.mark.timeout(120)

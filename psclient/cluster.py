@@ -131,15 +131,30 @@ class Cluster:
 
     def snapshot(self) -> Iterator[tuple[Id, Any]]:
         """Every (id, value) of every shard, shard by shard."""
+        for chunk in self._each_shard("snapshot", lambda stub: stub.Snapshot(shard_pb2.SnapshotRequest())):
+            ids, values = decode_rows(chunk.batches)
+            yield from zip(ids, values, strict=True)
+
+    def logic_outputs(self) -> Iterator[Any]:
+        """End every shard's server logic (its close) and yield its outputs, shard by shard."""
+        request = shard_pb2.LogicOutputsRequest()
+        for chunk in self._each_shard("server logic outputs", lambda stub: stub.LogicOutputs(request)):
+            for data in chunk.outputs:
+                yield unpack(data)
+
+    def has_server_logic(self) -> bool:
+        """Whether the shards run a server logic (psserver --logic), by their Info."""
+        return any(isinstance(info, shard_pb2.InfoResponse) and info.logic for info in self.info())
+
+    def _each_shard(self, what: str, call: Callable[[Any], Iterator[Any]]) -> Iterator[Any]:
+        """The messages of one server-streaming call to each shard in turn."""
         self.check_shards()
         for shard, stub in enumerate(self._shard_stubs):
             try:
-                for chunk in stub.Snapshot(shard_pb2.SnapshotRequest()):
-                    ids, values = decode_rows(chunk.batches)
-                    yield from zip(ids, values, strict=True)
+                yield from call(stub)
             except grpc.RpcError as exc:
                 raise ShardError(
-                    f"snapshot of shard {shard} at {self.servers[shard]} failed: {describe_rpc_error(exc)}"
+                    f"{what} of shard {shard} at {self.servers[shard]} failed: {describe_rpc_error(exc)}"
                 ) from None
 
     def info(self, timeout: float = 5.0) -> list[shard_pb2.InfoResponse | ShardError]:
@@ -287,9 +302,12 @@ class Cluster:
         *,
         partition_by: Callable[[Any], Hashable] | None = None,
         iteration_wait_time: float | None = None,
-    ) -> Iterator[Left[Any] | Right[tuple[Id, Any]]]:
+        server_logic: bool | None = None,
+    ) -> Iterator[Left[Any] | Right[Any]]:
         """Feed `records` (if given), yield every output as `Left` while they arrive,
-        then every final parameter as `Right((id, value))` once all workers finished."""
+        then every final parameter as `Right((id, value))` once all workers finished;
+        with a server logic (`server_logic`; None: ask the shards), every output of
+        the logic as `Right` instead, after its close."""
         self.check_shards()  # before any record reaches a worker
         feed_error: list[BaseException] = []
         feeder: threading.Thread | None = None
@@ -319,8 +337,10 @@ class Cluster:
             feeder.join()
         if feed_error:
             raise feed_error[0]
-        for pair in self.snapshot():
-            yield Right(pair)
+        if server_logic is None:
+            server_logic = self.has_server_logic()
+        for result in self.logic_outputs() if server_logic else self.snapshot():
+            yield Right(result)
 
     def close(self) -> None:
         if self._group is not None:

@@ -51,7 +51,8 @@ def run_local_job(
     max_restarts: int = DEFAULT_MAX_RESTARTS,
     batch_max_keys: int | None = None,
     batch_linger_ms: float | None = None,
-) -> Iterator[Left[Any] | Right[tuple[Id, Any]]]:
+    ps_logic_spec: str | None = None,
+) -> Iterator[Left[Any] | Right[Any]]:
     """Start a local cluster, run the job, yield its stream, tear everything down.
 
     `progress` shows a live bar on stderr (None: when stderr is a terminal). If a
@@ -76,6 +77,7 @@ def run_local_job(
         max_restarts=max_restarts,
         batch_max_keys=batch_max_keys,
         batch_linger_ms=batch_linger_ms,
+        ps_logic_spec=ps_logic_spec,
     )
     try:
         with (
@@ -84,7 +86,12 @@ def run_local_job(
         ):
             records = bar.count(records)
             try:
-                for item in client.stream(records, partition_by=partition_by, iteration_wait_time=iteration_wait_time):
+                for item in client.stream(
+                    records,
+                    partition_by=partition_by,
+                    iteration_wait_time=iteration_wait_time,
+                    server_logic=ps_logic_spec is not None,
+                ):
                     if isinstance(item, Left):
                         bar.output()
                     yield item
@@ -121,7 +128,8 @@ def transform(
     data_dir: str | Path | None = None,
     batch_max_keys: int | None = None,
     batch_linger_ms: float | None = None,
-) -> Iterator[Left[Any] | Right[tuple[Id, Any]]]:
+    ps_logic: Any = None,
+) -> Iterator[Left[Any] | Right[Any]]:
     """Run `worker_logic` over `training_data` on an embedded local cluster.
 
     Yields `Left(output)` for every worker output as it arrives, then, once every
@@ -161,12 +169,23 @@ def transform(
     holds that many keys, or once a buffered key has waited that many
     milliseconds (0: at once). None keeps the workers' default (4,096 keys, 2 ms).
 
+    `ps_logic` gives every shard a server logic (`psserver --logic`): a
+    psserver.ServerLogic subclass, factory or instance (each shard gets its own,
+    shipped like `worker_logic`), or a `module:Class` string. The logic handles
+    the pulls and pushes and keeps its own state (`param_init` is still what its
+    `ps.init(id)` gives); the job's `Right` values are then what it passed to
+    `ps.output`, after its close(ps), shard by shard. It cannot be combined
+    with `durable`, `data_dir` or `model`.
+
     Raises ValueError (SpecError) at once, before any process starts, for an init
     or update spec the shards would refuse, or batching knobs the workers would.
     """
     # Not a generator itself, so that a bad spec fails the call, not the first next().
     check_specs(param_init, param_update)
     check_batching(batch_max_keys, batch_linger_ms)
+    if ps_logic is not None and (durable or data_dir is not None or model is not None):
+        what = "model" if model is not None else "durable or data_dir"
+        raise ValueError(f"ps_logic cannot be combined with {what}: a server logic keeps its own state")
     return _transform_job(
         training_data,
         worker_logic,
@@ -184,6 +203,7 @@ def transform(
         data_dir=Path(data_dir) if data_dir is not None else None,
         batch_max_keys=batch_max_keys,
         batch_linger_ms=batch_linger_ms,
+        ps_logic=ps_logic,
     )
 
 
@@ -205,7 +225,8 @@ def _transform_job(
     data_dir: Path | None,
     batch_max_keys: int | None,
     batch_linger_ms: float | None,
-) -> Iterator[Left[Any] | Right[tuple[Id, Any]]]:
+    ps_logic: Any,
+) -> Iterator[Left[Any] | Right[Any]]:
     with tempfile.TemporaryDirectory(prefix="streamps-") as tmp:
         directory = Path(tmp)
         model_files = write_model_files(model, ps_parallelism, directory) if model is not None else None
@@ -226,4 +247,5 @@ def _transform_job(
             max_restarts=max_restarts,
             batch_max_keys=batch_max_keys,
             batch_linger_ms=batch_linger_ms,
+            ps_logic_spec=_spec(ps_logic, directory, "ps_logic") if ps_logic is not None else None,
         )

@@ -78,6 +78,7 @@ class LocalCluster:
         max_restarts: int = DEFAULT_MAX_RESTARTS,
         batch_max_keys: int | None = None,
         batch_linger_ms: float | None = None,
+        ps_logic_spec: str | None = None,
     ):
         if num_workers < 1 or num_shards < 1:
             raise ValueError("a cluster needs at least one worker and one shard")
@@ -90,6 +91,7 @@ class LocalCluster:
         self.model_files = model_files  # one per shard: its --load
         # Each worker's --batch-max-keys and --batch-linger-ms; None: psworker's default.
         self.batch_max_keys, self.batch_linger_ms = batch_max_keys, batch_linger_ms
+        self.ps_logic_spec = ps_logic_spec  # every shard's --logic
         # A data dir of the user's makes the shards durable too; it is kept.
         self.durable = durable or data_dir is not None
         self.data_dir = data_dir
@@ -118,6 +120,8 @@ class LocalCluster:
         extra = ["--load", str(self.model_files[shard])] if self.model_files else []
         if self.durable:
             extra += ["--data-dir", str(self._shard_dir(shard))]
+        if self.ps_logic_spec is not None:
+            extra += ["--logic", self.ps_logic_spec]
         return shard_argv(shard, self.num_shards, self.init_spec, self.update_spec, self.log_level, *extra, port=port)
 
     def _shard_dir(self, shard: int) -> Path:

@@ -8,6 +8,7 @@ file. Such files never cross the network; remote processes load `module:attr`.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
 from pathlib import Path
@@ -49,6 +50,32 @@ def load_object(spec: str, *, what: str) -> Any:
         except AttributeError:
             raise SpecError(f"{what} {spec!r}: {module_name!r} has no attribute {attr_path!r}") from None
     return obj
+
+
+def load_instance(spec: str, base: type, *, what: str) -> Any:
+    """The instance of `base` that `spec` names: an instance, a subclass (made with no
+    arguments) or a factory of one. SpecError, one line naming the spec, otherwise."""
+    obj = load_object(spec, what=what)
+    if isinstance(obj, base):
+        return obj
+    kind = base.__name__
+    if isinstance(obj, type) and not issubclass(obj, base):
+        raise SpecError(f"{what} {spec!r} is not a {kind} subclass")
+    if not callable(obj):
+        raise SpecError(f"{what} {spec!r} is not a {kind}, a subclass of it, or a factory of one")
+    try:
+        made = obj()
+    except Exception as exc:  # a user's constructor or factory can raise anything
+        name = getattr(obj, "__qualname__", type(obj).__qualname__)
+        # The traceback helps whoever debugs that code, but is not the message.
+        logging.getLogger("streamps").info("traceback of %s()", name, exc_info=True)
+        raise SpecError(f"{what} {spec!r}: {name}() raised {type(exc).__name__}: {exc}") from exc
+    if not isinstance(made, base):
+        raise SpecError(
+            f"{what} {spec!r} is not a {kind}, a subclass of it, or a factory of one "
+            f"(calling it returned a value of type {type(made).__qualname__})"
+        )
+    return made
 
 
 def ship(obj: Any, directory: Path, name: str) -> str:

@@ -14,10 +14,12 @@ from psclient.cli.process import StopSignal, announce, configure_logging, start_
 from psclient.errors import SpecError
 from psclient.rpc.security import current as current_security
 from psclient.rpc.serving import build_aio_server
-from psclient.specs import make_init, make_update
+from psclient.specs import UserFunctionError, make_init, make_update
 from psclient.wire.proto import shard_pb2, shard_pb2_grpc
 from psserver.durability import DEFAULT_SNAPSHOT_INTERVAL_S, DataDirError, Durability
 from psserver.durable_service import DurableShardServicer
+from psserver.logic import LogicStore, load_server_logic
+from psserver.logic_service import LogicShardServicer
 from psserver.memory import pin_mmap_threshold
 from psserver.service import ShardServicer
 from psserver.store import ParameterStore
@@ -32,7 +34,9 @@ async def serve(
     store: ParameterStore, shard: int, num_shards: int, host: str, port: int, durability: Durability | None
 ) -> None:
     log = logging.getLogger("streamps")
-    if durability is None:
+    if isinstance(store, LogicStore):
+        servicer: ShardServicer = LogicShardServicer(store, shard, num_shards)
+    elif durability is None:
         servicer = ShardServicer(store, shard, num_shards)
     else:
         servicer = DurableShardServicer(store, shard, num_shards, durability)
@@ -55,12 +59,13 @@ async def serve(
     announce(bound)
     log.info("security: %s", current_security().describe())
     log.info(
-        "serving shard %d/%d on %s (init %s, update %s)",
+        "serving shard %d/%d on %s (init %s, update %s%s)",
         shard,
         num_shards,
         bound.address,
         store.init.spec,
         store.update.spec,
+        f", server logic {store.spec}" if isinstance(store, LogicStore) else "",
     )
     if durability is not None:
         log.info(
@@ -143,6 +148,15 @@ async def _final_snapshot(durability: Durability) -> str:
     help="Start from this model (JSON lines of psclient snapshot); ids of other shards are skipped. "
     "Ignored when --data-dir already holds a shard's state.",
 )
+@click.option(
+    "--logic",
+    "logic_spec",
+    default=None,
+    # Not STREAMPS_LOGIC: that is the workers' --logic, set for every pod of a deployment.
+    **env("SERVER_LOGIC"),
+    help="A ServerLogic (module:Class, a factory or an instance) that handles this shard's pulls and pushes "
+    "and keeps its own state, instead of the store with --init and --update.",
+)
 @process_options
 @security_options
 def main(
@@ -156,6 +170,7 @@ def main(
     durable: bool | None,
     snapshot_interval: float | None,
     load_path: Path | None,
+    logic_spec: str | None,
     log_level: str,
     log_format: str,
     metrics_port: int | None,
@@ -166,11 +181,22 @@ def main(
     if data_dir is None and (durable is not None or snapshot_interval is not None):
         flag = "--snapshot-interval" if snapshot_interval is not None else "--durable/--no-durable"
         fail(f"{flag} needs --data-dir", 2)
+    if logic_spec is not None and (data_dir is not None or load_path is not None):
+        fail(f"--logic cannot be used with {'--data-dir' if data_dir is not None else '--load'}: "
+             "a server logic keeps its own state, which the shard does not log or load", 2)  # fmt: skip
     try:
-        store = ParameterStore(make_init(init_spec), make_update(update_spec))
+        init, update = make_init(init_spec), make_update(update_spec)
+        store = ParameterStore(init, update)
+        if logic_spec is not None:
+            store = LogicStore(load_server_logic(logic_spec), logic_spec, init, update, shard, num_shards)
     except SpecError as exc:
         fail(str(exc), 2)
     configure_logging(f"shard {shard}", log_level, log_format)
+    if isinstance(store, LogicStore):
+        try:
+            store.open()
+        except UserFunctionError as exc:
+            fail(f"shard {shard}: {exc}", 1)
     pin_mmap_threshold()
     durability = None
     if data_dir is not None:

@@ -361,6 +361,14 @@ class ShardServicer(shard_pb2_grpc.ParameterShardServicer):
         for groups in self.store.chunk_rows(request.max_rows_per_chunk or DEFAULT_SNAPSHOT_ROWS):
             yield shard_pb2.SnapshotChunk(batches=[encode_batch(group) for group in groups])
 
+    async def LogicOutputs(
+        self, request: shard_pb2.LogicOutputsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[shard_pb2.LogicOutputChunk]:
+        # Only a shard with a server logic has outputs (psserver.logic_service).
+        none: tuple[shard_pb2.LogicOutputChunk, ...] = ()
+        for chunk in none:
+            yield chunk
+
     async def Info(self, request: shard_pb2.InfoRequest, context: grpc.aio.ServicerContext) -> shard_pb2.InfoResponse:
         return shard_pb2.InfoResponse(
             shard=self.shard,

@@ -49,9 +49,11 @@ class ShardBuffers:
         max_batch: int,
         min_batch: int,
         linger_s: float,
+        worker_index: int = 0,
     ):
         self.num_shards = num_shards
         self.worker_id = worker_id
+        self.worker_index = worker_index  # on every pull, for a shard's server logic
         self.max_batch = max_batch
         self.min_batch = min_batch
         self.linger_s = linger_s
@@ -236,7 +238,7 @@ class ShardBuffers:
                 keys = encode_id_array(np.concatenate([*chunks, np.asarray(pulls, dtype=INT_IDS_DTYPE)]))
             else:
                 keys = encode_keys(pulls + [param_id for chunk in chunks for param_id in chunk.tolist()])
-            pull = shard_pb2.PullRequest(request_id=self._request_id, keys=keys)
+            pull = shard_pb2.PullRequest(request_id=self._request_id, keys=keys, worker_index=self.worker_index)
         if push is not None or pull is not None:
             request = shard_pb2.ExchangeRequest(push=push, pull=pull)
             unanswered = self._unanswered[shard]

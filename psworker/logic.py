@@ -3,14 +3,12 @@ and how a worker loads the one its `--logic` names (`load_logic`)."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 
-from psclient.errors import SpecError
-from psclient.plugins import load_object
+from psclient.plugins import load_instance
 from psclient.wire.partition import Id
 
 T = TypeVar("T")  # a training record
@@ -142,26 +140,7 @@ def load_logic(spec: str) -> WorkerLogic:
     an instance. SpecError, one line naming the spec, when the module or attr is
     missing, when it is of another type, or when making the logic raises.
     """
-    obj = load_object(spec, what="logic")
-    if isinstance(obj, WorkerLogic):
-        return obj
-    if isinstance(obj, type) and not issubclass(obj, WorkerLogic):
-        raise SpecError(f"logic {spec!r} is not a WorkerLogic subclass")
-    if not callable(obj):
-        raise SpecError(f"logic {spec!r} is not a WorkerLogic, a subclass of it, or a factory of one")
-    try:
-        made = obj()
-    except Exception as exc:  # a user's constructor or factory can raise anything
-        name = getattr(obj, "__qualname__", type(obj).__qualname__)
-        # The traceback helps whoever debugs that code, but is not the message.
-        logging.getLogger("streamps").info("traceback of %s()", name, exc_info=True)
-        raise SpecError(f"logic {spec!r}: {name}() raised {type(exc).__name__}: {exc}") from exc
-    if not isinstance(made, WorkerLogic):
-        raise SpecError(
-            f"logic {spec!r} is not a WorkerLogic, a subclass of it, or a factory of one "
-            f"(calling it returned a value of type {type(made).__qualname__})"
-        )
-    return made
+    return load_instance(spec, WorkerLogic, what="logic")
 
 
 class _PullLimited(WorkerLogic[T, P, WOut]):

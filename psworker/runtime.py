@@ -191,6 +191,7 @@ class WorkerRuntime(LogicLoop, ShardLinks):
             # answers are due (see ShardBuffers.flush_idle): a quarter of the pull limit.
             min_batch=max(1, min(self.pull_limit, max_batch) // 4),
             linger_s=linger_s,
+            worker_index=worker_index,
         )
         self._pulls = PullWindow(self.pull_limit, self._buffers)
         self._init_checkpoints(checkpoint_dir, checkpoint_every, flush_outputs)

@@ -52,6 +52,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `examples` is a directory of the repo, not an installed package
     sys.path.insert(0, str(ROOT))
 
+from conformance_inputs import TEXT, ratings, sparse_records  # noqa: E402
+
 from examples.linear_model import param_init_for  # noqa: E402
 from examples.mf import biased_init_spec  # noqa: E402
 from examples.passive_aggressive import PassiveAggressive  # noqa: E402
@@ -109,37 +111,7 @@ def entry(target: str) -> Callable[[Builder], Builder]:
     return register
 
 
-# -- the sample inputs ------------------------------------------------------------------
-
-TEXT = [
-    "The parameter server keeps the model; the workers keep the data.",
-    "A worker reads its records, pulls the parameters it needs, and pushes back what it learned.",
-    "",
-    "The server adds the pushes up, so every worker sees the work of every other worker.",
-    "When the input ends, the workers finish, and the model is what the servers hold.",
-]
-
-
-def ratings(n: int = 120, *, held_out_every: int = 0) -> list[tuple[Any, ...]]:
-    """n synthetic ratings over 12 users x 20 items; every `held_out_every`-th one marked held out."""
-    from examples.synthetic_ratings import synthetic_ratings
-
-    out = list(synthetic_ratings(n, users=12, items=20, seed=5))
-    if held_out_every:
-        return [(*r, (i % held_out_every) == held_out_every - 1) for i, r in enumerate(out)]
-    return out
-
-
-def sparse_records(n: int = 60, classes: int = 2, features: int = 12) -> list[tuple[dict[str, float], int]]:
-    """n records ({feature: value}, label) with a few nonzero features each, seeded."""
-    rng = np.random.default_rng(11)
-    records = []
-    for _ in range(n):
-        label = int(rng.integers(classes))
-        present = rng.choice(features, size=4, replace=False)
-        x = {f"f{j}": float(np.round(rng.normal(label - (classes - 1) / 2, 1.0), 3)) for j in sorted(present)}
-        records.append((x, label))
-    return records
+# -- the sample inputs are in conformance_inputs.py; the end-of-input summaries ---------
 
 
 def _summary_with_zero(key: str) -> Callable[[Any], bool]:
@@ -245,6 +217,19 @@ def _topk(cls: type, module: ModuleType) -> Job:
         summary=lambda out: isinstance(out, tuple) and len(out) == 2 and out[1] == [],
         long_records=lambda: range(DETERMINISM_RECORDS),
     )
+
+
+# These two run on the default shard, not under the server logic each is meant for.
+@entry("examples.lock_server:LockedCounter")
+def _locked_counter(cls: type, module: ModuleType) -> Job:
+    out_together = "increments of a counter whose pulls are out together read the same value"
+    return Job(cls, lambda: [i % 3 for i in range(30)], "const:0", "replace", schedule_dependent=out_together)
+
+
+@entry("examples.server_optimizer:GradientMF")
+def _gradient_mf(cls: type, module: ModuleType) -> Job:
+    init = biased_init_spec(16, 0.1, 1)  # benchmarks.mf_common's
+    return Job(cls, ratings, init, module.sgd_update, partition_by=operator.itemgetter(0), schedule_dependent=SCHEDULE)
 
 
 # -- discovery --------------------------------------------------------------------------

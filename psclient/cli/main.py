@@ -120,6 +120,13 @@ def main() -> None:
 )
 @click.option("--model", "model_path", default=None, **env("MODEL"), help="Final parameters as JSON lines {id, value}.")
 @click.option(
+    "--ps-logic",
+    default=None,
+    **env("PS_LOGIC"),
+    help="A ServerLogic (module:Class) for every shard (psserver --logic); --model then gets its outputs, "
+    "one JSON line each.",
+)
+@click.option(
     "--progress/--no-progress", default=None, help="Live progress on stderr (default: when stderr is a terminal)."
 )
 @click.option(
@@ -150,12 +157,15 @@ def run(
     iteration_wait_time: float | None,
     output_path: str,
     model_path: str | None,
+    ps_logic: str | None,
     progress: bool | None,
     durable: bool,
     max_restarts: int,
 ) -> None:
     """Run a whole job on an embedded local cluster."""
     _check_specs(init_spec, update_spec)
+    if ps_logic is not None and durable:
+        fail("--ps-logic cannot be combined with --durable: a server logic keeps its own state", 2)
     spec = InputSpec(input_path, fmt, partition_key, skip_header)
     if input_path != "-" and not Path(input_path).is_file():
         fail(f"--input {input_path}: no such file")
@@ -176,13 +186,16 @@ def run(
                 iteration_wait_time=iteration_wait_time, partition_by=_partition_by(spec),
                 pull_limit=pull_limit, on_error=on_error, progress=progress,
                 batch_max_keys=batch_max_keys, batch_linger_ms=batch_linger_ms,
-                durable=durable, max_restarts=max_restarts,
+                durable=durable, max_restarts=max_restarts, ps_logic_spec=ps_logic,
             )  # fmt: skip
             for item in stream:
                 match item:
                     case Left(value):
                         outputs += 1
                         _write_json(out, value)
+                    case Right(value) if ps_logic is not None:
+                        params += 1
+                        _write_json(model, value)
                     case Right((param_id, value)):
                         params += 1
                         _write_json(model, {"id": param_id, "value": value})
@@ -190,7 +203,8 @@ def run(
         fail(str(exc))
     elapsed = time.monotonic() - started
     click.echo(
-        f"psclient: {fed[0]} records, {outputs} outputs, {params} parameters in {elapsed:.1f} s "
+        f"psclient: {fed[0]} records, {outputs} outputs, {params} "
+        f"{'server logic outputs' if ps_logic is not None else 'parameters'} in {elapsed:.1f} s "
         f"({fed[0] / max(elapsed, 1e-9):,.0f} records/s)",
         err=True,
     )

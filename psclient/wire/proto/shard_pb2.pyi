@@ -33,12 +33,21 @@ class PullRequest(_message.Message):
     KEYS_FIELD_NUMBER: _builtins.int
     WORKER_ID_FIELD_NUMBER: _builtins.int
     AFTER_SEQ_FIELD_NUMBER: _builtins.int
+    WORKER_INDEX_FIELD_NUMBER: _builtins.int
     request_id: _builtins.int
     """Chosen by the client, echoed in the response; unique per stream."""
     worker_id: _builtins.str
     """The pushing worker's id, used with after_seq. Empty means no ordering."""
     after_seq: _builtins.int
     """Answer only after this worker's push seq is applied (0: no wait)."""
+    worker_index: _builtins.int
+    """The pulling worker's index in its job (psworker --worker-index), set by
+    workers on every pull: what a server logic's on_pull_recv gets, and whose
+    answer_pull answers it. Other clients leave it 0. A shard without a logic
+    ignores it. With a logic a pull's answer waits until the logic answered
+    every one of its keys, and the answers of later messages on the same
+    stream wait behind it (the stream keeps reading and applying pushes).
+    """
     @_builtins.property
     def keys(self) -> _tensor_pb2.ParamBatch:
         """Ids to read; `values` is not set."""
@@ -50,10 +59,11 @@ class PullRequest(_message.Message):
         keys: _tensor_pb2.ParamBatch | None = ...,
         worker_id: _builtins.str = ...,
         after_seq: _builtins.int = ...,
+        worker_index: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_seq", b"after_seq", "keys", b"keys", "request_id", b"request_id", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_seq", b"after_seq", "keys", b"keys", "request_id", b"request_id", "worker_id", b"worker_id", "worker_index", b"worker_index"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -359,6 +369,7 @@ class InfoResponse(_message.Message):
     PUSHED_KEYS_FIELD_NUMBER: _builtins.int
     UPTIME_SECONDS_FIELD_NUMBER: _builtins.int
     FINISHED_BELOW_FIELD_NUMBER: _builtins.int
+    LOGIC_FIELD_NUMBER: _builtins.int
     shard: _builtins.int
     """This shard's index, in [0, num_shards)."""
     num_shards: _builtins.int
@@ -375,6 +386,11 @@ class InfoResponse(_message.Message):
     pushed_keys: _builtins.int
     uptime_seconds: _builtins.float
     """Seconds since the shard started serving."""
+    logic: _builtins.str
+    """The server logic's spec (psserver --logic; "@..." for a shipped one), empty
+    without one. With a logic the shard stores no parameters (the logic keeps
+    its own state): num_params is 0 and Snapshot streams nothing.
+    """
     @_builtins.property
     def watermarks(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """Highest applied push seq per worker_id."""
@@ -400,11 +416,49 @@ class InfoResponse(_message.Message):
         pushed_keys: _builtins.int = ...,
         uptime_seconds: _builtins.float = ...,
         finished_below: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        logic: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["finished_below", b"finished_below", "init_spec", b"init_spec", "num_params", b"num_params", "num_shards", b"num_shards", "pull_requests", b"pull_requests", "pulled_keys", b"pulled_keys", "push_requests", b"push_requests", "pushed_keys", b"pushed_keys", "shard", b"shard", "update_spec", b"update_spec", "uptime_seconds", b"uptime_seconds", "watermarks", b"watermarks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finished_below", b"finished_below", "init_spec", b"init_spec", "logic", b"logic", "num_params", b"num_params", "num_shards", b"num_shards", "pull_requests", b"pull_requests", "pulled_keys", b"pulled_keys", "push_requests", b"push_requests", "pushed_keys", b"pushed_keys", "shard", b"shard", "update_spec", b"update_spec", "uptime_seconds", b"uptime_seconds", "watermarks", b"watermarks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___InfoResponse: _TypeAlias = InfoResponse  # noqa: Y015
+
+@_typing.final
+class LogicOutputsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LogicOutputsRequest: _TypeAlias = LogicOutputsRequest  # noqa: Y015
+
+@_typing.final
+class LogicOutputChunk(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OUTPUTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def outputs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """msgpack-encoded outputs of the server logic, in the order it made them."""
+
+    def __init__(
+        self,
+        *,
+        outputs: _abc.Iterable[_builtins.bytes] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["outputs", b"outputs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LogicOutputChunk: _TypeAlias = LogicOutputChunk  # noqa: Y015

@@ -59,6 +59,11 @@ class ParameterShardStub:
                 request_serializer=psclient_dot_wire_dot_proto_dot_shard__pb2.InfoRequest.SerializeToString,
                 response_deserializer=psclient_dot_wire_dot_proto_dot_shard__pb2.InfoResponse.FromString,
                 _registered_method=True)
+        self.LogicOutputs = channel.unary_stream(
+                '/streamps.v1.ParameterShard/LogicOutputs',
+                request_serializer=psclient_dot_wire_dot_proto_dot_shard__pb2.LogicOutputsRequest.SerializeToString,
+                response_deserializer=psclient_dot_wire_dot_proto_dot_shard__pb2.LogicOutputChunk.FromString,
+                _registered_method=True)
 
 
 class ParameterShardServicer:
@@ -115,6 +120,19 @@ class ParameterShardServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LogicOutputs(self, request, context):
+        """A shard with a server logic (psserver --logic) ends the logic and streams
+        what it output: the first call runs the logic's close(ps), then every call
+        streams every ps.output value in the order made, as msgpack bytes (like a
+        worker's outputs, psclient.wire.records). Call it once every worker has
+        finished: these are the job's Right values in place of a Snapshot. A logic
+        that raises in close ends the call with FAILED_PRECONDITION and its one-line
+        error. A shard without a logic streams nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParameterShardServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -142,6 +160,11 @@ def add_ParameterShardServicer_to_server(servicer, server):
                     servicer.Info,
                     request_deserializer=psclient_dot_wire_dot_proto_dot_shard__pb2.InfoRequest.FromString,
                     response_serializer=psclient_dot_wire_dot_proto_dot_shard__pb2.InfoResponse.SerializeToString,
+            ),
+            'LogicOutputs': grpc.unary_stream_rpc_method_handler(
+                    servicer.LogicOutputs,
+                    request_deserializer=psclient_dot_wire_dot_proto_dot_shard__pb2.LogicOutputsRequest.FromString,
+                    response_serializer=psclient_dot_wire_dot_proto_dot_shard__pb2.LogicOutputChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -279,6 +302,33 @@ class ParameterShard:
             '/streamps.v1.ParameterShard/Info',
             psclient_dot_wire_dot_proto_dot_shard__pb2.InfoRequest.SerializeToString,
             psclient_dot_wire_dot_proto_dot_shard__pb2.InfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LogicOutputs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/streamps.v1.ParameterShard/LogicOutputs',
+            psclient_dot_wire_dot_proto_dot_shard__pb2.LogicOutputsRequest.SerializeToString,
+            psclient_dot_wire_dot_proto_dot_shard__pb2.LogicOutputChunk.FromString,
             options,
             channel_credentials,
             insecure,

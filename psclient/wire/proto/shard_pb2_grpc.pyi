@@ -67,6 +67,15 @@ class ParameterShardStub:
     """
     Info: _grpc.UnaryUnaryMultiCallable[_shard_pb2.InfoRequest, _shard_pb2.InfoResponse]
     """Describes the shard: its place in the cluster, its size and its counters."""
+    LogicOutputs: _grpc.UnaryStreamMultiCallable[_shard_pb2.LogicOutputsRequest, _shard_pb2.LogicOutputChunk]
+    """A shard with a server logic (psserver --logic) ends the logic and streams
+    what it output: the first call runs the logic's close(ps), then every call
+    streams every ps.output value in the order made, as msgpack bytes (like a
+    worker's outputs, psclient.wire.records). Call it once every worker has
+    finished: these are the job's Right values in place of a Snapshot. A logic
+    that raises in close ends the call with FAILED_PRECONDITION and its one-line
+    error. A shard without a logic streams nothing.
+    """
 
 @_typing.type_check_only
 class ParameterShardAsyncStub(ParameterShardStub):
@@ -101,6 +110,15 @@ class ParameterShardAsyncStub(ParameterShardStub):
     """
     Info: _aio.UnaryUnaryMultiCallable[_shard_pb2.InfoRequest, _shard_pb2.InfoResponse]  # type: ignore[assignment]
     """Describes the shard: its place in the cluster, its size and its counters."""
+    LogicOutputs: _aio.UnaryStreamMultiCallable[_shard_pb2.LogicOutputsRequest, _shard_pb2.LogicOutputChunk]  # type: ignore[assignment]
+    """A shard with a server logic (psserver --logic) ends the logic and streams
+    what it output: the first call runs the logic's close(ps), then every call
+    streams every ps.output value in the order made, as msgpack bytes (like a
+    worker's outputs, psclient.wire.records). Call it once every worker has
+    finished: these are the job's Right values in place of a Snapshot. A logic
+    that raises in close ends the call with FAILED_PRECONDITION and its one-line
+    error. A shard without a logic streams nothing.
+    """
 
 class ParameterShardServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -162,5 +180,20 @@ class ParameterShardServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_shard_pb2.InfoResponse, _abc.Awaitable[_shard_pb2.InfoResponse]]:
         """Describes the shard: its place in the cluster, its size and its counters."""
+
+    @_abc_1.abstractmethod
+    def LogicOutputs(
+        self,
+        request: _shard_pb2.LogicOutputsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_shard_pb2.LogicOutputChunk], _abc.AsyncIterator[_shard_pb2.LogicOutputChunk]]:
+        """A shard with a server logic (psserver --logic) ends the logic and streams
+        what it output: the first call runs the logic's close(ps), then every call
+        streams every ps.output value in the order made, as msgpack bytes (like a
+        worker's outputs, psclient.wire.records). Call it once every worker has
+        finished: these are the job's Right values in place of a Snapshot. A logic
+        that raises in close ends the call with FAILED_PRECONDITION and its one-line
+        error. A shard without a logic streams nothing.
+        """
 
 def add_ParameterShardServicer_to_server(servicer: ParameterShardServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from psclient.children import START_TIMEOUT_S, ChildProcess, child_env, shard_argv, worker_argv
 from psclient.errors import JobFailed, StreampsError
+from psclient.rpc.serving import DEFAULT_CONNECT_TIMEOUT_S
 
 # Without durability a local cluster restarts no shard, so its workers give up on
 # a broken shard stream at once (`psworker --shard-timeout 0`) rather than wait for it.
@@ -115,6 +116,7 @@ class LocalCluster:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._watcher: threading.Thread | None = None
+        self._waiters: list[threading.Thread] = []  # one per restart: it waits for the new child's address
 
     def _shard_argv(self, shard: int, port: int = 0) -> list[str]:
         extra = ["--load", str(self.model_files[shard])] if self.model_files else []
@@ -137,10 +139,17 @@ class LocalCluster:
             extra += ["--batch-linger-ms", repr(float(self.batch_linger_ms))]
         if self.durable:
             extra += ["--checkpoint-dir", str(self._checkpoint_dir())]
+            extra += ["--connect-timeout", f"{self._worker_connect_timeout():g}"]
         return worker_argv(
             self.logic_spec, self.servers, worker, self.num_workers, "--port", str(port), "--on-error", self.on_error,
             "--shard-timeout", f"{self.shard_timeout:g}", "--job-id", self.job_id, *extra, log_level=self.log_level,
         )  # fmt: skip
+
+    def _worker_connect_timeout(self) -> float:
+        """How long a worker waits for each shard as it starts. A restarted worker of a durable
+        cluster may start while a shard is being restarted too: it waits for it as long as a
+        running worker would (--shard-timeout), not less."""
+        return max(DEFAULT_CONNECT_TIMEOUT_S, self.shard_timeout) if self.durable else DEFAULT_CONNECT_TIMEOUT_S
 
     def _checkpoint_dir(self) -> Path:
         parent = self.data_dir if self.data_dir is not None else self._owned_dir
@@ -177,47 +186,76 @@ class LocalCluster:
         """Restart a shard that died on the same port with the same data dir (its workers
         reconnect and resend), and a worker that crashed on the same port with the same
         checkpoint dir (its feeder resends what followed its checkpoint, psclient/replay.py).
-        Past max_restarts, or if the port was taken, fail the job."""
+        Past max_restarts, or if the port was taken, fail the job.
+
+        This thread only notices deaths and starts the new processes; each waits for its
+        address on a thread of its own. A restarted worker announces itself only once it
+        reached every shard, so a shard that dies meanwhile must be restarted while the
+        worker waits for it, not after."""
         while not self._stopping.wait(WATCH_INTERVAL_S):
             for kind, children in (("shard", self.shards), ("worker", self.worker_children)):
                 for index, child in enumerate(children):
+                    if self.failure is not None:
+                        return
                     reason = child.exit_reason()
                     if reason is None or (kind == "worker" and not crashed(child)):
                         continue
-                    if self.restarts >= self.max_restarts:
-                        self._fail(f"{reason}; no restart left (max_restarts={self.max_restarts})")
-                        return
-                    if not self._restart(kind, index, env):
+                    if not self._restart(kind, index, reason, env):
                         return
 
-    def _restart(self, kind: str, index: int, env: dict[str, str]) -> bool:
+    def _restart(self, kind: str, index: int, reason: str, env: dict[str, str]) -> bool:
+        """Start `kind index` again (it died of `reason`) and wait for its address on a
+        thread; False when the job failed or the cluster is stopping."""
         children, addresses = (self.shards, self.servers) if kind == "shard" else (self.worker_children, self.workers)
         address = addresses[index]
         port = int(address.rsplit(":", 1)[1])
         name = f"{kind} {index}"
         with self._lock:
-            if self._stopping.is_set():
+            if self._stopping.is_set() or self.failure is not None:
                 return False
-            self.restarts += 1
-            old = children[index]
-            argv = self._shard_argv(index, port) if kind == "shard" else self._worker_argv(index, port)
-            new = ChildProcess(name, argv, env)
-            children[index] = new
-            self.children[self.children.index(old)] = new
-            self._restarting.add(name)
-        try:
-            restarted = new.address(START_TIMEOUT_S)
-        except StreampsError as exc:
-            if not self._stopping.is_set():
-                self._fail(f"{name} cannot be restarted on {address}: {exc}")
+            if name in self._restarting:
+                return True  # its waiting thread has not let go of it yet
+            if self.restarts >= self.max_restarts:
+                give_up = f"{reason}; no restart left (max_restarts={self.max_restarts})"
+            else:
+                give_up = None
+                self.restarts += 1
+                old = children[index]
+                argv = self._shard_argv(index, port) if kind == "shard" else self._worker_argv(index, port)
+                new = ChildProcess(name, argv, env)
+                children[index] = new
+                self.children[self.children.index(old)] = new
+                self._restarting.add(name)
+                waiter = threading.Thread(
+                    target=self._await_restart, args=(new, address), name=f"restart {name}", daemon=True
+                )
+                self._waiters.append(waiter)
+        if give_up is not None:
+            self._fail(give_up)
             return False
+        waiter.start()
+        return True
+
+    def _await_restart(self, new: ChildProcess, address: str) -> None:
+        """Wait until the restarted child `new` listens on `address`; fail the job if it cannot."""
+        port = address.rsplit(":", 1)[1]
+        # A worker announces itself once it reached every shard, which may be restarting too.
+        timeout = START_TIMEOUT_S + (self._worker_connect_timeout() if new.name.startswith("worker ") else 0.0)
+        try:
+            restarted = new.address(timeout)
+        except StreampsError as exc:
+            if self._stopping.is_set() or self.failure is not None:
+                return
+            if new.process.poll() is not None and crashed(new):
+                # Killed again while it started: the watcher restarts it (one more restart).
+                return
+            self._fail(f"{new.name} cannot be restarted on {address}: {exc}")
+            return
         finally:
             with self._lock:
-                self._restarting.discard(name)
-        if restarted.rsplit(":", 1)[1] != str(port):  # cannot happen with a fixed --port; never mislead clients
-            self._fail(f"{name} was restarted on {restarted}, not on {address}")
-            return False
-        return True
+                self._restarting.discard(new.name)
+        if restarted.rsplit(":", 1)[1] != port:  # cannot happen with a fixed --port; never mislead clients
+            self._fail(f"{new.name} was restarted on {restarted}, not on {address}")
 
     def wait_for_worker(self, index: int, timeout: float) -> bool:
         """Wait until worker `index` serves (it never died, or it was restarted): True; False
@@ -286,11 +324,14 @@ class LocalCluster:
             for child in self.children:  # all at once, then wait for each
                 child.terminate()
         if self._watcher is not None:
-            # A restart in progress sees its child stopped and gives up at once.
             self._watcher.join()
             self._watcher = None
         for child in self.children:
             child.stop()
+        # A restart in progress sees its child stopped and gives up at once.
+        for waiter in self._waiters:
+            waiter.join()
+        self._waiters = []
         self.children = []
         if self._owned_dir is not None:
             shutil.rmtree(self._owned_dir, ignore_errors=True)

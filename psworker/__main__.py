@@ -36,12 +36,12 @@ from psclient.cli.options import (
 from psclient.cli.process import StopSignal, announce, configure_logging, start_metrics
 from psclient.errors import JobFailed, ShardError, SpecError
 from psclient.inputs import InputSpec, MalformedRecord, read_share
-from psclient.wire.records import to_json_compatible
+from psclient.wire.records import to_json_compatible, unpack
 from psworker.checkpoints import CheckpointError
 from psworker.logic import load_logic, with_pull_limit
 from psworker.metrics import register as register_metrics
 from psworker.runtime import DEFAULT_CHECKPOINT_EVERY, DEFAULT_SHARD_TIMEOUT_S, WorkerRuntime
-from psworker.service import CHECKPOINT_OUTPUTS_WAIT_S, OutputBuffer, build_worker_server
+from psworker.service import OutputBuffer, build_worker_server
 
 STOP_GRACE_S = 5.0
 FILE_CHUNK = 256
@@ -272,14 +272,19 @@ def main(
                 job_id=job_id,
                 checkpoint_dir=checkpoint_dir,
                 checkpoint_every=checkpoint_every,
-                flush_outputs=(
-                    functools.partial(_flush, out)
-                    if out is not None
-                    else functools.partial(outputs.wait_taken, CHECKPOINT_OUTPUTS_WAIT_S)
-                ),
+                flush_outputs=functools.partial(_flush, out) if out is not None else None,
+                pending_outputs=outputs.pending if out is None else None,
             )
         except CheckpointError as exc:
             fail(f"worker {worker_index}: {exc}", 2)
+        if runtime.resumed is not None and runtime.resumed.outputs_pending:
+            # Outputs of records the checkpoint covers that no reader took: delivered before any new one.
+            pending = runtime.resumed.outputs_pending
+            if out is None:
+                outputs.restore(pending)
+            else:  # checkpointed serving Outputs, started again with --output: they go to the file
+                for data in pending:
+                    emit(unpack(data))
         if metrics_port is not None:
             register_metrics(worker_index, runtime.counters)
         if input_path is not None:

@@ -2,9 +2,11 @@
 
 Written at a quiescent point (every pull answered, every push acknowledged), so
 it holds no message in flight: the input position below which every record is
-done and in the shards, the counters, and the logic's own state from
+done and in the shards, the counters, the logic's own state from
 `WorkerLogic.state()` (plain data: numbers, strings, lists, dicts, numpy
-arrays, encoded as a record is, with msgpack; never pickle). A worker started
+arrays, encoded as a record is, with msgpack; never pickle), and the outputs
+of a Feed-mode worker that no Outputs reader has taken yet, as the packed
+bytes the stream carries: the records they came from are not replayed. A worker started
 again with the same job id, index and checkpoint dir restores it and reads on
 from the position after it; the shards take the pushes of the records it
 replays by input position (shard.proto, PushOrigin), so none is applied twice.
@@ -20,7 +22,7 @@ import os
 import time
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +58,9 @@ class Checkpoint:
     state: Any
     # The logic had finished (on_input_end returned, everything acknowledged).
     finished: bool = False
+    # Outputs made before the checkpoint that no reader had taken (packed, in order): a
+    # resumed worker delivers them first, since the records they came from are done.
+    outputs_pending: list[bytes] = field(default_factory=list)
 
 
 def checkpoint_path(directory: Path, worker_index: int) -> Path:
@@ -76,6 +81,7 @@ def write_checkpoint(directory: Path, worker_index: int, checkpoint: Checkpoint)
                 "outputs": checkpoint.outputs,
                 "state": checkpoint.state,
                 "finished": checkpoint.finished,
+                "outputs_pending": checkpoint.outputs_pending,
             }
         )
     except WireError as exc:
@@ -120,6 +126,9 @@ def read_checkpoint(
         raise CheckpointError(f"checkpoint {path}: {exc}") from exc
     if not isinstance(fields, dict) or fields.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path} has an unknown format")
+    pending = fields.get("outputs_pending", [])  # absent from a checkpoint written before it existed
+    if not isinstance(pending, list) or not all(isinstance(data, bytes) for data in pending):
+        raise CheckpointError(f"checkpoint {path} has an unknown format (outputs_pending)")
     found = (fields["worker_id"], fields["num_workers"], fields["num_shards"])
     if found != (worker_id, num_workers, num_shards):
         raise CheckpointError(
@@ -137,6 +146,7 @@ def read_checkpoint(
         outputs=fields["outputs"],
         state=fields["state"],
         finished=fields["finished"],
+        outputs_pending=pending,
     )
 
 
@@ -157,14 +167,22 @@ class Checkpointing:
     _callbacks: WorkerLogic
     _buffers: ShardBuffers
 
-    def _init_checkpoints(self, directory: Path | None, every: int, flush_outputs: Callable[[], None] | None) -> None:
+    def _init_checkpoints(
+        self,
+        directory: Path | None,
+        every: int,
+        flush_outputs: Callable[[], None] | None,
+        pending_outputs: Callable[[], list[bytes]] | None,
+    ) -> None:
         """A worker with a `directory` is restartable: its pushes carry their records'
         origins (psworker/origins.py), and it resumes from the checkpoint it finds there."""
         self.checkpoint_dir = directory
         self.checkpoint_every = every
-        # Outputs of the records a checkpoint covers are written out before it: a restart
-        # replays only the records after it, so those outputs would be lost.
+        # A restart replays only the records after a checkpoint, so the outputs of those it
+        # covers must outlive the process: written out before it (an --output file), or
+        # kept in it while no reader has taken them (the Outputs stream).
         self.flush_outputs = flush_outputs
+        self.pending_outputs = pending_outputs
         self._checkpointed_records = 0
         self.checkpoint_position = 0  # of the last checkpoint written or resumed from (Status)
         self._origins: OriginTracker | None = None
@@ -222,6 +240,8 @@ class Checkpointing:
             outputs=self.outputs,
             state=state,
             finished=finished,
+            # On the logic's thread, the only one that makes outputs: none is made meanwhile.
+            outputs_pending=self.pending_outputs() if self.pending_outputs is not None else [],
         )
         try:
             if self.flush_outputs is not None:

@@ -136,6 +136,7 @@ class WorkerRuntime(LogicLoop, ShardLinks):
         checkpoint_dir: Path | None = None,
         checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
         flush_outputs: Callable[[], None] | None = None,
+        pending_outputs: Callable[[], list[bytes]] | None = None,
     ):
         if on_error not in ("fail", "skip"):
             raise ValueError(f"on_error must be 'fail' or 'skip', not {on_error!r}")
@@ -194,7 +195,7 @@ class WorkerRuntime(LogicLoop, ShardLinks):
             worker_index=worker_index,
         )
         self._pulls = PullWindow(self.pull_limit, self._buffers)
-        self._init_checkpoints(checkpoint_dir, checkpoint_every, flush_outputs)
+        self._init_checkpoints(checkpoint_dir, checkpoint_every, flush_outputs, pending_outputs)
         self._connections: list[ShardConnection] = []
         # Shards whose stream broke, and the task opening a new one.
         self._reconnecting: dict[int, asyncio.Task[None]] = {}

@@ -19,8 +19,6 @@ OUTPUT_CHUNK = 1_024
 # How long the Outputs stream lets a partial chunk fill before it sends it: one
 # message per output would cost the worker more than the outputs themselves.
 OUTPUT_LINGER_S = 0.005
-# How long a checkpoint waits for the Outputs reader to take what is buffered.
-CHECKPOINT_OUTPUTS_WAIT_S = 5.0
 
 
 class OutputBuffer:
@@ -61,16 +59,20 @@ class OutputBuffer:
             if not self._items:
                 return None if self._closed else []
             count = min(len(self._items), OUTPUT_CHUNK)
-            taken = [self._items.popleft() for _ in range(count)]
-            if not self._items:
-                self._cond.notify_all()  # a checkpoint may wait for this (wait_taken)
-            return taken
+            return [self._items.popleft() for _ in range(count)]
 
-    def wait_taken(self, timeout: float) -> None:
-        """Wait (up to `timeout`) until the attached reader took every output so far: a
-        restartable worker's checkpoint, past which those outputs are never made again."""
+    def pending(self) -> list[bytes]:
+        """The outputs no reader has taken yet, in order: what a restartable worker's
+        checkpoint keeps, since the records they came from are not replayed. Called on the
+        logic's thread (the one putter), so none is added meanwhile."""
         with self._cond:
-            self._cond.wait_for(lambda: not self._items or not self.subscription.locked(), timeout)
+            return list(self._items)
+
+    def restore(self, pending: list[bytes]) -> None:
+        """Put back the outputs a checkpoint kept, before the logic makes any new one."""
+        with self._cond:
+            self._items.extendleft(reversed(pending))
+            self._cond.notify_all()
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):

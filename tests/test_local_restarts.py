@@ -104,6 +104,44 @@ def test_a_durable_shard_killed_mid_job_is_restarted_and_the_model_is_exact(
     assert all(child.process.poll() is not None for child in children)
 
 
+def flag(child: RecordingChild, name: str) -> float:
+    """The value of option `name` on `child`'s command line."""
+    argv = [str(arg) for arg in child.process.args]  # type: ignore[union-attr]
+    return float(argv[argv.index(name) + 1])
+
+
+@pytest.mark.timeout(300)
+def test_a_shard_killed_while_a_worker_restarts_is_restarted_too_and_the_model_is_exact(
+    children: list[RecordingChild],
+) -> None:
+    """The restarted worker announces itself only once it reached every shard: the shard
+    killed meanwhile is restarted beside it, and the worker waits for it as it starts."""
+    stream = transform(range(RECORDS), Exactness(), "const:0", "add", 2, 2, progress=False, durable=True)
+    seen = 0
+    model: dict[Any, Any] = {}
+    outputs: Counter[int] = Counter()
+    try:
+        for item in stream:
+            if isinstance(item, Right):
+                model[item.value[0]] = item.value[1]
+                continue
+            outputs[item.value[1]] += 1
+            seen += 1
+            if seen == 10:
+                os.kill(named(children, "worker 1")[0].process.pid, signal.SIGKILL)
+                time.sleep(0.1)
+                os.kill(named(children, "shard 0")[0].process.pid, signal.SIGKILL)
+    finally:
+        stream.close()
+
+    assert model == expected_model(RECORDS)
+    assert outputs.keys() == set(range(RECORDS))  # at least once
+    assert [len(named(children, name)) for name in ("worker 1", "shard 0")] == [2, 2]
+    for worker in named(children, "worker 1"):
+        assert flag(worker, "--connect-timeout") >= flag(worker, "--shard-timeout") == 60
+    assert all(child.process.poll() is not None for child in children)
+
+
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("name", ["shard 1", "worker 1"])
 def test_a_child_killed_more_often_than_max_restarts_fails_the_job_naming_it(

@@ -7,6 +7,7 @@ be killed, any number of times, and the final model is the fault-free one, exact
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -333,7 +334,8 @@ def test_a_feed_mode_worker_reports_where_its_input_stands_across_a_restart(
         assert isinstance(status, worker_pb2.StatusResponse)
         assert (status.next_position, status.checkpoint_position, status.records) == (21, 20, 20)
         assert cluster.feed(range(20, 25)) == 5
-        assert list(cluster.outputs()) == [[0, r] for r in range(20, 25)]  # the records after its checkpoint
+        # Those of the records its checkpoint covers (kept in it: nobody had read them), then the replayed ones.
+        assert list(cluster.outputs()) == [[0, r] for r in range(25)]
         assert dict(cluster.snapshot()) == expected_model(range(25))
 
 
@@ -400,3 +402,45 @@ def test_a_part_that_overflows_the_buffer_is_applied_not_skipped(tmp_path: Path,
     runtime.run()
     with Cluster([shard]) as cluster:
         assert dict(cluster.snapshot()) == {0: 200, 1: 200, 2: 200}
+
+
+@pytest.mark.parametrize("restarted_with_output", [False, True])
+def test_outputs_nobody_read_before_a_checkpoint_survive_a_kill_of_a_feed_mode_worker(
+    tmp_path: Path, procs: Processes, start_shards: Any, restarted_with_output: bool
+) -> None:
+    """The records a checkpoint covers are never processed again, so the outputs of them that
+    no Outputs reader took are in the checkpoint, and the restarted worker delivers them first
+    (to its --output file, if it was started again with one)."""
+    (shard,) = start_shards(1)
+    argv = worker_argv(
+        "logics:Exactness", [shard], 0, 1, "--port", "0", "--job-id", JOB,
+        "--checkpoint-dir", str(tmp_path / "c"), "--checkpoint-every", "100",
+    )  # fmt: skip
+    worker = procs.start_server(argv)
+    with Cluster([shard], [worker.address]) as cluster:
+        assert cluster.feed(range(2_550), end_of_input=False) == 2_550  # no reader attached meanwhile
+
+        def status() -> worker_pb2.StatusResponse:
+            (status,) = cluster.status()
+            assert isinstance(status, worker_pb2.StatusResponse)
+            return status
+
+        wait_for(lambda: (status().next_position, status().checkpoint_position) == (2_551, 2_500))
+    os.kill(worker.process.pid, signal.SIGKILL)
+    worker.process.wait(timeout=10)
+    argv[argv.index("--port") + 1] = worker.address.rsplit(":", 1)[1]
+    out = tmp_path / "out.jsonl"
+    restarted = procs.start_server([*argv, "--output", str(out)] if restarted_with_output else argv)
+    with Cluster([shard], [restarted.address]) as cluster:
+        (status,) = cluster.status()
+        assert isinstance(status, worker_pb2.StatusResponse)
+        assert status.next_position == 2_501
+        assert cluster.feed(range(status.next_position - 1, 3_000)) == 500
+        if restarted_with_output:
+            assert restarted.process.wait(timeout=60) == 0
+            outputs = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+        else:
+            outputs = list(cluster.outputs())
+        assert Counter(r for _, r in outputs).keys() == set(range(3_000))  # every record's, at least once
+        assert outputs == [[0, r] for r in range(3_000)]  # here, exactly once and in order
+        assert dict(cluster.snapshot()) == expected_model(range(3_000))

@@ -254,4 +254,6 @@ def _trim(index: int, link: WorkerLink, buffer: ReplayBuffer, stop: threading.Ev
             status = link.worker_stub(index).Status(worker_pb2.StatusRequest(), timeout=STATUS_TIMEOUT_S)
         except grpc.RpcError:
             continue  # broken: the sender sees it too, and trims when the worker is back
+        except ValueError:  # the cluster closed its channels: the job is over
+            return
         buffer.trim(status.checkpoint_position)

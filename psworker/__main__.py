@@ -37,10 +37,10 @@ from psclient.cli.process import StopSignal, announce, configure_logging, start_
 from psclient.errors import JobFailed, ShardError, SpecError
 from psclient.inputs import InputSpec, MalformedRecord, read_share
 from psclient.wire.records import to_json_compatible, unpack
-from psworker.checkpoints import CheckpointError
+from psworker.checkpoints import DEFAULT_CHECKPOINT_EVERY, CheckpointError
 from psworker.logic import load_logic, with_pull_limit
 from psworker.metrics import register as register_metrics
-from psworker.runtime import DEFAULT_CHECKPOINT_EVERY, DEFAULT_SHARD_TIMEOUT_S, WorkerRuntime
+from psworker.runtime import DEFAULT_SHARD_TIMEOUT_S, WorkerRuntime
 from psworker.service import OutputBuffer, build_worker_server
 
 STOP_GRACE_S = 5.0

@@ -36,6 +36,9 @@ from psworker.origins import OriginTracker
 log = logging.getLogger("streamps.worker")
 
 FORMAT = 1
+# A restartable worker checkpoints every this many records (a pause of one round
+# trip to the shards, while everything in flight is answered).
+DEFAULT_CHECKPOINT_EVERY = 10_000
 # The file starts with a magic and a CRC-32 of the payload: a checkpoint cut short
 # by a crash of the machine mid-write is refused, not half read.
 MAGIC = b"SPCK"

@@ -49,6 +49,7 @@ from psclient.rpc.connection import CLOSE_TIMEOUT_S, EventLoopThread, ShardConne
 from psclient.rpc.serving import DEFAULT_BATCH_LINGER_MS, DEFAULT_BATCH_MAX_KEYS, DEFAULT_CONNECT_TIMEOUT_S
 from psclient.wire.partition import Id, check_id
 from psworker.batching import ShardBuffers
+from psworker.checkpoints import DEFAULT_CHECKPOINT_EVERY
 from psworker.checks import check_delta, check_deltas, id_groups
 from psworker.input_queue import InputQueue
 from psworker.links import ShardLinks
@@ -72,9 +73,6 @@ DRAIN_TIMEOUT_S = 10.0
 # How long a worker waits for a shard that does not answer (its stream broke or
 # stalled) before it fails; 0: fail at once when a stream breaks.
 DEFAULT_SHARD_TIMEOUT_S = 60.0
-# A restartable worker checkpoints every this many records (a pause of one round
-# trip to the shards, while everything in flight is answered).
-DEFAULT_CHECKPOINT_EVERY = 10_000
 
 
 def new_job_id() -> str:

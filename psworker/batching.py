@@ -247,11 +247,13 @@ class ShardBuffers:
                 keys = encode_id_array(np.concatenate([*chunks, np.asarray(pulls, dtype=INT_IDS_DTYPE)]))
             else:
                 keys = encode_keys(pulls + [param_id for chunk in chunks for param_id in chunk.tolist()])
-            pull = shard_pb2.PullRequest(
-                request_id=self._request_id, keys=keys, worker_index=self.worker_index, clock=self.clock
-            )
+            pull = shard_pb2.PullRequest(request_id=self._request_id, keys=keys, worker_index=self.worker_index)
+            if self.clock:  # only advance_clock moves it: under async the pull is as it was
+                pull.clock = self.clock
         if push is not None or pull is not None or clock is not None:
-            request = shard_pb2.ExchangeRequest(push=push, pull=pull, clock=clock)
+            request = shard_pb2.ExchangeRequest(push=push, pull=pull)
+            if clock is not None:
+                request.clock.CopyFrom(clock)
             unanswered = self._unanswered[shard]
             if not unanswered:
                 self.silent_since[shard] = time.monotonic()

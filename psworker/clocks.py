@@ -31,23 +31,29 @@ class WorkerClock:
     _buffers: ShardBuffers
     consistency: str
     staleness: int | None
+    _async_clock: int
 
     def _init_clock(self, consistency: str, restartable: bool) -> None:
         self.staleness = parse_consistency(consistency)
         self.consistency = consistency_name(self.staleness)
+        self._async_clock = 0
         if restartable and self.staleness is not None:
             # Its pushes leave per record (psworker/origins.py): after a clock message sent in on_recv.
             raise CheckpointError(f"a restartable worker (--checkpoint-dir) cannot run --consistency {consistency}")
 
     @property
     def clock(self) -> int:
-        return self._buffers.clock
+        return self._buffers.clock if self.staleness is not None else self._async_clock
 
     def advance_clock(self) -> None:
         buffers = self._buffers
         buffers.clock += 1
         if self.staleness is not None:
             buffers.send_clock(finished=False)
+
+    def _count_clock(self) -> None:
+        """advance_clock under async: the count only, so that the pulls go exactly as before."""
+        self._async_clock += 1
 
     def _clock_finished(self) -> None:
         """Tell every shard this worker no longer holds the others back."""

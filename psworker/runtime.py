@@ -93,7 +93,7 @@ class _Client:
     def __init__(self, runtime: WorkerRuntime):
         self._runtime, self.worker_index, self.num_workers = runtime, runtime.worker_index, runtime.num_workers
         self.num_shards = len(runtime.servers)
-        self.advance_clock = runtime.advance_clock
+        self.advance_clock = runtime.advance_clock if runtime.staleness is not None else runtime._count_clock
 
     def pull(self, param_id: Id) -> None:
         self._runtime.pull(check_id(param_id))
@@ -161,6 +161,7 @@ class WorkerRuntime(LogicLoop, ShardLinks, WorkerClock):
         self.shard_timeout = shard_timeout
         self._emit = emit
         self._receives_many = receives_many(logic)
+        self._init_clock(consistency, checkpoint_dir is not None)
         self.client = _Client(self)
         num_shards = len(self.servers)
 
@@ -191,7 +192,6 @@ class WorkerRuntime(LogicLoop, ShardLinks, WorkerClock):
             worker_index=worker_index,
         )
         self._pulls = PullWindow(self.pull_limit, self._buffers)
-        self._init_clock(consistency, checkpoint_dir is not None)
         self._init_checkpoints(checkpoint_dir, checkpoint_every, flush_outputs, pending_outputs)
         self._connections: list[ShardConnection] = []
         # Shards whose stream broke, and the task opening a new one.

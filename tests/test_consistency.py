@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -183,3 +184,30 @@ def test_a_clocked_shard_needs_num_workers(procs: Processes) -> None:
 def test_a_bad_consistency_is_refused_before_anything_starts() -> None:
     with pytest.raises(ValueError, match="unknown consistency 'ssp:x'"):
         transform([], "logics:Exactness", "const:0", "add", consistency="ssp:x")
+
+
+def test_psclient_run_passes_the_consistency_to_every_shard_and_worker(tmp_path: Path, procs: Processes) -> None:
+    path = tmp_path / "input.jsonl"
+    path.write_text("".join(json.dumps(record) + "\n" for record in job_records([EPOCHS] * 2)))
+    model_path = tmp_path / "model.jsonl"
+    argv = [
+        sys.executable, "-m", "psclient", "run", "--logic", "clock_logics:Epochs", "--input", str(path),
+        "--partition-key", "w", "--init", "const:0", "--workers", "2", "--shards", "2", "--consistency", "ssp:1",
+        "--output", str(tmp_path / "outputs.jsonl"), "--model", str(model_path),
+    ]  # fmt: skip
+    process, stderr_path = procs.popen(argv, stdout=subprocess.DEVNULL)
+    assert process.wait(timeout=JOB_TIMEOUT_S) == 0, stderr_path.read_text()
+    rows = [json.loads(line) for line in model_path.read_text().splitlines()]
+    assert {row["id"]: row["value"] for row in rows} == {key: 2.0 * EPOCHS for key in range(KEYS)}
+
+
+def test_psclient_run_refuses_a_bad_consistency(tmp_path: Path, procs: Processes) -> None:
+    path = tmp_path / "input.jsonl"
+    path.write_text('{"w": 0, "e": 0, "k": 1}\n')
+    argv = [
+        sys.executable, "-m", "psclient", "run", "--logic", "clock_logics:Epochs", "--input", str(path),
+        "--consistency", "ssp:-1",
+    ]  # fmt: skip
+    process, stderr_path = procs.popen(argv, stdout=subprocess.DEVNULL)
+    assert process.wait(timeout=60) == 2
+    assert "unknown consistency 'ssp:-1': use async, bsp or ssp:S with S >= 0" in stderr_path.read_text()

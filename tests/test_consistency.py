@@ -52,7 +52,7 @@ def job_records(epochs_per_worker: list[int], keys: int = KEYS) -> list[dict[str
 
 
 def start_shards(procs: Processes, consistency: str, num_shards: int, num_workers: int) -> list[str]:
-    extra = ["--consistency", consistency, "--num-workers", str(num_workers)]
+    extra = ["--consistency", consistency, "--num-workers", str(num_workers)] if consistency != "async" else []
     return [
         procs.start_server(shard_argv(shard, num_shards, "const:0", "add", "WARNING", *extra)).address
         for shard in range(num_shards)
@@ -129,16 +129,23 @@ def test_transform_ends_with_exact_results_under_each_model(consistency: str) ->
 
 
 @pytest.mark.parametrize(
-    "shard_consistency, worker_consistency, message",
+    "shard_consistency, shard_workers, worker_consistency, message",
     [
-        ("bsp", "async", "shard 0 runs --consistency bsp, but worker 0 runs async"),
-        ("ssp:2", "ssp:3", "shard 0 runs --consistency ssp:2, but worker 0 runs ssp:3"),
+        ("bsp", 1, "async", "shard 0 runs --consistency bsp, but worker 0 runs async"),
+        ("ssp:2", 1, "ssp:3", "shard 0 runs --consistency ssp:2, but worker 0 runs ssp:3"),
+        ("async", 1, "bsp", "shard 0 runs --consistency async, but worker 0 runs bsp"),
+        ("bsp", 2, "bsp", "shard 0 counts --num-workers 2, but worker 0 is one of 1"),
     ],
 )
-def test_a_worker_refuses_shards_of_another_consistency(
-    shard_consistency: str, worker_consistency: str, message: str, procs: Processes, tmp_path: Path
+def test_a_worker_refuses_shards_of_another_consistency_or_worker_count(
+    shard_consistency: str,
+    shard_workers: int,
+    worker_consistency: str,
+    message: str,
+    procs: Processes,
+    tmp_path: Path,
 ) -> None:
-    (server,) = start_shards(procs, shard_consistency, num_shards=1, num_workers=1)
+    (server,) = start_shards(procs, shard_consistency, num_shards=1, num_workers=shard_workers)
     path = tmp_path / "input.jsonl"
     path.write_text('{"w": 0, "e": 0, "k": 1}\n')
     code, _, stderr = run_psworker(
@@ -147,30 +154,6 @@ def test_a_worker_refuses_shards_of_another_consistency(
     )  # fmt: skip
     assert code != 0
     assert message in error_line(stderr)
-
-
-def test_an_async_worker_refuses_a_clocked_shard_and_the_other_way(procs: Processes, tmp_path: Path) -> None:
-    server = procs.start_server(shard_argv(0, 1, "const:0", "add")).address  # async
-    path = tmp_path / "input.jsonl"
-    path.write_text('{"w": 0, "e": 0, "k": 1}\n')
-    code, _, stderr = run_psworker(
-        procs, "--logic", "clock_logics:Epochs", "--worker-index", "0", "--num-workers", "1",
-        "--input", str(path), "--consistency", "bsp", servers=server,
-    )  # fmt: skip
-    assert code != 0
-    assert "shard 0 runs --consistency async, but worker 0 runs bsp" in error_line(stderr)
-
-
-def test_a_worker_refuses_shards_counting_other_workers(procs: Processes, tmp_path: Path) -> None:
-    (server,) = start_shards(procs, "bsp", num_shards=1, num_workers=2)
-    path = tmp_path / "input.jsonl"
-    path.write_text('{"w": 0, "e": 0, "k": 1}\n')
-    code, _, stderr = run_psworker(
-        procs, "--logic", "clock_logics:Epochs", "--worker-index", "0", "--num-workers", "1",
-        "--input", str(path), "--consistency", "bsp", servers=server,
-    )  # fmt: skip
-    assert code != 0
-    assert "shard 0 counts --num-workers 2, but worker 0 is one of 1" in error_line(stderr)
 
 
 def test_a_clocked_shard_needs_num_workers(procs: Processes) -> None:

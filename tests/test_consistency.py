@@ -51,12 +51,18 @@ def job_records(epochs_per_worker: list[int], keys: int = KEYS) -> list[dict[str
     ]
 
 
-def start_shards(procs: Processes, consistency: str, num_shards: int, num_workers: int) -> list[str]:
+def start_shards(
+    procs: Processes, consistency: str, num_shards: int, num_workers: int, data_dir: Path | None = None
+) -> list[str]:
     extra = ["--consistency", consistency, "--num-workers", str(num_workers)] if consistency != "async" else []
-    return [
-        procs.start_server(shard_argv(shard, num_shards, "const:0", "add", "WARNING", *extra)).address
-        for shard in range(num_shards)
-    ]
+    addresses = []
+    for shard in range(num_shards):
+        if data_dir is not None:
+            (data_dir / f"shard-{shard}").mkdir(parents=True)
+        durable = ["--data-dir", str(data_dir / f"shard-{shard}")] if data_dir is not None else []
+        argv = shard_argv(shard, num_shards, "const:0", "add", "WARNING", *extra, *durable)
+        addresses.append(procs.start_server(argv).address)
+    return addresses
 
 
 def run_workers(
@@ -89,11 +95,12 @@ def model(servers: list[str]) -> dict[Any, float]:
         return {param_id: float(value) for param_id, value in cluster.snapshot()}
 
 
-@pytest.mark.parametrize("consistency, bound", [("bsp", 0), ("ssp:2", 2)])
+@pytest.mark.parametrize("consistency, bound, durable", [("bsp", 0, False), ("ssp:2", 2, False), ("bsp", 0, True)])
 def test_every_answered_pull_is_within_the_staleness_bound(
-    consistency: str, bound: int, procs: Processes, tmp_path: Path
+    consistency: str, bound: int, durable: bool, procs: Processes, tmp_path: Path
 ) -> None:
-    servers = start_shards(procs, consistency, num_shards=2, num_workers=3)
+    data_dir = tmp_path / "data" if durable else None  # held answers wait for their push's fsync too
+    servers = start_shards(procs, consistency, num_shards=2, num_workers=3, data_dir=data_dir)
     run_workers(procs, servers, consistency, [EPOCHS] * 3, tmp_path)
     answered = infos(servers)
     gaps: dict[int, int] = {}

@@ -54,7 +54,13 @@ class Hyper:
 
 
 def transform_by_user(
-    records: Iterable[Any], logic: WorkerLogic, init: str, workers: int, shards: int, pull_limit: int | None = None
+    records: Iterable[Any],
+    logic: WorkerLogic,
+    init: str,
+    workers: int,
+    shards: int,
+    pull_limit: int | None = None,
+    consistency: str = "async",
 ) -> Iterator[Any]:
     """`transform` for a factor model: records partitioned by user, `add` updates, an optional pull limit."""
     return iter(
@@ -66,6 +72,7 @@ def transform_by_user(
             workers,
             shards,
             partition_by=operator.itemgetter(0),
+            consistency=consistency,
         )
     )
 

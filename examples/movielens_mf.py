@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--pull-limit", type=int, default=DEFAULT_PULL_LIMIT, help="0: no limit")
     parser.add_argument("--window", type=int, default=DEFAULT_WINDOW, help="offline: items pulled at a time")
+    parser.add_argument("--consistency", default="async", help="offline: async, bsp or ssp:S, with one clock per epoch")
     parser.add_argument("--negatives", type=int, default=0, help="offline: implicit feedback, K negatives each")
     parser.add_argument("--no-reference", dest="reference", action="store_false", help="skip the numpy reference")
     parser.add_argument("--plot", metavar="PATH", help="write a learning-curve PNG (needs matplotlib)")
@@ -133,10 +134,11 @@ def main(argv: list[str] | None = None) -> None:
 
     curve = run_offline(
         train, test, hyper, workers=args.workers, shards=args.shards, pull_limit=args.pull_limit or None,
-        negatives=args.negatives, window=args.window,
+        negatives=args.negatives, window=args.window, consistency=args.consistency,
     )  # fmt: skip
     measure = "AUC (sampled)" if args.negatives else "RMSE"
-    print(f"offline, {hyper.epochs} epochs in {curve.seconds:.1f} s; {len(curve.items):,} item parameters")
+    done = f"offline ({args.consistency}), {hyper.epochs} epochs in {curve.seconds:.1f} s"
+    print(f"{done}; {len(curve.items):,} item parameters")
     reference = reference_offline(train, test, hyper) if args.reference and not args.negatives else None
     if args.negatives:
         print(f"baseline, items ranked by popularity: test AUC (sampled) {popularity_auc(train, test):.4f}")

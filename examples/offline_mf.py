@@ -231,6 +231,9 @@ class OfflineMF(BiasedMF):
         if self.epoch == self.epochs:
             return _Round("done")
         self.epoch += 1
+        # One clock per epoch: under bsp or ssp:S (run_offline's `consistency`) the shards hold
+        # this epoch's pulls while another worker is more than S epochs behind.
+        ps.advance_clock()
         rng = self._random(ps)
         blocks: dict[Any, list[Any]] = {item: list(ratings) for item, ratings in self.train_share.items()}
         if self.negatives:
@@ -313,6 +316,7 @@ def run_offline(
     eval_every_epoch: bool = True,
     window: int = DEFAULT_WINDOW,
     emit_users: bool = False,
+    consistency: str = "async",
 ) -> Curve:
     """Train OfflineMF with `transform`; return its per-epoch errors and the trained model."""
     mean = 1.0 / (1 + negatives) if negatives else sum(r[2] for r in train) / len(train)
@@ -324,7 +328,7 @@ def run_offline(
     curve = Curve()
     started = time.monotonic()
     init = biased_init_spec(hyper.rank, hyper.init_std, hyper.seed)
-    stream = transform_by_user(split_records(train, test), logic, init, workers, shards, pull_limit)
+    stream = transform_by_user(split_records(train, test), logic, init, workers, shards, pull_limit, consistency)
     for out in stream:
         match out:
             case Left(("user", _worker, user, row)):

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from psclient.cluster import Cluster, WorkerReported
+from psclient.consistency import parse_consistency
 from psclient.either import Left, Right
 from psclient.errors import JobFailed, StreampsError
 from psclient.local import DEFAULT_MAX_RESTARTS, LocalCluster, check_batching
@@ -52,6 +53,7 @@ def run_local_job(
     batch_max_keys: int | None = None,
     batch_linger_ms: float | None = None,
     ps_logic_spec: str | None = None,
+    consistency: str = "async",
 ) -> Iterator[Left[Any] | Right[Any]]:
     """Start a local cluster, run the job, yield its stream, tear everything down.
 
@@ -78,6 +80,7 @@ def run_local_job(
         batch_max_keys=batch_max_keys,
         batch_linger_ms=batch_linger_ms,
         ps_logic_spec=ps_logic_spec,
+        consistency=consistency,
     )
     try:
         with (
@@ -129,6 +132,7 @@ def transform(
     batch_max_keys: int | None = None,
     batch_linger_ms: float | None = None,
     ps_logic: Any = None,
+    consistency: str = "async",
 ) -> Iterator[Left[Any] | Right[Any]]:
     """Run `worker_logic` over `training_data` on an embedded local cluster.
 
@@ -177,6 +181,11 @@ def transform(
     `ps.output`, after its close(ps), shard by shard. It cannot be combined
     with `durable`, `data_dir` or `model`.
 
+    `consistency` is "async" (the default: no worker waits for another), "bsp",
+    or "ssp:S": a shard holds back the answers to the pulls of a worker whose
+    clock (`ps.advance_clock()`) is more than S ahead of the slowest unfinished
+    worker's (bsp: S = 0). It cannot be combined with `ps_logic` or `durable`.
+
     Raises ValueError (SpecError) at once, before any process starts, for an init
     or update spec the shards would refuse, or batching knobs the workers would.
     """
@@ -186,6 +195,9 @@ def transform(
     if ps_logic is not None and (durable or data_dir is not None or model is not None):
         what = "model" if model is not None else "durable or data_dir"
         raise ValueError(f"ps_logic cannot be combined with {what}: a server logic keeps its own state")
+    if parse_consistency(consistency) is not None and (ps_logic is not None or durable or data_dir is not None):
+        what = "ps_logic" if ps_logic is not None else "durable or data_dir"
+        raise ValueError(f"consistency {consistency!r} cannot be combined with {what}")
     return _transform_job(
         training_data,
         worker_logic,
@@ -204,6 +216,7 @@ def transform(
         batch_max_keys=batch_max_keys,
         batch_linger_ms=batch_linger_ms,
         ps_logic=ps_logic,
+        consistency=consistency,
     )
 
 
@@ -226,6 +239,7 @@ def _transform_job(
     batch_max_keys: int | None,
     batch_linger_ms: float | None,
     ps_logic: Any,
+    consistency: str,
 ) -> Iterator[Left[Any] | Right[Any]]:
     with tempfile.TemporaryDirectory(prefix="streamps-") as tmp:
         directory = Path(tmp)
@@ -248,4 +262,5 @@ def _transform_job(
             batch_max_keys=batch_max_keys,
             batch_linger_ms=batch_linger_ms,
             ps_logic_spec=_spec(ps_logic, directory, "ps_logic") if ps_logic is not None else None,
+            consistency=consistency,
         )

@@ -17,6 +17,7 @@ import uuid
 from pathlib import Path
 
 from psclient.children import START_TIMEOUT_S, ChildProcess, child_env, shard_argv, worker_argv
+from psclient.consistency import consistency_name, parse_consistency
 from psclient.errors import JobFailed, StreampsError
 from psclient.rpc.serving import DEFAULT_CONNECT_TIMEOUT_S
 
@@ -80,6 +81,7 @@ class LocalCluster:
         batch_max_keys: int | None = None,
         batch_linger_ms: float | None = None,
         ps_logic_spec: str | None = None,
+        consistency: str = "async",
     ):
         if num_workers < 1 or num_shards < 1:
             raise ValueError("a cluster needs at least one worker and one shard")
@@ -93,6 +95,7 @@ class LocalCluster:
         # Each worker's --batch-max-keys and --batch-linger-ms; None: psworker's default.
         self.batch_max_keys, self.batch_linger_ms = batch_max_keys, batch_linger_ms
         self.ps_logic_spec = ps_logic_spec  # every shard's --logic
+        self.consistency = consistency_name(parse_consistency(consistency))  # every child's --consistency
         # A data dir of the user's makes the shards durable too; it is kept.
         self.durable = durable or data_dir is not None
         self.data_dir = data_dir
@@ -124,6 +127,8 @@ class LocalCluster:
             extra += ["--data-dir", str(self._shard_dir(shard))]
         if self.ps_logic_spec is not None:
             extra += ["--logic", self.ps_logic_spec]
+        if self.consistency != "async":
+            extra += ["--consistency", self.consistency, "--num-workers", str(self.num_workers)]
         return shard_argv(shard, self.num_shards, self.init_spec, self.update_spec, self.log_level, *extra, port=port)
 
     def _shard_dir(self, shard: int) -> Path:
@@ -137,6 +142,8 @@ class LocalCluster:
             extra += ["--batch-max-keys", str(int(self.batch_max_keys))]
         if self.batch_linger_ms is not None:
             extra += ["--batch-linger-ms", repr(float(self.batch_linger_ms))]
+        if self.consistency != "async":
+            extra += ["--consistency", self.consistency]
         if self.durable:
             extra += ["--checkpoint-dir", str(self._checkpoint_dir())]
             extra += ["--connect-timeout", f"{self._worker_connect_timeout():g}"]

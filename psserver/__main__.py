@@ -9,13 +9,23 @@ from pathlib import Path
 
 import click
 
-from psclient.cli.options import env, fail, listen_options, process_options, security_options, spec_options
+from psclient.cli.options import (
+    consistency_option,
+    env,
+    fail,
+    listen_options,
+    process_options,
+    security_options,
+    spec_options,
+)
 from psclient.cli.process import StopSignal, announce, configure_logging, start_metrics
+from psclient.consistency import consistency_name, parse_consistency
 from psclient.errors import SpecError
 from psclient.rpc.security import current as current_security
 from psclient.rpc.serving import build_aio_server
 from psclient.specs import UserFunctionError, make_init, make_update
 from psclient.wire.proto import shard_pb2, shard_pb2_grpc
+from psserver.clocks import ClockedShardServicer
 from psserver.durability import DEFAULT_SNAPSHOT_INTERVAL_S, DataDirError, Durability
 from psserver.durable_service import DurableShardServicer
 from psserver.logic import LogicStore, load_server_logic
@@ -31,15 +41,34 @@ SERVICE_NAME = shard_pb2.DESCRIPTOR.services_by_name["ParameterShard"].full_name
 
 
 async def serve(
-    store: ParameterStore, shard: int, num_shards: int, host: str, port: int, durability: Durability | None
+    store: ParameterStore,
+    shard: int,
+    num_shards: int,
+    host: str,
+    port: int,
+    durability: Durability | None,
+    clocks: tuple[int, int] | None = None,
 ) -> None:
+    """Serve until stopped; `clocks` is (staleness, num_workers) for a consistency other than async."""
     log = logging.getLogger("streamps")
     if isinstance(store, LogicStore):
         servicer: ShardServicer = LogicShardServicer(store, shard, num_shards)
+    elif clocks is not None:
+        staleness, num_workers = clocks
+        servicer = ClockedShardServicer(
+            store,
+            shard,
+            num_shards,
+            durability,
+            consistency=consistency_name(staleness),
+            staleness=staleness,
+            num_workers=num_workers,
+        )
     elif durability is None:
         servicer = ShardServicer(store, shard, num_shards)
     else:
         servicer = DurableShardServicer(store, shard, num_shards, durability)
+    if durability is not None:
         try:
             durability.start()
         except OSError as exc:  # the snapshot of a --load model, or the first log segment
@@ -67,6 +96,8 @@ async def serve(
         store.update.spec,
         f", server logic {store.spec}" if isinstance(store, LogicStore) else "",
     )
+    if clocks is not None:
+        log.info("consistency %s over %d workers", consistency_name(clocks[0]), clocks[1])
     if durability is not None:
         log.info(
             "data dir %s (%s; snapshots every %g s)",
@@ -157,6 +188,14 @@ async def _final_snapshot(durability: Durability) -> str:
     help="A ServerLogic (module:Class, a factory or an instance) that handles this shard's pulls and pushes "
     "and keeps its own state, instead of the store with --init and --update.",
 )
+@consistency_option
+@click.option(
+    "--num-workers",
+    type=click.IntRange(min=1),
+    default=None,
+    **env("NUM_WORKERS"),
+    help="Workers in the job: needed with a --consistency other than async.",
+)
 @process_options
 @security_options
 def main(
@@ -171,6 +210,8 @@ def main(
     snapshot_interval: float | None,
     load_path: Path | None,
     logic_spec: str | None,
+    consistency: str,
+    num_workers: int | None,
     log_level: str,
     log_format: str,
     metrics_port: int | None,
@@ -184,6 +225,7 @@ def main(
     if logic_spec is not None and (data_dir is not None or load_path is not None):
         fail(f"--logic cannot be used with {'--data-dir' if data_dir is not None else '--load'}: "
              "a server logic keeps its own state, which the shard does not log or load", 2)  # fmt: skip
+    clocks = _clocks(consistency, num_workers, logic_spec is not None)
     try:
         init, update = make_init(init_spec), make_update(update_spec)
         store = ParameterStore(init, update)
@@ -214,7 +256,19 @@ def main(
         start_metrics(metrics_port, host)
     except OSError as exc:
         fail(f"cannot serve metrics on port {metrics_port}: {exc}", 2)
-    asyncio.run(serve(store, shard, num_shards, host, port, durability))
+    asyncio.run(serve(store, shard, num_shards, host, port, durability, clocks))
+
+
+def _clocks(consistency: str, num_workers: int | None, with_logic: bool) -> tuple[int, int] | None:
+    """(staleness, num_workers) of a consistency other than async; exit 2 for a bad combination."""
+    staleness = parse_consistency(consistency)
+    if staleness is None:
+        return None
+    if num_workers is None:
+        fail(f"--consistency {consistency} needs --num-workers (the job's number of workers)", 2)
+    if with_logic:
+        fail("--consistency other than async cannot be used with --logic: a server logic answers pulls itself", 2)
+    return staleness, num_workers
 
 
 def _open_data_dir(

@@ -383,4 +383,5 @@ class ShardServicer(shard_pb2_grpc.ParameterShardServicer):
             pushed_keys=self._pushed_keys,
             uptime_seconds=time.monotonic() - self._started,
             finished_below=dict(self._origins.finished_below),
+            consistency="async",  # psserver.clocks overrides it
         )

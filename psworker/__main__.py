@@ -21,6 +21,7 @@ import click
 from psclient.cli.options import (
     batch_options,
     connect_timeout_option,
+    consistency_option,
     env,
     fail,
     input_options,
@@ -170,6 +171,7 @@ def _serve_until_read(
 @listen_options
 @pull_limit_option
 @batch_options
+@consistency_option
 @on_error_option
 @connect_timeout_option("shard")
 @click.option(
@@ -220,6 +222,7 @@ def main(
     pull_limit: int | None,
     batch_max_keys: int,
     batch_linger_ms: float,
+    consistency: str,
     on_error: str,
     connect_timeout: float,
     shard_timeout: float,
@@ -250,7 +253,6 @@ def main(
         start_metrics(metrics_port, host)
     except OSError as exc:
         fail(f"cannot serve metrics on port {metrics_port}: {exc}", 2)
-
     with ExitStack() as stack:
         outputs = OutputBuffer()
         # A restartable worker adds to its outputs: a restart delivers those of the records it replays again.
@@ -274,6 +276,7 @@ def main(
                 checkpoint_every=checkpoint_every,
                 flush_outputs=functools.partial(_flush, out) if out is not None else None,
                 pending_outputs=outputs.pending if out is None else None,
+                consistency=consistency,
             )
         except CheckpointError as exc:
             fail(f"worker {worker_index}: {exc}", 2)
@@ -309,11 +312,8 @@ def _check_restartable(checkpoint_dir: Path, input_path: str | None, job_id: str
         fail("--checkpoint-dir needs --job-id: a restarted worker resumes under the same id", 2)
     if input_path == "-":
         # Fed through Feed instead, the feeder resends what follows the checkpoint (Status.next_position).
-        fail(
-            "--checkpoint-dir needs an --input file or Feed, not stdin: a restarted worker reads on "
-            "from its checkpoint",
-            2,
-        )
+        fail("--checkpoint-dir needs an --input file or Feed, not stdin: a restarted worker reads on "
+             "from its checkpoint", 2)  # fmt: skip
     try:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -72,6 +72,8 @@ class ShardBuffers:
         # set with the callable that says where its records stand.
         self.finished_below: Callable[[], int] | None = None
         self._push_origins: list[list[shard_pb2.PushOrigin]] = [[] for _ in range(num_shards)]
+        # The worker's logical clock (psworker/clocks.py), sent with every pull.
+        self.clock = 0
         # When the oldest buffered key came in; None while every buffer is empty.
         self.buffered_since: float | None = None
         self._seqs = [0] * num_shards
@@ -210,7 +212,14 @@ class ShardBuffers:
 
     # -- flushing ----------------------------------------------------------------
 
-    def flush_shard(self, shard: int) -> None:
+    def send_clock(self, finished: bool) -> None:
+        """Flush every shard's buffer with the clock (or that the worker finished) attached."""
+        for shard in range(self.num_shards):
+            clock = shard_pb2.WorkerClock(worker_index=self.worker_index, clock=self.clock, finished=finished)
+            self.flush_shard(shard, clock)
+        self.buffered_since = None
+
+    def flush_shard(self, shard: int, clock: shard_pb2.WorkerClock | None = None) -> None:
         # The push and the pulls leave in one message; the shard applies the push
         # before it answers the pulls, which gives read-your-writes.
         push = pull = None
@@ -239,8 +248,12 @@ class ShardBuffers:
             else:
                 keys = encode_keys(pulls + [param_id for chunk in chunks for param_id in chunk.tolist()])
             pull = shard_pb2.PullRequest(request_id=self._request_id, keys=keys, worker_index=self.worker_index)
-        if push is not None or pull is not None:
+            if self.clock:  # only advance_clock moves it: under async the pull is as it was
+                pull.clock = self.clock
+        if push is not None or pull is not None or clock is not None:
             request = shard_pb2.ExchangeRequest(push=push, pull=pull)
+            if clock is not None:
+                request.clock.CopyFrom(clock)
             unanswered = self._unanswered[shard]
             if not unanswered:
                 self.silent_since[shard] = time.monotonic()

@@ -69,6 +69,7 @@ class ShardLinks:
     _wakeup: asyncio.Event
     _sent: bool
     fail: Callable[[str], None]
+    check_consistency: Callable[[list[shard_pb2.InfoResponse]], None]
 
     def connect(self) -> None:
         """Open streams to every shard; ShardError names the one that is unreachable,
@@ -88,6 +89,7 @@ class ShardLinks:
                     )
                 )
             check_layout(self.servers, [connection.info for connection in self._connections], "--servers")
+            self.check_consistency([connection.info for connection in self._connections])
             # A new run would number its pushes from 1 again, and the shard would take
             # them up to its watermark as duplicates of the last run's: silently dropped.
             # A restartable worker's pushes are named by input position instead, so its

@@ -63,6 +63,17 @@ class ParameterServerClient(Protocol[P_contra, WOut_contra]):
         """Emit a result: it reaches the client as `Left(out)`."""
         ...
 
+    def advance_clock(self) -> None:
+        """Advance this worker's logical clock by one (e.g. once per epoch or mini-batch).
+
+        Under --consistency ssp:S (bsp: S = 0), the answers to this worker's pulls
+        wait while its clock is more than S ahead of the slowest unfinished worker.
+        Advance it where the logic does not wait on such an answer (in on_recv at
+        an epoch boundary, or in on_input_end), so the slowest worker always
+        reaches its next advance. Under async it only counts.
+        """
+        ...
+
 
 class WorkerLogic(Generic[T, P, WOut]):
     """Subclass this. All callbacks of one worker run on one thread: no locks needed.

@@ -22,12 +22,9 @@ there is no cycle of waits: no deadlock, at any pull limit down to 1. A logic
 that defines `on_pull_recv_many` gets each answered batch in one call.
 
 Termination. A worker is finished when its input ended, `on_input_end`
-returned, no pull is unanswered or queued, no callback is pending, and every
-push is acknowledged.
+returned, nothing is owed or pending, and every push is acknowledged.
 
-Shard restarts: psworker/links.py (a broken or stalled stream is opened
-again and everything the shard had not answered is sent again, until
-`shard_timeout`).
+Shard restarts: psworker/links.py. The logical clock: psworker/clocks.py.
 """
 
 from __future__ import annotations
@@ -51,6 +48,7 @@ from psclient.wire.partition import Id, check_id
 from psworker.batching import ShardBuffers
 from psworker.checkpoints import DEFAULT_CHECKPOINT_EVERY
 from psworker.checks import check_delta, check_deltas, id_groups
+from psworker.clocks import WorkerClock
 from psworker.input_queue import InputQueue
 from psworker.links import ShardLinks
 from psworker.logic import WorkerLogic, pull_limit_of, receives_many, unwrapped
@@ -90,13 +88,12 @@ class State(enum.Enum):
 class _Client:
     """The `ParameterServerClient` handed to callbacks; every call is logic-thread only."""
 
-    __slots__ = ("_runtime", "num_shards", "num_workers", "worker_index")
+    __slots__ = ("_runtime", "advance_clock", "num_shards", "num_workers", "worker_index")
 
     def __init__(self, runtime: WorkerRuntime):
-        self._runtime = runtime
-        self.worker_index = runtime.worker_index
-        self.num_workers = runtime.num_workers
+        self._runtime, self.worker_index, self.num_workers = runtime, runtime.worker_index, runtime.num_workers
         self.num_shards = len(runtime.servers)
+        self.advance_clock = runtime.advance_clock if runtime.staleness is not None else runtime._count_clock
 
     def pull(self, param_id: Id) -> None:
         self._runtime.pull(check_id(param_id))
@@ -114,7 +111,7 @@ class _Client:
         self._runtime.output(out)
 
 
-class WorkerRuntime(LogicLoop, ShardLinks):
+class WorkerRuntime(LogicLoop, ShardLinks, WorkerClock):
     def __init__(
         self,
         logic: WorkerLogic,
@@ -135,6 +132,7 @@ class WorkerRuntime(LogicLoop, ShardLinks):
         checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
         flush_outputs: Callable[[], None] | None = None,
         pending_outputs: Callable[[], list[bytes]] | None = None,
+        consistency: str = "async",
     ):
         if on_error not in ("fail", "skip"):
             raise ValueError(f"on_error must be 'fail' or 'skip', not {on_error!r}")
@@ -163,6 +161,7 @@ class WorkerRuntime(LogicLoop, ShardLinks):
         self.shard_timeout = shard_timeout
         self._emit = emit
         self._receives_many = receives_many(logic)
+        self._init_clock(consistency, checkpoint_dir is not None)
         self.client = _Client(self)
         num_shards = len(self.servers)
 
@@ -311,7 +310,7 @@ class WorkerRuntime(LogicLoop, ShardLinks):
             self._close_connections()
 
     async def _run(self) -> None:
-        if self.shard_timeout:
+        if self.shard_timeout and self.staleness is None:  # a held pull is not a stalled shard
             self._watch = asyncio.get_running_loop().create_task(self._watch_silence())
         try:
             if self.resumed is not None and self.resumed.finished:
@@ -321,6 +320,7 @@ class WorkerRuntime(LogicLoop, ShardLinks):
             if self.resumed is not None:
                 self._call_user("restore", self._callbacks.restore, self.resumed.state)
             await self._steps()
+            self._clock_finished()
             if self.checkpoint_dir is not None:
                 self._write_checkpoint(finished=not self.stopped)
             self._call_user("close", self.logic.close)

@@ -134,6 +134,7 @@ class InProcessClient:
         # Each entry is one call: (ids, from_many).
         self._pulls: deque[tuple[list[Id], bool]] = deque()
         self._pushes = 0  # pushes made, or parameters set, so far
+        self.clock = 0  # how often the logic called advance_clock
 
     # -- the handle -------------------------------------------------------------------
 
@@ -159,6 +160,10 @@ class InProcessClient:
 
     def output(self, out: Any) -> None:
         self.outputs.append(out)
+
+    def advance_clock(self) -> None:
+        # One worker in one process: nothing to wait for, only the count to check.
+        self.clock += 1
 
     # -- parameters -------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ from psworker.__main__ import main as psworker_main
 SHARED_FLAGS = [
     "--logic", "--init", "--update", "--pull-limit", "--batch-max-keys", "--batch-linger-ms", "--on-error",
     "--input", "--format", "--partition-key", "--skip-header", "--host", "--port", "--log-level", "--log-format",
-    "--metrics-port", "--connect-timeout", "--tls-cert", "--tls-key", "--tls-ca", "--auth-token-file",
+    "--metrics-port", "--connect-timeout", "--tls-cert", "--tls-key", "--tls-ca", "--auth-token-file", "--consistency",
 ]  # fmt: skip
 # Said differently on purpose: a worker without --input serves the Feed RPC; a worker waits for shards.
 HELP_SAYS_WHAT_THE_COMMAND_DOES = {"--input", "--connect-timeout"}

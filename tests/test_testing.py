@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from clock_logics import Epochs
 
 from psclient.errors import WireError
 from psclient.specs import UserFunctionError
@@ -216,3 +217,10 @@ def test_setting_a_parameter_in_the_model_view() -> None:
     client.push("w", np.array([0.5, 0.5], dtype=np.float32))
     np.testing.assert_array_equal(client.model["w"], [1.5, 2.5])
     assert "w" in client.model and 1 not in client.model
+
+
+def test_the_in_process_client_counts_clock_advances() -> None:
+    client = InProcessClient("const:0")
+    _, model = client.run(Epochs(), [{"w": 0, "e": epoch, "k": 1} for epoch in range(3)])
+    assert client.clock == 2  # epochs 1 and 2 each advanced it once
+    assert model == {1: 3.0}

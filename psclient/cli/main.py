@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from psclient.cli.options import (
     batch_options,
     connect_timeout_option,
+    consistency_option,
     env,
     fail,
     input_options,
@@ -108,6 +109,7 @@ def main() -> None:
 @click.option("--shards", type=click.IntRange(min=1), default=1, **env("SHARDS"), help="Shard processes.")
 @pull_limit_option
 @batch_options
+@consistency_option
 @click.option(
     "--iteration-wait-time",
     type=float,
@@ -154,6 +156,7 @@ def run(
     pull_limit: int | None,
     batch_max_keys: int,
     batch_linger_ms: float,
+    consistency: str,
     iteration_wait_time: float | None,
     output_path: str,
     model_path: str | None,
@@ -166,6 +169,8 @@ def run(
     _check_specs(init_spec, update_spec)
     if ps_logic is not None and durable:
         fail("--ps-logic cannot be combined with --durable: a server logic keeps its own state", 2)
+    if consistency != "async" and (ps_logic is not None or durable):
+        fail(f"--consistency {consistency} cannot be combined with {'--ps-logic' if ps_logic else '--durable'}", 2)
     spec = InputSpec(input_path, fmt, partition_key, skip_header)
     if input_path != "-" and not Path(input_path).is_file():
         fail(f"--input {input_path}: no such file")
@@ -186,7 +191,7 @@ def run(
                 iteration_wait_time=iteration_wait_time, partition_by=_partition_by(spec),
                 pull_limit=pull_limit, on_error=on_error, progress=progress,
                 batch_max_keys=batch_max_keys, batch_linger_ms=batch_linger_ms,
-                durable=durable, max_restarts=max_restarts, ps_logic_spec=ps_logic,
+                durable=durable, max_restarts=max_restarts, ps_logic_spec=ps_logic, consistency=consistency,
             )  # fmt: skip
             for item in stream:
                 match item:

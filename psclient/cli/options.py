@@ -20,6 +20,7 @@ from typing import Any, NoReturn, TextIO, overload
 import click
 
 from psclient.cli.process import LOG_FORMATS
+from psclient.consistency import consistency_name, parse_consistency
 from psclient.errors import SpecError
 from psclient.inputs import FORMATS
 from psclient.rpc.security import Security, configure
@@ -135,6 +136,23 @@ batch_options = options(
         help="Longest a buffered pull or push waits for company before it is sent, also for a shard still "
         "answering earlier messages; 0 sends what a callback buffered as soon as it returns.",
     ),
+)
+
+
+def _consistency(_context: click.Context, _param: click.Parameter, value: str) -> str:
+    try:
+        return consistency_name(parse_consistency(value))
+    except SpecError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+consistency_option = click.option(
+    "--consistency",
+    default="async",
+    callback=_consistency,
+    **env("CONSISTENCY"),
+    help="async, bsp or ssp:S: a shard holds back the pull answers of a worker more than S clocks "
+    "(ps.advance_clock()) ahead of the slowest unfinished one (bsp: S = 0). Shards and workers must agree.",
 )
 
 on_error_option = click.option(

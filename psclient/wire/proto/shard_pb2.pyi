@@ -34,6 +34,7 @@ class PullRequest(_message.Message):
     WORKER_ID_FIELD_NUMBER: _builtins.int
     AFTER_SEQ_FIELD_NUMBER: _builtins.int
     WORKER_INDEX_FIELD_NUMBER: _builtins.int
+    CLOCK_FIELD_NUMBER: _builtins.int
     request_id: _builtins.int
     """Chosen by the client, echoed in the response; unique per stream."""
     worker_id: _builtins.str
@@ -48,6 +49,14 @@ class PullRequest(_message.Message):
     every one of its keys, and the answers of later messages on the same
     stream wait behind it (the stream keeps reading and applying pushes).
     """
+    clock: _builtins.int
+    """The pulling worker's logical clock (how often its logic called
+    ps.advance_clock()), set by workers. A shard with --consistency ssp:S
+    (bsp: S = 0) answers an Exchange pull only once clock - S is at most the
+    clock of the slowest unfinished worker; later answers on the stream wait
+    behind it (the stream keeps reading and applying pushes). Other clients
+    leave it 0: never held. An async shard ignores it.
+    """
     @_builtins.property
     def keys(self) -> _tensor_pb2.ParamBatch:
         """Ids to read; `values` is not set."""
@@ -60,10 +69,11 @@ class PullRequest(_message.Message):
         worker_id: _builtins.str = ...,
         after_seq: _builtins.int = ...,
         worker_index: _builtins.int = ...,
+        clock: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_seq", b"after_seq", "keys", b"keys", "request_id", b"request_id", "worker_id", b"worker_id", "worker_index", b"worker_index"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_seq", b"after_seq", "clock", b"clock", "keys", b"keys", "request_id", b"request_id", "worker_id", b"worker_id", "worker_index", b"worker_index"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -206,6 +216,7 @@ class ExchangeRequest(_message.Message):
 
     PUSH_FIELD_NUMBER: _builtins.int
     PULL_FIELD_NUMBER: _builtins.int
+    CLOCK_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def push(self) -> Global___PushRequest:
         """The push to apply, if any."""
@@ -214,19 +225,58 @@ class ExchangeRequest(_message.Message):
     def pull(self) -> Global___PullRequest:
         """The pull to answer once the push is applied, if any."""
 
+    @_builtins.property
+    def clock(self) -> Global___WorkerClock:
+        """The worker's clock, applied after the push and before the pull: sent to
+        every shard when the worker advances its clock and when it finishes, so
+        that a shard learns of it after every push made before it. A request with
+        only a clock is answered by an empty ExchangeResponse.
+        """
+
     def __init__(
         self,
         *,
         push: Global___PushRequest | None = ...,
         pull: Global___PullRequest | None = ...,
+        clock: Global___WorkerClock | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["pull", b"pull", "push", b"push"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["clock", b"clock", "pull", b"pull", "push", b"push"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["pull", b"pull", "push", b"push"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clock", b"clock", "pull", b"pull", "push", b"push"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ExchangeRequest: _TypeAlias = ExchangeRequest  # noqa: Y015
+
+@_typing.final
+class WorkerClock(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKER_INDEX_FIELD_NUMBER: _builtins.int
+    CLOCK_FIELD_NUMBER: _builtins.int
+    FINISHED_FIELD_NUMBER: _builtins.int
+    worker_index: _builtins.int
+    """The worker's index in its job."""
+    clock: _builtins.int
+    """Its logical clock; a shard keeps the highest one it was told."""
+    finished: _builtins.bool
+    """The worker has finished (its input ended, nothing is owed): from now on
+    it never holds the others back.
+    """
+    def __init__(
+        self,
+        *,
+        worker_index: _builtins.int = ...,
+        clock: _builtins.int = ...,
+        finished: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clock", b"clock", "finished", b"finished", "worker_index", b"worker_index"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkerClock: _TypeAlias = WorkerClock  # noqa: Y015
 
 @_typing.final
 class ExchangeResponse(_message.Message):
@@ -357,6 +407,26 @@ class InfoResponse(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class ClockGapsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.int
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.int = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     SHARD_FIELD_NUMBER: _builtins.int
     NUM_SHARDS_FIELD_NUMBER: _builtins.int
     NUM_PARAMS_FIELD_NUMBER: _builtins.int
@@ -370,6 +440,10 @@ class InfoResponse(_message.Message):
     UPTIME_SECONDS_FIELD_NUMBER: _builtins.int
     FINISHED_BELOW_FIELD_NUMBER: _builtins.int
     LOGIC_FIELD_NUMBER: _builtins.int
+    CONSISTENCY_FIELD_NUMBER: _builtins.int
+    NUM_WORKERS_FIELD_NUMBER: _builtins.int
+    CLOCK_GAPS_FIELD_NUMBER: _builtins.int
+    HELD_PULLS_FIELD_NUMBER: _builtins.int
     shard: _builtins.int
     """This shard's index, in [0, num_shards)."""
     num_shards: _builtins.int
@@ -391,6 +465,16 @@ class InfoResponse(_message.Message):
     without one. With a logic the shard stores no parameters (the logic keeps
     its own state): num_params is 0 and Snapshot streams nothing.
     """
+    consistency: _builtins.str
+    """The job's consistency model (psserver --consistency): "async", "bsp" or
+    "ssp:S". Workers refuse a shard whose model is not theirs.
+    """
+    num_workers: _builtins.int
+    """With a consistency other than async: the job's number of workers
+    (psserver --num-workers); a worker refuses a shard that counts otherwise.
+    """
+    held_pulls: _builtins.int
+    """Pulls held back so far because their worker was too far ahead."""
     @_builtins.property
     def watermarks(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """Highest applied push seq per worker_id."""
@@ -399,6 +483,12 @@ class InfoResponse(_message.Message):
     def finished_below(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """Per restartable worker_id: the input position below which every record's
         pushes are applied (the highest finished_below received).
+        """
+
+    @_builtins.property
+    def clock_gaps(self) -> _containers.ScalarMap[_builtins.int, _builtins.int]:
+        """Per clock gap (the pulling worker's clock minus the slowest unfinished
+        worker's, when the answer was sent): how many pulls were answered at it.
         """
 
     def __init__(
@@ -417,10 +507,14 @@ class InfoResponse(_message.Message):
         uptime_seconds: _builtins.float = ...,
         finished_below: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
         logic: _builtins.str = ...,
+        consistency: _builtins.str = ...,
+        num_workers: _builtins.int = ...,
+        clock_gaps: _abc.Mapping[_builtins.int, _builtins.int] | None = ...,
+        held_pulls: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["finished_below", b"finished_below", "init_spec", b"init_spec", "logic", b"logic", "num_params", b"num_params", "num_shards", b"num_shards", "pull_requests", b"pull_requests", "pulled_keys", b"pulled_keys", "push_requests", b"push_requests", "pushed_keys", b"pushed_keys", "shard", b"shard", "update_spec", b"update_spec", "uptime_seconds", b"uptime_seconds", "watermarks", b"watermarks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clock_gaps", b"clock_gaps", "consistency", b"consistency", "finished_below", b"finished_below", "held_pulls", b"held_pulls", "init_spec", b"init_spec", "logic", b"logic", "num_params", b"num_params", "num_shards", b"num_shards", "num_workers", b"num_workers", "pull_requests", b"pull_requests", "pulled_keys", b"pulled_keys", "push_requests", b"push_requests", "pushed_keys", b"pushed_keys", "shard", b"shard", "update_spec", b"update_spec", "uptime_seconds", b"uptime_seconds", "watermarks", b"watermarks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,76 @@
+"""A worker's logical clock (`ps.advance_clock()`), for --consistency bsp or ssp:S.
+
+The clock starts at 0. Each advance flushes every shard's buffer with a clock
+message, to every shard (even one the worker has nothing else for): the shard
+learns of the advance after every push made before it, on the same stream.
+Every pull carries the clock it was sent at. When the worker finishes, a last
+message says so, and the shards stop counting it (psserver/clocks.py holds
+the rule by which they hold pulls back).
+
+Under async nothing is sent: the clock only counts.
+
+The rule for logics: advance the clock where it does not wait on a pull
+answer that may be held, e.g. in on_recv at an epoch boundary (or in
+on_input_end). The slowest worker's pulls are never held, so such a logic
+always reaches its next advance, and every held pull is released in the end.
+"""
+
+from __future__ import annotations
+
+from psclient.consistency import consistency_name, parse_consistency
+from psclient.errors import ShardError
+from psclient.wire.proto import shard_pb2
+from psworker.batching import ShardBuffers
+from psworker.checkpoints import CheckpointError
+
+
+class WorkerClock:
+    # Set by WorkerRuntime.__init__ (via _init_clock) and the runtime's other parts.
+    worker_index: int
+    num_workers: int
+    _buffers: ShardBuffers
+    consistency: str
+    staleness: int | None
+    _async_clock: int
+
+    def _init_clock(self, consistency: str, restartable: bool) -> None:
+        self.staleness = parse_consistency(consistency)
+        self.consistency = consistency_name(self.staleness)
+        self._async_clock = 0
+        if restartable and self.staleness is not None:
+            # Its pushes leave per record (psworker/origins.py): after a clock message sent in on_recv.
+            raise CheckpointError(f"a restartable worker (--checkpoint-dir) cannot run --consistency {consistency}")
+
+    @property
+    def clock(self) -> int:
+        return self._buffers.clock if self.staleness is not None else self._async_clock
+
+    def advance_clock(self) -> None:
+        buffers = self._buffers
+        buffers.clock += 1
+        if self.staleness is not None:
+            buffers.send_clock(finished=False)
+
+    def _count_clock(self) -> None:
+        """advance_clock under async: the count only, so that the pulls go exactly as before."""
+        self._async_clock += 1
+
+    def _clock_finished(self) -> None:
+        """Tell every shard this worker no longer holds the others back."""
+        if self.staleness is not None:
+            self._buffers.send_clock(finished=True)
+
+    def check_consistency(self, infos: list[shard_pb2.InfoResponse]) -> None:
+        """ShardError (one line) for a shard whose consistency or worker count is not this worker's."""
+        for shard, info in enumerate(infos):
+            theirs = info.consistency or "async"
+            if theirs != self.consistency:
+                raise ShardError(
+                    f"shard {shard} runs --consistency {theirs}, but worker {self.worker_index} runs "
+                    f"{self.consistency}: every shard and worker of a job must run the same"
+                )
+            if self.staleness is not None and info.num_workers != self.num_workers:
+                raise ShardError(
+                    f"shard {shard} counts --num-workers {info.num_workers}, but worker {self.worker_index} "
+                    f"is one of {self.num_workers}"
+                )

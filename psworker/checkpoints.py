@@ -209,8 +209,7 @@ class Checkpointing:
         self.inputs.last_taken = self.inputs.records_fed = self.checkpoint_position = checkpoint.position
         self._origins.frontier = checkpoint.position + 1
         log.info(
-            "worker %d: resuming from its checkpoint after %s %d (%d records processed)%s",
-            self.worker_index,
+            "resuming from its checkpoint after %s %d (%d records processed)%s",
             self.position_name,
             checkpoint.position,
             checkpoint.records,

@@ -32,11 +32,12 @@ from pathlib import Path
 from typing import Any
 
 from psclient.errors import StreampsError
+from psclient.files import fsync_dir, replace_file
 from psclient.wire.codec import DecodedBatch, decode_batch, encode_batch
 from psclient.wire.proto import shard_pb2
 from psserver.origins import Origins, tagged
 from psserver.store import ParameterStore
-from psserver.wal import MAX_RECORD, WriteAheadLog, frame, fsync_dir, iter_segments, read_records, segment_numbers
+from psserver.wal import MAX_RECORD, WriteAheadLog, frame, iter_segments, read_records, segment_numbers
 
 log = logging.getLogger("streamps.durability")
 
@@ -139,12 +140,7 @@ def check_meta(directory: Path, shard: int, num_shards: int) -> None:
                 f"not shard {shard} of {num_shards}"
             )
         return
-    tmp = directory / (META + ".tmp")
-    tmp.write_text(json.dumps(mine) + "\n", encoding="utf-8")
-    with tmp.open("rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    fsync_dir(directory)
+    replace_file(path, (json.dumps(mine) + "\n").encode())
 
 
 class Durability:

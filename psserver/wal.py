@@ -27,6 +27,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from psclient.files import fsync_dir, write_all
+
 MAGIC = b"SPW1"
 _HEADER = struct.Struct("<4sII")  # magic, payload length, crc32(length bytes + payload)
 HEADER_SIZE = _HEADER.size
@@ -96,21 +98,6 @@ def segment_numbers(directory: Path) -> list[int]:
     return sorted(numbers)
 
 
-def fsync_dir(directory: Path) -> None:
-    """Make a file's creation, rename or removal in `directory` durable."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
 class _Segment:
     def __init__(self, directory: Path, number: int):
         self.number = number
@@ -162,7 +149,7 @@ class WriteAheadLog:
             # writev: no copy of a large payload into one buffer with its header.
             written = os.writev(self._segment.fd, [head, payload])
             if written < len(head) + len(payload):
-                _write_all(self._segment.fd, (head + payload)[written:])
+                write_all(self._segment.fd, (head + payload)[written:])
         except OSError as exc:  # a torn record may be left: recovery cuts the log there
             self._fail(exc)
             future.set_exception(exc)

@@ -18,7 +18,6 @@ temp file, fsynced, renamed over the old one, and the directory fsynced.
 from __future__ import annotations
 
 import logging
-import os
 import time
 import zlib
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from psclient.errors import JobFailed, StreampsError, WireError
+from psclient.files import replace_file
 from psclient.wire.records import pack, unpack
 from psworker.batching import ShardBuffers
 from psworker.input_queue import InputQueue
@@ -89,23 +89,8 @@ def write_checkpoint(directory: Path, worker_index: int, checkpoint: Checkpoint)
         )
     except WireError as exc:
         raise CheckpointError(f"the logic's state() is not plain data: {exc}") from exc
-    path = checkpoint_path(directory, worker_index)
-    temp = path.with_suffix(".tmp")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        data = MAGIC + zlib.crc32(payload).to_bytes(4, "little") + payload
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temp, path)
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    data = MAGIC + zlib.crc32(payload).to_bytes(4, "little") + payload
+    replace_file(checkpoint_path(directory, worker_index), data)
 
 
 def read_checkpoint(

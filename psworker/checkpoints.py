@@ -72,21 +72,7 @@ def checkpoint_path(directory: Path, worker_index: int) -> Path:
 
 def write_checkpoint(directory: Path, worker_index: int, checkpoint: Checkpoint) -> None:
     try:
-        payload = pack(
-            {
-                "format": FORMAT,
-                "worker_id": checkpoint.worker_id,
-                "num_workers": checkpoint.num_workers,
-                "num_shards": checkpoint.num_shards,
-                "position": checkpoint.position,
-                "records": checkpoint.records,
-                "records_failed": checkpoint.records_failed,
-                "outputs": checkpoint.outputs,
-                "state": checkpoint.state,
-                "finished": checkpoint.finished,
-                "outputs_pending": checkpoint.outputs_pending,
-            }
-        )
+        payload = pack({"format": FORMAT, **vars(checkpoint)})
     except WireError as exc:
         raise CheckpointError(f"the logic's state() is not plain data: {exc}") from exc
     data = MAGIC + zlib.crc32(payload).to_bytes(4, "little") + payload
@@ -114,28 +100,22 @@ def read_checkpoint(
         raise CheckpointError(f"checkpoint {path}: {exc}") from exc
     if not isinstance(fields, dict) or fields.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path} has an unknown format")
-    pending = fields.get("outputs_pending", [])  # absent from a checkpoint written before it existed
+    del fields["format"]
+    try:
+        checkpoint = Checkpoint(**fields)
+    except TypeError:  # a field missing, or one this version does not know
+        raise CheckpointError(f"checkpoint {path} has an unknown format") from None
+    pending = checkpoint.outputs_pending  # [] in a checkpoint written before it existed
     if not isinstance(pending, list) or not all(isinstance(data, bytes) for data in pending):
         raise CheckpointError(f"checkpoint {path} has an unknown format (outputs_pending)")
-    found = (fields["worker_id"], fields["num_workers"], fields["num_shards"])
+    found = (checkpoint.worker_id, checkpoint.num_workers, checkpoint.num_shards)
     if found != (worker_id, num_workers, num_shards):
         raise CheckpointError(
             f"checkpoint {path} belongs to worker {found[0]} of {found[1]} workers and {found[2]} shards, "
             f"not to worker {worker_id} of {num_workers} workers and {num_shards} shards; "
             "use the job's own --job-id and layout, or another --checkpoint-dir"
         )
-    return Checkpoint(
-        worker_id=fields["worker_id"],
-        num_workers=fields["num_workers"],
-        num_shards=fields["num_shards"],
-        position=fields["position"],
-        records=fields["records"],
-        records_failed=fields["records_failed"],
-        outputs=fields["outputs"],
-        state=fields["state"],
-        finished=fields["finished"],
-        outputs_pending=pending,
-    )
+    return checkpoint
 
 
 class Checkpointing:

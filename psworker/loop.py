@@ -49,6 +49,21 @@ IDLE_WAIT_S = 1.0
 Answer = tuple[int, list[Id] | None, list[Any]]
 
 
+def _by_kind(batch: DecodedBatch) -> list[tuple[np.ndarray | list[str], np.ndarray]]:
+    """An answered batch as on_pull_recv_many takes it: (int ids, values), then (str ids,
+    values), each present only when the batch holds that kind; arrays are the logic's own
+    (writable, and no longer tied to the message)."""
+    assert batch.values is not None
+    values = np.array(batch.values)
+    ints = len(batch.int_ids)
+    kinds: list[tuple[np.ndarray | list[str], np.ndarray]] = []
+    if ints:
+        kinds.append((batch.int_ids.copy(), values[:ints]))
+    if batch.str_ids:
+        kinds.append((batch.str_ids, values[ints:]))
+    return kinds
+
+
 class LogicLoop(Checkpointing):
     # Set by WorkerRuntime.__init__.
     worker_index: int
@@ -114,17 +129,10 @@ class LogicLoop(Checkpointing):
         on_pull_recv_many, client = self._callbacks.on_pull_recv_many, self.client
         for shard, _, batches in answers:
             self._buffers.answered(shard)
-            batch: DecodedBatch
             for batch in batches:
-                assert batch.values is not None
                 self._pulls.answered(len(batch))
-                values = np.array(batch.values)  # writable, and no longer tied to the message
-                ints = len(batch.int_ids)
-                if ints:
-                    int_values = values[:ints] if batch.str_ids else values
-                    self._call_user("on_pull_recv_many", on_pull_recv_many, batch.int_ids.copy(), int_values, client)
-                if batch.str_ids:
-                    self._call_user("on_pull_recv_many", on_pull_recv_many, batch.str_ids, values[ints:], client)
+                for ids, values in _by_kind(batch):
+                    self._call_user("on_pull_recv_many", on_pull_recv_many, ids, values, client)
             self._buffers.flush_if_lingering()
 
     def _deliver_tracked(self, answers: deque[Answer], origins: OriginTracker) -> None:
@@ -148,16 +156,8 @@ class LogicLoop(Checkpointing):
             by_key = origins.origins_of(shard, every_id)
             start = 0
             for batch in batches:
-                assert batch.values is not None
                 self._pulls.answered(len(batch))
-                batch_values = np.array(batch.values)  # writable, and no longer tied to the message
-                ints = len(batch.int_ids)
-                kinds: list[tuple[Any, np.ndarray]] = []
-                if ints:
-                    kinds.append((batch.int_ids, batch_values[:ints]))
-                if batch.str_ids:
-                    kinds.append((batch.str_ids, batch_values[ints:]))
-                for kind_ids, kind_values in kinds:
+                for kind_ids, kind_values in _by_kind(batch):
                     kind_origins = by_key[start : start + len(kind_ids)]
                     start += len(kind_ids)
                     self._deliver_runs(origins, kind_ids, kind_values, kind_origins)
@@ -169,9 +169,8 @@ class LogicLoop(Checkpointing):
         bounds = [0, *(np.flatnonzero(np.diff(by_key)) + 1).tolist(), len(by_key)]
         for first, end in itertools.pairwise(bounds):
             origin = int(by_key[first])
-            run_ids = ids[first:end].copy() if isinstance(ids, np.ndarray) else ids[first:end]
             origins.enter(origin)
-            self._call_user("on_pull_recv_many", on_pull_recv_many, run_ids, values[first:end], self.client)
+            self._call_user("on_pull_recv_many", on_pull_recv_many, ids[first:end], values[first:end], self.client)
             origins.leave(origin, end - first)
 
     def _call_tracked(self, name: str, fn: Callable[..., None], *args: Any) -> None:

@@ -23,6 +23,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `example
 
 from benchmarks import (
     bench_batching,
+    bench_default_path,
     bench_durability,
     bench_logic,
     bench_memory,
@@ -49,6 +50,7 @@ def sections() -> list[tuple[str, ModuleType]]:
         ("g. Durable shards: recovery of 1,000,000 parameters after SIGKILL", bench_recovery),
         ("h. Restartable jobs: durable shards and worker checkpoints against a plain job, MF 2x2", bench_restarts),
         ("i. Batching knobs: the per-key MF job at several --batch-max-keys and --batch-linger-ms", bench_batching),
+        ("j. The default path before and after consistency, server logic and the batching knobs", bench_default_path),
     ]
 
 

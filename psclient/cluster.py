@@ -17,7 +17,7 @@ import grpc
 import numpy as np
 
 from psclient.either import Left, Right
-from psclient.errors import JobFailed, ShardError, StreampsError
+from psclient.errors import JobFailed, ShardError, StreampsError, WorkerStopped
 from psclient.feeding import feed_workers
 from psclient.replay import BROKEN, WORKER_BACK_TIMEOUT_S, ReplayBuffer, WorkerRestarts
 from psclient.rpc.errors import describe_rpc_error
@@ -25,6 +25,7 @@ from psclient.rpc.layout import check_layout, fetch_info
 from psclient.rpc.security import Security
 from psclient.rpc.serving import DEFAULT_CONNECT_TIMEOUT_S, open_channel, ready_channel
 from psclient.rpc.shard_group import ShardGroup
+from psclient.watching import ShardSnapshot, ShardWatch, WatchEnded, watch_snapshots
 from psclient.wire.codec import decode_rows
 from psclient.wire.partition import Id
 from psclient.wire.proto import shard_pb2, shard_pb2_grpc, worker_pb2, worker_pb2_grpc
@@ -142,6 +143,12 @@ class Cluster:
             for data in chunk.outputs:
                 yield unpack(data)
 
+    def watch(self) -> Iterator[ShardSnapshot]:
+        """Each shard's model snapshots (psserver --snapshot-every) as they are taken, until
+        the final ones the shards take as they stop."""
+        self.check_shards()
+        yield from watch_snapshots(self._shard_stubs, self.servers)
+
     def has_server_logic(self) -> bool:
         """Whether the shards run a server logic (psserver --logic), by their Info."""
         return any(isinstance(info, shard_pb2.InfoResponse) and info.logic for info in self.info())
@@ -243,6 +250,10 @@ class Cluster:
 
         Raises JobFailed with the worker's one-line error if a worker failed.
         """
+        return self._merged(None)
+
+    def _merged(self, watch: ShardWatch | None) -> Iterator[Any]:
+        """`outputs()`, and with a `watch`, each shard's snapshots among them as `Right` values."""
         merged: queue.Queue[Any] = queue.Queue()
         for index in range(len(self.workers)):
             self._ready_worker(index)
@@ -261,17 +272,26 @@ class Cluster:
             except StreampsError as exc:
                 merged.put(JobFailed(f"worker {index}: {exc}"))
 
+        def snapshot(item: ShardSnapshot | WatchEnded) -> None:
+            merged.put([Right(pair) for pair in item.params] if isinstance(item, ShardSnapshot) else item.error or [])
+
         for index in range(len(self.workers)):
             threading.Thread(target=read, args=(index,), name=f"outputs-{index}", daemon=True).start()
+        if watch is not None:
+            watch.start(snapshot)
         running = len(self.workers)
-        while running:
-            item = merged.get()
-            if item is _DONE:
-                running -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield from item
+        try:
+            while running:
+                item = merged.get()
+                if item is _DONE:
+                    running -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield from item
+        finally:
+            if watch is not None:
+                watch.cancel()
 
     def _read_outputs(self, index: int, merged: queue.Queue[Any]) -> None:
         """Worker `index`'s outputs into `merged`, from each process that serves it: a restarted
@@ -303,12 +323,19 @@ class Cluster:
         partition_by: Callable[[Any], Hashable] | None = None,
         iteration_wait_time: float | None = None,
         server_logic: bool | None = None,
+        live: bool | None = None,
     ) -> Iterator[Left[Any] | Right[Any]]:
         """Feed `records` (if given), yield every output as `Left` while they arrive,
         then every final parameter as `Right((id, value))` once all workers finished;
         with a server logic (`server_logic`; None: ask the shards), every output of
-        the logic as `Right` instead, after its close."""
+        the logic as `Right` instead, after its close. With `live` (None: whether the shards
+        take model snapshots, psserver --snapshot-every), each shard's snapshots come among the
+        outputs as it takes them, each a run of `Right`s: an endless job's model updates."""
         self.check_shards()  # before any record reaches a worker
+        if live is None:
+            live = any(isinstance(info, shard_pb2.InfoResponse) and info.snapshot_every for info in self.info())
+        # Called before the first record: a snapshot taken after it is seen.
+        watch = ShardWatch(self._shard_stubs, self.servers) if live else None
         feed_error: list[BaseException] = []
         feeder: threading.Thread | None = None
         if records is not None:
@@ -322,8 +349,8 @@ class Cluster:
             feeder = threading.Thread(target=feed, name="feeder", daemon=True)
             feeder.start()
         try:
-            for out in self.outputs():
-                yield Left(out)
+            for out in self._merged(watch):
+                yield out if isinstance(out, Right) else Left(out)
         except JobFailed:
             # A failure of the records iterator itself is the root cause: report it.
             if feeder is not None:
@@ -335,7 +362,7 @@ class Cluster:
             # The workers finished, so the feeder has sent end_of_input; it may
             # still be on its way to record an error of the records iterator.
             feeder.join()
-        if feed_error:
+        if feed_error and not isinstance(feed_error[0], WorkerStopped):  # stopped: the model as it ends
             raise feed_error[0]
         if server_logic is None:
             server_logic = self.has_server_logic()

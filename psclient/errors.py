@@ -21,3 +21,8 @@ class ShardError(StreampsError):
 
 class JobFailed(StreampsError):
     """A job stopped: user code raised, a record was malformed, or a shard failed."""
+
+
+class WorkerStopped(JobFailed):
+    """A worker stopped on a signal (a graceful stop) takes no more records. Feeding it ends
+    there; what it took still runs to the end, so a stream's job ends as stopped, not failed."""

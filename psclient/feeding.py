@@ -12,7 +12,7 @@ from typing import Any
 
 import grpc
 
-from psclient.errors import JobFailed
+from psclient.errors import JobFailed, WorkerStopped
 from psclient.replay import END, Outbox, ReplayBuffer, WorkerLink, send_restartable
 from psclient.rpc.errors import describe_rpc_error
 from psclient.wire.partition import key_bucket
@@ -125,7 +125,10 @@ def feed_workers(
         try:
             stubs[index].Feed(requests())
         except grpc.RpcError as exc:
-            failures.append(JobFailed(exc.details() or f"feeding worker {index} failed: {describe_rpc_error(exc)}"))
+            if exc.code() == grpc.StatusCode.OUT_OF_RANGE:  # stopped on a signal: the job is being stopped
+                failures.append(WorkerStopped(exc.details()))
+            else:
+                failures.append(JobFailed(exc.details() or f"feeding worker {index} failed: {describe_rpc_error(exc)}"))
             while sender_queues[index].get() is not _END:  # unblock the router
                 pass
 

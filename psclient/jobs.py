@@ -8,6 +8,7 @@ stream that showed it.
 
 from __future__ import annotations
 
+import numbers
 import tempfile
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from pathlib import Path
@@ -54,6 +55,8 @@ def run_local_job(
     batch_linger_ms: float | None = None,
     ps_logic_spec: str | None = None,
     consistency: str = "async",
+    snapshot_every: float | None = None,
+    snapshot_dir: Path | None = None,
 ) -> Iterator[Left[Any] | Right[Any]]:
     """Start a local cluster, run the job, yield its stream, tear everything down.
 
@@ -81,6 +84,8 @@ def run_local_job(
         batch_linger_ms=batch_linger_ms,
         ps_logic_spec=ps_logic_spec,
         consistency=consistency,
+        snapshot_every=snapshot_every,
+        snapshot_dir=snapshot_dir,
     )
     try:
         with (
@@ -94,6 +99,7 @@ def run_local_job(
                     partition_by=partition_by,
                     iteration_wait_time=iteration_wait_time,
                     server_logic=ps_logic_spec is not None,
+                    live=snapshot_every is not None,
                 ):
                     if isinstance(item, Left):
                         bar.output()
@@ -133,6 +139,8 @@ def transform(
     batch_linger_ms: float | None = None,
     ps_logic: Any = None,
     consistency: str = "async",
+    snapshot_every: float | None = None,
+    snapshot_dir: str | Path | None = None,
 ) -> Iterator[Left[Any] | Right[Any]]:
     """Run `worker_logic` over `training_data` on an embedded local cluster.
 
@@ -186,6 +194,13 @@ def transform(
     clock (`ps.advance_clock()`) is more than S ahead of the slowest unfinished
     worker's (bsp: S = 0). It cannot be combined with `ps_logic` or `durable`.
 
+    `snapshot_every` makes each shard snapshot its model every that many seconds
+    in which a push arrived (`psserver --snapshot-every`) and once more at the end:
+    the snapshots come among the outputs as they are taken, each shard's as a run
+    of `Right((id, value))`, before the final model; for an endless
+    `training_data`, the model as it trains. Their files (what `model=` and
+    `psserver --load` read) go to `snapshot_dir`, kept, or to a temporary one.
+
     Raises ValueError (SpecError) at once, before any process starts, for an init
     or update spec the shards would refuse, or batching knobs the workers would.
     """
@@ -195,6 +210,11 @@ def transform(
     if ps_logic is not None and (durable or data_dir is not None or model is not None):
         what = "model" if model is not None else "durable or data_dir"
         raise ValueError(f"ps_logic cannot be combined with {what}: a server logic keeps its own state")
+    if snapshot_every is not None:
+        if isinstance(snapshot_every, bool) or not isinstance(snapshot_every, numbers.Real) or not snapshot_every > 0:
+            raise ValueError(f"snapshot_every must be a positive number of seconds, not {snapshot_every!r}")
+        if ps_logic is not None:
+            raise ValueError("snapshot_every cannot be combined with ps_logic: a server logic keeps its own state")
     if parse_consistency(consistency) is not None and (ps_logic is not None or durable or data_dir is not None):
         what = "ps_logic" if ps_logic is not None else "durable or data_dir"
         raise ValueError(f"consistency {consistency!r} cannot be combined with {what}")
@@ -217,6 +237,8 @@ def transform(
         batch_linger_ms=batch_linger_ms,
         ps_logic=ps_logic,
         consistency=consistency,
+        snapshot_every=snapshot_every,
+        snapshot_dir=Path(snapshot_dir) if snapshot_dir is not None else None,
     )
 
 
@@ -240,6 +262,8 @@ def _transform_job(
     batch_linger_ms: float | None,
     ps_logic: Any,
     consistency: str,
+    snapshot_every: float | None,
+    snapshot_dir: Path | None,
 ) -> Iterator[Left[Any] | Right[Any]]:
     with tempfile.TemporaryDirectory(prefix="streamps-") as tmp:
         directory = Path(tmp)
@@ -263,4 +287,6 @@ def _transform_job(
             batch_linger_ms=batch_linger_ms,
             ps_logic_spec=_spec(ps_logic, directory, "ps_logic") if ps_logic is not None else None,
             consistency=consistency,
+            snapshot_every=snapshot_every,
+            snapshot_dir=snapshot_dir,
         )

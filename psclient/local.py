@@ -82,6 +82,8 @@ class LocalCluster:
         batch_linger_ms: float | None = None,
         ps_logic_spec: str | None = None,
         consistency: str = "async",
+        snapshot_every: float | None = None,
+        snapshot_dir: Path | None = None,
     ):
         if num_workers < 1 or num_shards < 1:
             raise ValueError("a cluster needs at least one worker and one shard")
@@ -96,6 +98,8 @@ class LocalCluster:
         self.batch_max_keys, self.batch_linger_ms = batch_max_keys, batch_linger_ms
         self.ps_logic_spec = ps_logic_spec  # every shard's --logic
         self.consistency = consistency_name(parse_consistency(consistency))  # every child's --consistency
+        # Every shard's --snapshot-every, and its --snapshot-dir (None: one in the cluster's temp dir).
+        self.snapshot_every, self.snapshot_dir = snapshot_every, snapshot_dir
         # A data dir of the user's makes the shards durable too; it is kept.
         self.durable = durable or data_dir is not None
         self.data_dir = data_dir
@@ -129,7 +133,16 @@ class LocalCluster:
             extra += ["--logic", self.ps_logic_spec]
         if self.consistency != "async":
             extra += ["--consistency", self.consistency, "--num-workers", str(self.num_workers)]
+        if self.snapshot_every is not None:
+            extra += ["--snapshot-every", repr(float(self.snapshot_every)), "--snapshot-dir", str(self._models_dir())]
         return shard_argv(shard, self.num_shards, self.init_spec, self.update_spec, self.log_level, *extra, port=port)
+
+    def _models_dir(self) -> Path:
+        if self.snapshot_dir is not None:
+            return self.snapshot_dir
+        parent = self.data_dir if self.data_dir is not None else self._owned_dir
+        assert parent is not None
+        return parent / "models"
 
     def _shard_dir(self, shard: int) -> Path:
         parent = self.data_dir if self.data_dir is not None else self._owned_dir
@@ -166,9 +179,11 @@ class LocalCluster:
     def start(self) -> None:
         env = child_env()
         try:
+            if self.data_dir is None and (
+                self.durable or (self.snapshot_every is not None and self.snapshot_dir is None)
+            ):
+                self._owned_dir = Path(tempfile.mkdtemp(prefix="streamps-data-"))
             if self.durable:
-                if self.data_dir is None:
-                    self._owned_dir = Path(tempfile.mkdtemp(prefix="streamps-data-"))
                 for i in range(self.num_shards):
                     self._shard_dir(i).mkdir(parents=True, exist_ok=True)
                 # Checkpoints of an earlier job in a kept data dir are another job's (another

@@ -31,7 +31,8 @@ from psserver.durable_service import DurableShardServicer
 from psserver.logic import LogicStore, load_server_logic
 from psserver.logic_service import LogicShardServicer
 from psserver.memory import pin_mmap_threshold
-from psserver.service import ShardServicer
+from psserver.model_snapshots import DEFAULT_KEEP, ModelSnapshots, SnapshotPlan
+from psserver.service import STOP_DRAIN_S, STOP_IDLE_S, ShardServicer
 from psserver.store import ParameterStore
 from psserver.warmstart import LoadError, load_model
 
@@ -48,8 +49,10 @@ async def serve(
     port: int,
     durability: Durability | None,
     clocks: tuple[int, int] | None = None,
+    snapshot_plan: SnapshotPlan | None = None,
 ) -> None:
-    """Serve until stopped; `clocks` is (staleness, num_workers) for a consistency other than async."""
+    """Serve until stopped; `clocks` is (staleness, num_workers) for a consistency other than async,
+    `snapshot_plan` where and how often to snapshot the model (--snapshot-every)."""
     log = logging.getLogger("streamps")
     if isinstance(store, LogicStore):
         servicer: ShardServicer = LogicShardServicer(store, shard, num_shards)
@@ -68,6 +71,9 @@ async def serve(
         servicer = ShardServicer(store, shard, num_shards)
     else:
         servicer = DurableShardServicer(store, shard, num_shards, durability)
+    model_snapshots = None
+    if snapshot_plan is not None:
+        model_snapshots = servicer.model_snapshots = ModelSnapshots(store, shard, snapshot_plan, servicer.push_count)
     if durability is not None:
         try:
             durability.start()
@@ -105,7 +111,10 @@ async def serve(
             "fsync before each ack" if durability.durable else "no fsync",
             durability.snapshot_interval,
         )
+    if model_snapshots is not None:
+        log.info("model snapshots every %g s to %s", model_snapshots.every, model_snapshots.directory)
     snapshots = asyncio.ensure_future(durability.run_snapshots()) if durability is not None else None
+    periodic = asyncio.ensure_future(model_snapshots.run()) if model_snapshots is not None else None
     ended = 0
     final = ""
     try:
@@ -114,13 +123,20 @@ async def serve(
     finally:
         await bound.set_serving(False)
         ended = servicer.stop_streams()
+        if model_snapshots is not None and periodic is not None:
+            # The final model once the job's streams applied what reached them, sent
+            # to the watchers before the server's stop cancels their calls.
+            model_snapshots.stop()
+            await periodic
+            await servicer.streams_ended(STOP_DRAIN_S + STOP_IDLE_S)
+            final = await model_snapshots.finish()
         # Waits for the streams, which apply and ack what reaches them, then end.
         await bound.server.stop(STOP_GRACE_S)
         if durability is not None and snapshots is not None:
             durability.stop_snapshots()
             await snapshots
             if durability.wal.error is None and stop.is_set():
-                final = await _final_snapshot(durability)
+                final += await _final_snapshot(durability)
             await durability.close()
     if durability is not None and durability.wal.error is not None:
         # Pushes it applied may be missing from the log: only a restart (recovery) is safe.
@@ -180,6 +196,28 @@ async def _final_snapshot(durability: Durability) -> str:
     "Ignored when --data-dir already holds a shard's state.",
 )
 @click.option(
+    "--snapshot-every",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    **env("SNAPSHOT_EVERY"),
+    help="Every this many seconds in which a push arrived, write the model to --snapshot-dir as a file "
+    "--load reads and stream it to Watch callers (Cluster.stream shows it as Right values); and once more at a stop.",
+)
+@click.option(
+    "--snapshot-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    **env("SNAPSHOT_DIR"),
+    help="With --snapshot-every: where the model files go (created if missing) [default: DATA_DIR/models].",
+)
+@click.option(
+    "--snapshot-keep",
+    type=click.IntRange(min=1),
+    default=DEFAULT_KEEP,
+    **env("SNAPSHOT_KEEP"),
+    help="With --snapshot-every: how many of this shard's newest model files to keep.",
+)
+@click.option(
     "--logic",
     "logic_spec",
     default=None,
@@ -209,6 +247,9 @@ def main(
     durable: bool | None,
     snapshot_interval: float | None,
     load_path: Path | None,
+    snapshot_every: float | None,
+    snapshot_dir: Path | None,
+    snapshot_keep: int,
     logic_spec: str | None,
     consistency: str,
     num_workers: int | None,
@@ -226,6 +267,7 @@ def main(
         fail(f"--logic cannot be used with {'--data-dir' if data_dir is not None else '--load'}: "
              "a server logic keeps its own state, which the shard does not log or load", 2)  # fmt: skip
     clocks = _clocks(consistency, num_workers, logic_spec is not None)
+    snapshot_plan = _snapshot_plan(snapshot_every, snapshot_dir, snapshot_keep, data_dir, logic_spec is not None)
     try:
         init, update = make_init(init_spec), make_update(update_spec)
         store = ParameterStore(init, update)
@@ -256,7 +298,29 @@ def main(
         start_metrics(metrics_port, host)
     except OSError as exc:
         fail(f"cannot serve metrics on port {metrics_port}: {exc}", 2)
-    asyncio.run(serve(store, shard, num_shards, host, port, durability, clocks))
+    if snapshot_plan is not None:
+        try:  # after the data dir's checks: its models/ is made only in a data dir that is there
+            snapshot_plan.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            fail(f"--snapshot-dir {snapshot_plan.directory}: {exc.strerror or exc}", 2)
+    asyncio.run(serve(store, shard, num_shards, host, port, durability, clocks, snapshot_plan))
+
+
+def _snapshot_plan(
+    every: float | None, directory: Path | None, keep: int, data_dir: Path | None, with_logic: bool
+) -> SnapshotPlan | None:
+    """Where and how often to snapshot the model; exit 2 for a bad combination."""
+    if every is None:
+        if directory is not None:
+            fail("--snapshot-dir needs --snapshot-every SECONDS", 2)
+        return None
+    if with_logic:
+        fail("--snapshot-every cannot be used with --logic: a server logic keeps its own state", 2)
+    if directory is None:
+        if data_dir is None:
+            fail("--snapshot-every needs --snapshot-dir DIR (or --data-dir, whose models/ it then uses)", 2)
+        directory = data_dir / "models"
+    return SnapshotPlan(directory, every, keep)
 
 
 def _clocks(consistency: str, num_workers: int | None, with_logic: bool) -> tuple[int, int] | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import Counter, Gauge, Histogram
 
 # Batches of one to tens of thousands of keys: latency from 0.1 ms up to seconds.
@@ -16,3 +18,20 @@ LATENCY = Histogram(
 )
 PARAMETERS = Gauge("streamps_shard_parameters", "Parameters held", ["shard"])
 DUPLICATES = Counter("streamps_shard_duplicate_pushes_total", "Push batches at or below the watermark", ["shard"])
+
+
+class OpMetrics:
+    """The metrics of one operation (pull or push) of one shard."""
+
+    def __init__(self, shard: str, op: str):
+        self.latency = LATENCY.labels(shard, op)
+        self.requests = REQUESTS.labels(shard, op)
+        self.keys = KEYS.labels(shard, op)
+        self.bytes = BYTES.labels(shard, op)
+        self.errors = ERRORS.labels(shard, op)
+
+    def observe(self, started: float, keys: int, nbytes: int) -> None:
+        self.latency.observe(time.perf_counter() - started)
+        self.requests.inc()
+        self.keys.inc(keys)
+        self.bytes.inc(nbytes)

@@ -28,6 +28,7 @@ from psclient.wire.partition import shard_of, shards_of_ints
 from psclient.wire.proto import shard_pb2, shard_pb2_grpc, tensor_pb2
 from psserver import metrics
 from psserver.durability import Durability
+from psserver.model_snapshots import ModelSnapshots
 from psserver.origins import Origins, tagged
 from psserver.store import ParameterStore
 
@@ -48,29 +49,13 @@ STOP_IDLE_S = 0.25
 STOP_DRAIN_S = 1.0
 
 
-class _OpMetrics:
-    """The metrics of one operation (pull or push) of one shard."""
-
-    def __init__(self, shard: str, op: str):
-        self.latency = metrics.LATENCY.labels(shard, op)
-        self.requests = metrics.REQUESTS.labels(shard, op)
-        self.keys = metrics.KEYS.labels(shard, op)
-        self.bytes = metrics.BYTES.labels(shard, op)
-        self.errors = metrics.ERRORS.labels(shard, op)
-
-    def observe(self, started: float, keys: int, nbytes: int) -> None:
-        self.latency.observe(time.perf_counter() - started)
-        self.requests.inc()
-        self.keys.inc(keys)
-        self.bytes.inc(nbytes)
-
-
 class ShardServicer(shard_pb2_grpc.ParameterShardServicer):
     def __init__(self, store: ParameterStore, shard: int, num_shards: int, durability: Durability | None = None):
         self.store = store
         self.shard = shard
         self.num_shards = num_shards
         self.durability = durability
+        self.model_snapshots: ModelSnapshots | None = None  # psserver --snapshot-every
         # With a data dir, the recovered watermarks (one dict, kept by both).
         self._watermarks: dict[str, int] = durability.watermarks if durability is not None else {}
         self._origins: Origins = durability.origins if durability is not None else Origins()
@@ -89,10 +74,14 @@ class ShardServicer(shard_pb2_grpc.ParameterShardServicer):
         self._waiting: dict[asyncio.Task[Any], int] = {}
         self._waits = 0
         # Labelled metrics looked up once: a lookup per request costs as much as the update.
-        self._metrics = {op: _OpMetrics(self._label, op) for op in ("pull", "push")}
+        self._metrics = {op: metrics.OpMetrics(self._label, op) for op in ("pull", "push")}
         self._duplicates = metrics.DUPLICATES.labels(self._label)
         # Read when Prometheus scrapes, not set on every request.
         metrics.PARAMETERS.labels(self._label).set_function(lambda: len(self.store))
+
+    def push_count(self) -> int:
+        """Push requests taken so far: a model snapshot is skipped while it stays put."""
+        return self._push_requests
 
     @property
     def pushed(self) -> asyncio.Condition:
@@ -121,6 +110,12 @@ class ShardServicer(shard_pb2_grpc.ParameterShardServicer):
         for task, wait in list(self._waiting.items()):
             loop.call_later(STOP_IDLE_S, self._end_wait, task, wait)
         return self._open_streams
+
+    async def streams_ended(self, timeout: float) -> None:
+        """Wait (at most `timeout`) for the Pull, Push and Exchange streams to end after `stop_streams`."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self._open_streams and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
 
     def _end_wait(self, task: asyncio.Task[Any], wait: int) -> None:
         if self._waiting.get(task) == wait:
@@ -361,6 +356,16 @@ class ShardServicer(shard_pb2_grpc.ParameterShardServicer):
         for groups in self.store.chunk_rows(request.max_rows_per_chunk or DEFAULT_SNAPSHOT_ROWS):
             yield shard_pb2.SnapshotChunk(batches=[encode_batch(group) for group in groups])
 
+    async def Watch(
+        self, request: shard_pb2.WatchRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[shard_pb2.SnapshotChunk]:
+        if self.model_snapshots is None:
+            details = f"shard {self.shard} takes no model snapshots: start it with --snapshot-every SECONDS"
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, details)
+            return
+        async for message in self.model_snapshots.watch():
+            yield message
+
     async def LogicOutputs(
         self, request: shard_pb2.LogicOutputsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[shard_pb2.LogicOutputChunk]:
@@ -384,4 +389,5 @@ class ShardServicer(shard_pb2_grpc.ParameterShardServicer):
             uptime_seconds=time.monotonic() - self._started,
             finished_below=dict(self._origins.finished_below),
             consistency="async",  # psserver.clocks overrides it
+            snapshot_every=self.model_snapshots.every if self.model_snapshots is not None else 0.0,
         )

@@ -94,7 +94,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         except WireError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"record {accepted + 1} of this call: {exc}")
         except JobFailed as exc:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+            # OUT_OF_RANGE: a stop on a signal ended the input (feeding past its end), not a failure.
+            stopped = self.runtime.stopped and not self.runtime.error
+            context.abort(grpc.StatusCode.OUT_OF_RANGE if stopped else grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         if end:
             self.runtime.end_input()
         return worker_pb2.FeedResponse(accepted=accepted)

@@ -331,6 +331,16 @@ class SnapshotChunk(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     BATCHES_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    FINAL_FIELD_NUMBER: _builtins.int
+    snapshot: _builtins.int
+    """Watch only: the snapshot's number (1, 2, ... over the shard's life, on
+    across restarts with the same --snapshot-dir), and whether this chunk is
+    its last, and whether it is the one taken as the shard stopped.
+    """
+    end: _builtins.bool
+    final: _builtins.bool
     @_builtins.property
     def batches(self) -> _containers.RepeatedCompositeFieldContainer[_tensor_pb2.ParamBatch]:
         """Parameters of this chunk, grouped by dtype and shape."""
@@ -339,14 +349,32 @@ class SnapshotChunk(_message.Message):
         self,
         *,
         batches: _abc.Iterable[_tensor_pb2.ParamBatch] | None = ...,
+        snapshot: _builtins.int = ...,
+        end: _builtins.bool = ...,
+        final: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batches", b"batches"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batches", b"batches", "end", b"end", "final", b"final", "snapshot", b"snapshot"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SnapshotChunk: _TypeAlias = SnapshotChunk  # noqa: Y015
+
+@_typing.final
+class WatchRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchRequest: _TypeAlias = WatchRequest  # noqa: Y015
 
 @_typing.final
 class InfoRequest(_message.Message):
@@ -444,6 +472,7 @@ class InfoResponse(_message.Message):
     NUM_WORKERS_FIELD_NUMBER: _builtins.int
     CLOCK_GAPS_FIELD_NUMBER: _builtins.int
     HELD_PULLS_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_EVERY_FIELD_NUMBER: _builtins.int
     shard: _builtins.int
     """This shard's index, in [0, num_shards)."""
     num_shards: _builtins.int
@@ -475,6 +504,8 @@ class InfoResponse(_message.Message):
     """
     held_pulls: _builtins.int
     """Pulls held back so far because their worker was too far ahead."""
+    snapshot_every: _builtins.float
+    """Seconds between model snapshots (psserver --snapshot-every); 0 without."""
     @_builtins.property
     def watermarks(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """Highest applied push seq per worker_id."""
@@ -511,10 +542,11 @@ class InfoResponse(_message.Message):
         num_workers: _builtins.int = ...,
         clock_gaps: _abc.Mapping[_builtins.int, _builtins.int] | None = ...,
         held_pulls: _builtins.int = ...,
+        snapshot_every: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["clock_gaps", b"clock_gaps", "consistency", b"consistency", "finished_below", b"finished_below", "held_pulls", b"held_pulls", "init_spec", b"init_spec", "logic", b"logic", "num_params", b"num_params", "num_shards", b"num_shards", "num_workers", b"num_workers", "pull_requests", b"pull_requests", "pulled_keys", b"pulled_keys", "push_requests", b"push_requests", "pushed_keys", b"pushed_keys", "shard", b"shard", "update_spec", b"update_spec", "uptime_seconds", b"uptime_seconds", "watermarks", b"watermarks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clock_gaps", b"clock_gaps", "consistency", b"consistency", "finished_below", b"finished_below", "held_pulls", b"held_pulls", "init_spec", b"init_spec", "logic", b"logic", "num_params", b"num_params", "num_shards", b"num_shards", "num_workers", b"num_workers", "pull_requests", b"pull_requests", "pulled_keys", b"pulled_keys", "push_requests", b"push_requests", "pushed_keys", b"pushed_keys", "shard", b"shard", "snapshot_every", b"snapshot_every", "update_spec", b"update_spec", "uptime_seconds", b"uptime_seconds", "watermarks", b"watermarks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

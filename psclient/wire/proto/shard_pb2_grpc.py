@@ -54,6 +54,11 @@ class ParameterShardStub:
                 request_serializer=psclient_dot_wire_dot_proto_dot_shard__pb2.SnapshotRequest.SerializeToString,
                 response_deserializer=psclient_dot_wire_dot_proto_dot_shard__pb2.SnapshotChunk.FromString,
                 _registered_method=True)
+        self.Watch = channel.unary_stream(
+                '/streamps.v1.ParameterShard/Watch',
+                request_serializer=psclient_dot_wire_dot_proto_dot_shard__pb2.WatchRequest.SerializeToString,
+                response_deserializer=psclient_dot_wire_dot_proto_dot_shard__pb2.SnapshotChunk.FromString,
+                _registered_method=True)
         self.Info = channel.unary_unary(
                 '/streamps.v1.ParameterShard/Info',
                 request_serializer=psclient_dot_wire_dot_proto_dot_shard__pb2.InfoRequest.SerializeToString,
@@ -113,6 +118,19 @@ class ParameterShardServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Watch(self, request, context):
+        """Streams the model snapshots a shard takes every --snapshot-every seconds
+        (psserver), each as it is taken, from the call on: every snapshot is whole
+        chunks of one point in time of this shard, its last chunk marked `end`. At
+        a stop the shard takes a last one, marked `final`, and ends the call. A
+        caller that reads slower than snapshots come misses the older ones, never
+        holds the shard up. A shard without --snapshot-every fails the call with
+        FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Info(self, request, context):
         """Describes the shard: its place in the cluster, its size and its counters.
         """
@@ -154,6 +172,11 @@ def add_ParameterShardServicer_to_server(servicer, server):
             'Snapshot': grpc.unary_stream_rpc_method_handler(
                     servicer.Snapshot,
                     request_deserializer=psclient_dot_wire_dot_proto_dot_shard__pb2.SnapshotRequest.FromString,
+                    response_serializer=psclient_dot_wire_dot_proto_dot_shard__pb2.SnapshotChunk.SerializeToString,
+            ),
+            'Watch': grpc.unary_stream_rpc_method_handler(
+                    servicer.Watch,
+                    request_deserializer=psclient_dot_wire_dot_proto_dot_shard__pb2.WatchRequest.FromString,
                     response_serializer=psclient_dot_wire_dot_proto_dot_shard__pb2.SnapshotChunk.SerializeToString,
             ),
             'Info': grpc.unary_unary_rpc_method_handler(
@@ -274,6 +297,33 @@ class ParameterShard:
             target,
             '/streamps.v1.ParameterShard/Snapshot',
             psclient_dot_wire_dot_proto_dot_shard__pb2.SnapshotRequest.SerializeToString,
+            psclient_dot_wire_dot_proto_dot_shard__pb2.SnapshotChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Watch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/streamps.v1.ParameterShard/Watch',
+            psclient_dot_wire_dot_proto_dot_shard__pb2.WatchRequest.SerializeToString,
             psclient_dot_wire_dot_proto_dot_shard__pb2.SnapshotChunk.FromString,
             options,
             channel_credentials,

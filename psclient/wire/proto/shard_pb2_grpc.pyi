@@ -65,6 +65,15 @@ class ParameterShardStub:
     """Streams every parameter the shard holds, in chunks. Read-only; the view is
     consistent per chunk, not across chunks taken while pushes still arrive.
     """
+    Watch: _grpc.UnaryStreamMultiCallable[_shard_pb2.WatchRequest, _shard_pb2.SnapshotChunk]
+    """Streams the model snapshots a shard takes every --snapshot-every seconds
+    (psserver), each as it is taken, from the call on: every snapshot is whole
+    chunks of one point in time of this shard, its last chunk marked `end`. At
+    a stop the shard takes a last one, marked `final`, and ends the call. A
+    caller that reads slower than snapshots come misses the older ones, never
+    holds the shard up. A shard without --snapshot-every fails the call with
+    FAILED_PRECONDITION.
+    """
     Info: _grpc.UnaryUnaryMultiCallable[_shard_pb2.InfoRequest, _shard_pb2.InfoResponse]
     """Describes the shard: its place in the cluster, its size and its counters."""
     LogicOutputs: _grpc.UnaryStreamMultiCallable[_shard_pb2.LogicOutputsRequest, _shard_pb2.LogicOutputChunk]
@@ -107,6 +116,15 @@ class ParameterShardAsyncStub(ParameterShardStub):
     Snapshot: _aio.UnaryStreamMultiCallable[_shard_pb2.SnapshotRequest, _shard_pb2.SnapshotChunk]  # type: ignore[assignment]
     """Streams every parameter the shard holds, in chunks. Read-only; the view is
     consistent per chunk, not across chunks taken while pushes still arrive.
+    """
+    Watch: _aio.UnaryStreamMultiCallable[_shard_pb2.WatchRequest, _shard_pb2.SnapshotChunk]  # type: ignore[assignment]
+    """Streams the model snapshots a shard takes every --snapshot-every seconds
+    (psserver), each as it is taken, from the call on: every snapshot is whole
+    chunks of one point in time of this shard, its last chunk marked `end`. At
+    a stop the shard takes a last one, marked `final`, and ends the call. A
+    caller that reads slower than snapshots come misses the older ones, never
+    holds the shard up. A shard without --snapshot-every fails the call with
+    FAILED_PRECONDITION.
     """
     Info: _aio.UnaryUnaryMultiCallable[_shard_pb2.InfoRequest, _shard_pb2.InfoResponse]  # type: ignore[assignment]
     """Describes the shard: its place in the cluster, its size and its counters."""
@@ -171,6 +189,21 @@ class ParameterShardServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_shard_pb2.SnapshotChunk], _abc.AsyncIterator[_shard_pb2.SnapshotChunk]]:
         """Streams every parameter the shard holds, in chunks. Read-only; the view is
         consistent per chunk, not across chunks taken while pushes still arrive.
+        """
+
+    @_abc_1.abstractmethod
+    def Watch(
+        self,
+        request: _shard_pb2.WatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_shard_pb2.SnapshotChunk], _abc.AsyncIterator[_shard_pb2.SnapshotChunk]]:
+        """Streams the model snapshots a shard takes every --snapshot-every seconds
+        (psserver), each as it is taken, from the call on: every snapshot is whole
+        chunks of one point in time of this shard, its last chunk marked `end`. At
+        a stop the shard takes a last one, marked `final`, and ends the call. A
+        caller that reads slower than snapshots come misses the older ones, never
+        holds the shard up. A shard without --snapshot-every fails the call with
+        FAILED_PRECONDITION.
         """
 
     @_abc_1.abstractmethod

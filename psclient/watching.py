@@ -1,0 +1,106 @@
+"""The shards' model snapshots (psserver --snapshot-every), read as they are taken.
+
+`ShardWatch` reads every shard's Watch stream on a thread of its own and hands
+each snapshot, once its last chunk is in, to a callback: `Cluster.watch()`
+yields them, `Cluster.stream()` turns them into live `Right((id, value))`
+values among the outputs of an endless job.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from psclient.errors import ShardError
+from psclient.rpc.errors import describe_rpc_error
+from psclient.wire.codec import decode_rows
+from psclient.wire.partition import Id
+from psclient.wire.proto import shard_pb2, shard_pb2_grpc
+
+
+@dataclass(frozen=True)
+class ShardSnapshot:
+    """One shard's whole model at one point in time (its number counts the shard's snapshots);
+    `final` is the one it took as it stopped."""
+
+    shard: int
+    number: int
+    final: bool
+    params: list[tuple[Id, Any]]
+
+
+@dataclass(frozen=True)
+class WatchEnded:
+    """A shard's Watch stream ended: after its final snapshot, or with `error`."""
+
+    shard: int
+    error: ShardError | None = None
+
+
+def _assemble(shard: int, chunks: list[shard_pb2.SnapshotChunk]) -> ShardSnapshot:
+    params: list[tuple[Id, Any]] = []
+    for chunk in chunks:
+        ids, values = decode_rows(chunk.batches)
+        params.extend(zip(ids, values, strict=True))
+    return ShardSnapshot(shard, chunks[-1].snapshot, chunks[-1].final, params)
+
+
+class ShardWatch:
+    """A Watch call to every shard, each read on its own thread into `deliver`."""
+
+    def __init__(self, stubs: Sequence[shard_pb2_grpc.ParameterShardStub], servers: Sequence[str]):
+        self.servers = list(servers)
+        self._calls = [stub.Watch(shard_pb2.WatchRequest()) for stub in stubs]
+        self._cancelled = threading.Event()
+
+    def start(self, deliver: Callable[[ShardSnapshot | WatchEnded], None]) -> None:
+        for shard, call in enumerate(self._calls):
+            threading.Thread(target=self._read, args=(shard, call, deliver), name=f"watch-{shard}", daemon=True).start()
+
+    def _read(self, shard: int, call: Any, deliver: Callable[[ShardSnapshot | WatchEnded], None]) -> None:
+        chunks: list[shard_pb2.SnapshotChunk] = []
+        error = None
+        try:
+            for chunk in call:
+                chunks.append(chunk)
+                if chunk.end:
+                    deliver(_assemble(shard, chunks))
+                    chunks = []
+        except grpc.RpcError as exc:
+            if not self._cancelled.is_set():
+                what = f"model snapshots of shard {shard} at {self.servers[shard]}"
+                error = ShardError(f"{what}: {describe_rpc_error(exc)}")
+        deliver(WatchEnded(shard, error))
+
+    def cancel(self) -> None:
+        """End every call; their threads then end without a report of their own."""
+        self._cancelled.set()
+        for call in self._calls:
+            call.cancel()
+
+
+def watch_snapshots(
+    stubs: Sequence[shard_pb2_grpc.ParameterShardStub], servers: Sequence[str]
+) -> Iterator[ShardSnapshot]:
+    """Every shard's snapshots as they come, until each shard's final one; ShardError if a
+    shard's stream fails (a shard without --snapshot-every, one that died)."""
+    arrived: queue.Queue[ShardSnapshot | WatchEnded] = queue.Queue()
+    watch = ShardWatch(stubs, servers)
+    watch.start(arrived.put)
+    running = len(servers)
+    try:
+        while running:
+            item = arrived.get()
+            if isinstance(item, ShardSnapshot):
+                yield item
+            elif item.error is not None:
+                raise item.error
+            else:
+                running -= 1
+    finally:
+        watch.cancel()

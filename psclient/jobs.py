@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numbers
 import tempfile
+import threading
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,8 @@ def run_local_job(
     consistency: str = "async",
     snapshot_every: float | None = None,
     snapshot_dir: Path | None = None,
+    live: bool = True,
+    stop: threading.Event | None = None,
 ) -> Iterator[Left[Any] | Right[Any]]:
     """Start a local cluster, run the job, yield its stream, tear everything down.
 
@@ -64,7 +67,11 @@ def run_local_job(
     child dies (a signal, the out-of-memory killer, a crash), JobFailed names it
     and how it ended, rather than the broken stream it leaves behind. With
     `durable` (or a `data_dir`), a dead shard or worker is restarted up to
-    `max_restarts` times in the job instead (see LocalCluster).
+    `max_restarts` times in the job instead (see LocalCluster). With `snapshot_every`,
+    the shards' model snapshots come among the outputs (unless not `live`: then only
+    in their files). Once `stop` is set, the workers stop gracefully (SIGTERM): they
+    finish the records they took, and the job ends as if its input had, with the
+    model as it is then.
     """
     bar = JobProgress(progress)  # before any child starts: nothing to clean up if it fails
     cluster = LocalCluster(
@@ -93,13 +100,15 @@ def run_local_job(
             Cluster(cluster.servers, cluster.workers, restarts=cluster if cluster.durable else None) as client,
         ):
             records = bar.count(records)
+            if stop is not None:
+                threading.Thread(target=_stop_on, args=(stop, cluster), name="stop", daemon=True).start()
             try:
                 for item in client.stream(
                     records,
                     partition_by=partition_by,
                     iteration_wait_time=iteration_wait_time,
                     server_logic=ps_logic_spec is not None,
-                    live=snapshot_every is not None,
+                    live=live and snapshot_every is not None,
                 ):
                     if isinstance(item, Left):
                         bar.output()
@@ -113,6 +122,14 @@ def run_local_job(
                 raise
     finally:
         bar.close()
+
+
+def _stop_on(stop: threading.Event, cluster: LocalCluster) -> None:
+    """Stop the workers once `stop` is set, unless the cluster stopped first."""
+    while not stop.wait(0.1):
+        if not cluster.children:
+            return
+    cluster.stop_workers()
 
 
 def _spec(obj: Any, directory: Path, name: str) -> str:

@@ -14,6 +14,7 @@ import itertools
 import json
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import Processes, error_line, psserver_argv
+from conftest import TESTS_DIR, Processes, child_env, error_line, psserver_argv
 
 from psclient import connect, transform
 from psclient.children import worker_argv
@@ -233,3 +234,49 @@ def test_watching_a_shard_without_snapshots_is_one_clear_error(procs: Processes)
 def test_transform_refuses_a_bad_snapshot_every() -> None:
     with pytest.raises(ValueError, match="snapshot_every must be a positive number of seconds, not 0"):
         transform([1], "logics:Exactness", "const:0", "add", snapshot_every=0)
+
+
+def test_psclient_run_on_endless_stdin_writes_snapshots_and_stops_on_sigterm_with_the_exact_model(
+    tmp_path: Path,
+) -> None:
+    models, model, outputs = tmp_path / "models", tmp_path / "model.jsonl", tmp_path / "outputs.jsonl"
+    argv = [
+        sys.executable, "-m", "psclient", "run", "--logic", "logics:Exactness", "--input", "-", "--format", "jsonl",
+        "--init", "const:0", "--workers", "2", "--shards", "2", "--snapshot-every", "0.2",
+        "--snapshot-dir", str(models), "--model", str(model), "--output", str(outputs),
+    ]  # fmt: skip
+    log = (tmp_path / "stderr").open("w")
+    run = subprocess.Popen(argv, stdin=subprocess.PIPE, stderr=log, text=True, env=child_env(), cwd=TESTS_DIR)
+    assert run.stdin is not None
+    written = 0
+
+    def numbers(shard: int) -> list[int]:
+        found = [int(p.stem.split("-")[2]) for p in models.glob(f"model-{shard}-*.jsonl")] if models.is_dir() else []
+        return sorted(found)
+
+    try:
+        deadline = time.monotonic() + WAIT_S
+        while min(max(numbers(0), default=0), max(numbers(1), default=0)) < 3:  # an input that never ends
+            assert time.monotonic() < deadline and run.poll() is None, "no third snapshot of each shard"
+            run.stdin.write("".join(f"{written + i}\n" for i in range(50)))
+            run.stdin.flush()
+            written += 50
+            time.sleep(0.01)
+        run.send_signal(signal.SIGTERM)  # stdin stays open: the stop is the signal's
+        run.wait(WAIT_S)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+        run.stdin.close()
+        log.close()
+    stderr = (tmp_path / "stderr").read_text()
+    assert run.returncode == 0, stderr
+    assert stderr.strip().splitlines()[-1].startswith("psclient: stopped by SIGTERM: "), stderr
+    processed = [json.loads(line)[1] for line in outputs.read_text().splitlines()]
+    assert len(processed) == len(set(processed)) > 0
+    expected = _exactness_model(processed)
+    assert _file_model(model) == {k: pytest.approx(v) for k, v in expected.items()}
+    for shard in range(2):  # the final snapshot each shard took as it stopped holds the same model
+        final = _file_model(models / f"model-{shard}-{numbers(shard)[-1]:06d}.jsonl")
+        assert final == {k: pytest.approx(v) for k, v in expected.items() if shard_of(k, 2) == shard}

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib
 import json
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -142,6 +144,21 @@ def main() -> None:
     default=3,
     help="With --durable: shard and worker restarts allowed in the job; one more death fails it.",
 )
+@click.option(
+    "--snapshot-every",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    **env("SNAPSHOT_EVERY"),
+    help="Every shard writes its model to --snapshot-dir every this many seconds in which a push arrived "
+    "(psserver --snapshot-every): the model of an endless job (stdin) while it trains.",
+)
+@click.option(
+    "--snapshot-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    **env("SNAPSHOT_DIR"),
+    help="With --snapshot-every: where the shards' model files go (created if missing).",
+)
 def run(
     logic_spec: str,
     input_path: str,
@@ -164,6 +181,8 @@ def run(
     progress: bool | None,
     durable: bool,
     max_restarts: int,
+    snapshot_every: float | None,
+    snapshot_dir: Path | None,
 ) -> None:
     """Run a whole job on an embedded local cluster."""
     _check_specs(init_spec, update_spec)
@@ -171,6 +190,10 @@ def run(
         fail("--ps-logic cannot be combined with --durable: a server logic keeps its own state", 2)
     if consistency != "async" and (ps_logic is not None or durable):
         fail(f"--consistency {consistency} cannot be combined with {'--ps-logic' if ps_logic else '--durable'}", 2)
+    if (snapshot_every is None) != (snapshot_dir is None):
+        fail("--snapshot-every and --snapshot-dir go together", 2)
+    if snapshot_every is not None and ps_logic is not None:
+        fail("--snapshot-every cannot be combined with --ps-logic: a server logic keeps its own state", 2)
     spec = InputSpec(input_path, fmt, partition_key, skip_header)
     if input_path != "-" and not Path(input_path).is_file():
         fail(f"--input {input_path}: no such file")
@@ -183,6 +206,9 @@ def run(
             fed[0] += 1
             yield record
 
+    # SIGTERM stops the job gracefully: the workers finish what they took, the model is written.
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: stopping.set())
     try:
         with ExitStack() as stack:
             out, model = open_output(stack, output_path), open_output(stack, model_path)
@@ -192,6 +218,7 @@ def run(
                 pull_limit=pull_limit, on_error=on_error, progress=progress,
                 batch_max_keys=batch_max_keys, batch_linger_ms=batch_linger_ms,
                 durable=durable, max_restarts=max_restarts, ps_logic_spec=ps_logic, consistency=consistency,
+                snapshot_every=snapshot_every, snapshot_dir=snapshot_dir, live=False, stop=stopping,
             )  # fmt: skip
             for item in stream:
                 match item:
@@ -208,7 +235,7 @@ def run(
         fail(str(exc))
     elapsed = time.monotonic() - started
     click.echo(
-        f"psclient: {fed[0]} records, {outputs} outputs, {params} "
+        f"psclient: {'stopped by SIGTERM: ' if stopping.is_set() else ''}{fed[0]} records, {outputs} outputs, {params} "
         f"{'server logic outputs' if ps_logic is not None else 'parameters'} in {elapsed:.1f} s "
         f"({fed[0] / max(elapsed, 1e-9):,.0f} records/s)",
         err=True,

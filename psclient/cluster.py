@@ -335,7 +335,7 @@ class Cluster:
         if live is None:
             live = any(isinstance(info, shard_pb2.InfoResponse) and info.snapshot_every for info in self.info())
         # Called before the first record: a snapshot taken after it is seen.
-        watch = ShardWatch(self._shard_stubs, self.servers) if live else None
+        watch = ShardWatch(self._shard_stubs, self.servers, rewatch=self.restarts is not None) if live else None
         feed_error: list[BaseException] = []
         feeder: threading.Thread | None = None
         if records is not None:

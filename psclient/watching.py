@@ -22,6 +22,9 @@ from psclient.wire.codec import decode_rows
 from psclient.wire.partition import Id
 from psclient.wire.proto import shard_pb2, shard_pb2_grpc
 
+# How long to wait before watching a shard again that went away (rewatch).
+REWATCH_S = 0.2
+
 
 @dataclass(frozen=True)
 class ShardSnapshot:
@@ -53,35 +56,53 @@ def _assemble(shard: int, chunks: list[shard_pb2.SnapshotChunk]) -> ShardSnapsho
 class ShardWatch:
     """A Watch call to every shard, each read on its own thread into `deliver`."""
 
-    def __init__(self, stubs: Sequence[shard_pb2_grpc.ParameterShardStub], servers: Sequence[str]):
+    def __init__(
+        self, stubs: Sequence[shard_pb2_grpc.ParameterShardStub], servers: Sequence[str], *, rewatch: bool = False
+    ):
         self.servers = list(servers)
+        self._stubs = list(stubs)
         self._calls = [stub.Watch(shard_pb2.WatchRequest()) for stub in stubs]
         self._cancelled = threading.Event()
+        # Watch again a shard that went away without its final snapshot (a restarted
+        # shard of a durable job), rather than report it: the job reports a dead one.
+        self.rewatch = rewatch
+        self._lock = threading.Lock()
 
     def start(self, deliver: Callable[[ShardSnapshot | WatchEnded], None]) -> None:
         for shard, call in enumerate(self._calls):
             threading.Thread(target=self._read, args=(shard, call, deliver), name=f"watch-{shard}", daemon=True).start()
 
     def _read(self, shard: int, call: Any, deliver: Callable[[ShardSnapshot | WatchEnded], None]) -> None:
-        chunks: list[shard_pb2.SnapshotChunk] = []
-        error = None
-        try:
-            for chunk in call:
-                chunks.append(chunk)
-                if chunk.end:
-                    deliver(_assemble(shard, chunks))
-                    chunks = []
-        except grpc.RpcError as exc:
-            if not self._cancelled.is_set():
-                what = f"model snapshots of shard {shard} at {self.servers[shard]}"
-                error = ShardError(f"{what}: {describe_rpc_error(exc)}")
-        deliver(WatchEnded(shard, error))
+        while True:
+            chunks: list[shard_pb2.SnapshotChunk] = []
+            try:
+                for chunk in call:
+                    chunks.append(chunk)
+                    if chunk.end:
+                        deliver(_assemble(shard, chunks))
+                        chunks = []
+                deliver(WatchEnded(shard))
+                return
+            except grpc.RpcError as exc:
+                if self._cancelled.is_set():
+                    return
+                if not (self.rewatch and exc.code() == grpc.StatusCode.UNAVAILABLE):
+                    what = f"model snapshots of shard {shard} at {self.servers[shard]}"
+                    deliver(WatchEnded(shard, ShardError(f"{what}: {describe_rpc_error(exc)}")))
+                    return
+            if self._cancelled.wait(REWATCH_S):
+                return
+            with self._lock:
+                if self._cancelled.is_set():
+                    return
+                call = self._calls[shard] = self._stubs[shard].Watch(shard_pb2.WatchRequest())
 
     def cancel(self) -> None:
-        """End every call; their threads then end without a report of their own."""
-        self._cancelled.set()
-        for call in self._calls:
-            call.cancel()
+        """End every call; their threads then end without a report."""
+        with self._lock:
+            self._cancelled.set()
+            for call in self._calls:
+                call.cancel()
 
 
 def watch_snapshots(

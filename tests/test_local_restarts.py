@@ -104,6 +104,24 @@ def test_a_durable_shard_killed_mid_job_is_restarted_and_the_model_is_exact(
     assert all(child.process.poll() is not None for child in children)
 
 
+@pytest.mark.timeout(300)
+def test_a_durable_shard_killed_while_the_model_streams_live_is_watched_again_and_the_model_is_exact(
+    children: list[RecordingChild], tmp_path: Path
+) -> None:
+    models = tmp_path / "models"
+    stream = transform(
+        range(RECORDS), Exactness(), "const:0", "add", 2, 2, progress=False, durable=True,
+        snapshot_every=0.1, snapshot_dir=models,
+    )  # fmt: skip
+
+    model = run_killing(stream, children, "shard 0", kills=1)
+
+    assert model == expected_model(RECORDS)  # the final model closes the stream, after every live one
+    numbers = sorted(int(path.stem.split("-")[2]) for path in models.glob("model-0-*.jsonl"))
+    first, restarted = named(children, "shard 0")
+    assert numbers and restarted.announced == first.announced
+
+
 def flag(child: RecordingChild, name: str) -> float:
     """The value of option `name` on `child`'s command line."""
     argv = [str(arg) for arg in child.process.args]  # type: ignore[union-attr]

@@ -30,7 +30,7 @@ import grpc
 from psclient.wire.proto import shard_pb2, tensor_pb2
 from psserver.durable_service import DurableShardServicer
 from psserver.logic import LogicStore, _Pull
-from psserver.service import STOP_DRAIN_S
+from psserver.service import STOP_DRAIN_S, ShardServicer
 
 # Bytes of outputs per LogicOutputs chunk: well under gRPC's 4 MiB message limit.
 OUTPUT_CHUNK_BYTES = 1 << 20
@@ -98,6 +98,15 @@ class LogicShardServicer(DurableShardServicer):
             pull.dropped = True
             done.cancel()
             self._forget(done, pull.key, pulls)
+
+    async def _abort(self, context: grpc.aio.ServicerContext, exc: Exception) -> None:  # type: ignore[override]
+        """As without a logic, once the stream's pulls the logic has not answered are given
+        up: the stream first sends the answers before the error, and would wait for those,
+        maybe for good (a lock its own failing push was to free, say)."""
+        stream = _STREAM.get()
+        if stream is not None:
+            self._drop(stream.pulls)
+        await ShardServicer._abort(context, exc)
 
     def _forget(self, done: _Done, key: _Key, pulls: _Waiting) -> None:
         self._unanswered.pop(done, None)

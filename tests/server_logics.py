@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
+from examples.lock_server import LockServer
 from psserver import ServerHandle, ServerLogic
 
 Handle = ServerHandle[Any, Any]
@@ -80,3 +81,12 @@ class CatchesBadAnswers(AnswersOnPush):
     def answer(self, param_id: Any, value: Any, worker_index: int, ps: Handle) -> None:
         with contextlib.suppress(TypeError):
             ps.answer_pull(param_id, value, worker_index)
+
+
+class FailingLock(LockServer):
+    """The lock server, failing on a negative value pushed back."""
+
+    def on_push_recv(self, param_id: Any, delta: Any, ps: Handle) -> None:
+        if delta < 0:
+            raise ValueError(f"negative value {delta}")
+        super().on_push_recv(param_id, delta, ps)

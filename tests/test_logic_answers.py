@@ -209,3 +209,33 @@ def test_a_refused_answer_fails_its_pull_with_the_callbacks_line_and_takes_no_ot
         "ValueError: no pull of id 8 by worker 1 is waiting for an answer"
     )
     assert store.handle.waiting() == 0
+
+
+@pytest.mark.parametrize(
+    ("push", "code", "details"),
+    [
+        (
+            (1, [8], [-1.0]),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "server logic FailingLock.on_push_recv for id 8 failed: ValueError: negative value -1.0",
+        ),
+        ((1, [8], [float("nan")]), grpc.StatusCode.INVALID_ARGUMENT, "batch holds NaN or Inf values"),
+    ],
+)
+@pytest.mark.timeout(90)
+def test_a_stream_that_fails_while_its_pull_waits_for_the_logic_ends_at_once(
+    push: tuple[int, list[Any], list[Any]], code: grpc.StatusCode, details: str, procs: Processes
+) -> None:
+    stub, _ = start_logic_service(procs, "server_logics:FailingLock")
+    holder, waiter = Stream(stub, READ_TIMEOUT_S), Stream(stub, READ_TIMEOUT_S)
+    holder.send(pull=(1, [7], 0))
+    assert pulled(next(holder.answers())) == {7: 0.0}
+    waiter.send(push=(1, [9], [1.0]), worker_id="job-w1")
+    waiter.send(pull=(1, [7], 1))  # waits for the lock worker 0 holds
+    await_pull_requests(stub, 2)
+
+    waiter.send(push=(push[0] + 1, push[1], push[2]), worker_id="job-w1")
+
+    assert next(waiter.answers()).ack.seq == 1  # answered before the waiting pull: still sent
+    assert failure(waiter) == (code, details)
+    holder.close()

@@ -226,6 +226,8 @@ class LogicStore(ParameterStore):
         handle = self.handle
         try:
             for place, param_id in enumerate(ids):
+                if pull.dropped:  # an answer to it was refused: it fails, and its other ids with it
+                    break
                 handle._expect(pull, place, param_id, worker_index)
                 self._call("on_pull_recv", param_id, on_pull, param_id, worker_index, handle)
         except BaseException:

@@ -130,7 +130,7 @@ def test_a_bad_answer_to_the_pull_being_received_fails_its_stream_once(procs: Pr
     stub, _ = start_logic_service(procs, "server_logics:CatchesBadAnswers")
     stream = Stream(stub, READ_TIMEOUT_S)
     stream.send(push=(1, [7], [1.5]))
-    stream.send(pull=(1, [100], 0))
+    stream.send(pull=(1, [100, 101], 0))  # the logic is not asked for 101: the pull failed
 
     assert next(stream.answers()).ack.seq == 1  # the push before it is still acknowledged
     assert failure(stream) == (

@@ -10,7 +10,10 @@ keeps its own state and answers a pull with `ps.answer_pull(id, value,
 worker_index)`, at once or later (a lock server answers when the lock frees,
 from the `on_push_recv` of the push that frees it). A pull's answer leaves once
 every one of its ids was answered; the answers behind it on the same stream
-wait for it, so a worker still gets its answers in the order it asked.
+wait for it, so a worker still gets its answers in the order it asked. A value
+that is not a number or numeric array is refused at once: answer_pull raises
+TypeError in the callback that called it, and the pull fails with that
+callback's error line, rather than waiting for an answer that cannot be sent.
 
 Every callback runs on the shard's event loop, one at a time: a logic needs no
 lock, and must not block (the shard serves nothing meanwhile).

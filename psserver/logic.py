@@ -10,7 +10,10 @@ keeps its own state and answers a pull with `ps.answer_pull(id, value,
 worker_index)`, at once or later (a lock server answers when the lock frees,
 from the `on_push_recv` of the push that frees it). A pull's answer leaves once
 every one of its ids was answered; the answers behind it on the same stream
-wait for it, so a worker still gets its answers in the order it asked.
+wait for it, so a worker still gets its answers in the order it asked. A value
+that is not a number or numeric array is refused at once: answer_pull raises
+TypeError in the callback that called it, and the pull fails with that
+callback's error line, rather than waiting for an answer that cannot be sent.
 
 Every callback runs on the shard's event loop, one at a time: a logic needs no
 lock, and must not block (the shard serves nothing meanwhile).
@@ -37,6 +40,8 @@ P = TypeVar("P")
 SOut = TypeVar("SOut")
 
 Finish = Callable[[list[tensor_pb2.ParamBatch]], None]
+# What fails a pull whose answer was refused, with the one line its worker gets.
+Refuse = Callable[[str], None]
 
 
 class ServerHandle(Generic[P, SOut]):
@@ -50,9 +55,13 @@ class ServerHandle(Generic[P, SOut]):
         # entry is the waiting pull and the place of that id in it.
         self._waiting: dict[tuple[Id, int], deque[tuple[_Pull, int]]] = {}
         self.outputs: list[bytes] = []
+        # Pulls whose answer answer_pull refused since the running callback began, each with
+        # why: the callback's error line then fails them too (LogicStore._call).
+        self.refused: list[tuple[_Pull, Exception]] = []
 
     def answer_pull(self, param_id: Id, value: P, worker_index: int) -> None:
-        """Answer the oldest waiting pull of `param_id` by worker `worker_index` with `value`."""
+        """Answer the oldest waiting pull of `param_id` by worker `worker_index` with `value`,
+        a number or a numeric array (anything else raises TypeError here, and that pull fails)."""
         key = (param_id, worker_index)
         queue = self._waiting.get(key)
         # A pull whose stream ended (the worker sends it again on a new one) takes no answer.
@@ -64,7 +73,15 @@ class ServerHandle(Generic[P, SOut]):
         pull, place = queue.popleft()
         if not queue:
             del self._waiting[key]
-        pull.fill(place, value)
+        try:
+            array = answer_array(param_id, value, worker_index)
+        except TypeError as exc:
+            # Checked here, not when the pull's last id is answered: the error belongs to
+            # this callback, and the pull (maybe another worker's) must not wait for good.
+            pull.dropped = True
+            self.refused.append((pull, exc))
+            raise
+        pull.fill(place, array)
 
     def output(self, out: SOut) -> None:
         """Emit one of the job's Right values (msgpack-encodable: plain data, tuples, arrays)."""
@@ -104,6 +121,22 @@ class ServerLogic(Generic[P, SOut]):
         """Optional; once, at the end of the job, before its outputs are read."""
 
 
+def answer_array(param_id: Id, value: Any, worker_index: int) -> np.ndarray:
+    """`value` as an answer carries it: a numeric array of its own. Copied, as the logic may
+    change its array or list in place before the pull's last id is answered."""
+    try:
+        array = np.array(value)
+    except Exception:  # a ragged nesting of sequences, say
+        got = f"a {type(value).__name__} that is not one array (ragged, or of mixed kinds)"
+    else:
+        if array.dtype.kind in ALLOWED_KINDS:
+            return array
+        got = f"a {type(value).__name__} of dtype {array.dtype}"
+    raise TypeError(
+        f"answer_pull for id {param_id!r} of worker {worker_index} got {got}, not a number or numeric array"
+    )
+
+
 def load_server_logic(spec: str) -> ServerLogic:
     """The ServerLogic that `spec` (`module:attr` or a shipped `@PATH`) names: a subclass,
     a factory or an instance. SpecError, one line naming the spec, otherwise."""
@@ -114,23 +147,22 @@ def load_server_logic(spec: str) -> ServerLogic:
 class _Pull:
     """One pull request waiting for its ids' answers."""
 
-    __slots__ = ("dropped", "finish", "ids", "left", "values")
+    __slots__ = ("dropped", "finish", "ids", "key", "left", "refuse", "values")
 
-    def __init__(self, ids: list[Id], finish: Finish):
+    def __init__(self, ids: list[Id], finish: Finish, refuse: Refuse | None = None):
         self.ids = ids
-        self.values: list[Any] = [None] * len(ids)
+        self.values: list[np.ndarray | None] = [None] * len(ids)
         self.left = len(ids)
         self.finish = finish
-        self.dropped = False  # its stream ended before it was answered
+        self.refuse = refuse
+        self.dropped = False  # its stream ended, or an answer was refused: it takes no more
+        self.key: Any = None  # how the service knows it when its worker sends it again
 
-    def fill(self, place: int, value: Any) -> None:
-        array = np.asarray(value)
-        if array.dtype.kind not in ALLOWED_KINDS:
-            raise TypeError(f"answer_pull got {type(value).__name__} of dtype {array.dtype} for id {self.ids[place]!r}")
-        # Copied now: the logic may change its array in place before the pull's last id is answered.
-        self.values[place] = array.copy() if isinstance(value, np.ndarray) else value
+    def fill(self, place: int, array: np.ndarray) -> None:
+        self.values[place] = array
         self.left -= 1
         if not self.left:
+            # Every value is a numeric array (answer_array): encoding cannot fail here.
             self.finish(encode_values(self.ids, self.values))
 
 
@@ -151,9 +183,22 @@ class LogicStore(ParameterStore):
         try:
             function(*args)
         except Exception as exc:  # user code can raise anything
-            where = f"{self._name}.{callback}" + (f" for id {param_id!r}" if param_id is not None else "")
-            # The shard is named by whoever reports it (its log lines, the worker or client that called it).
-            raise UserFunctionError(f"server logic {where} failed: {type(exc).__name__}: {exc}") from exc
+            self._refuse(callback, param_id)
+            raise UserFunctionError(self._failure(callback, param_id, exc)) from exc
+        if self.handle.refused:  # the logic caught answer_pull's TypeError and went on
+            self._refuse(callback, param_id)
+
+    def _failure(self, callback: str, param_id: Id | None, exc: Exception) -> str:
+        where = f"{self._name}.{callback}" + (f" for id {param_id!r}" if param_id is not None else "")
+        # The shard is named by whoever reports it (its log lines, the worker or client that called it).
+        return f"server logic {where} failed: {type(exc).__name__}: {exc}"
+
+    def _refuse(self, callback: str, param_id: Id | None) -> None:
+        """Fail the pulls whose answer the callback gave was refused, with the callback's line."""
+        refused, self.handle.refused = self.handle.refused, []
+        for pull, exc in refused:
+            if pull.refuse is not None:
+                pull.refuse(self._failure(callback, param_id, exc))
 
     def open(self) -> None:
         self._call("open", None, self.logic.open, self.handle)
@@ -173,9 +218,10 @@ class LogicStore(ParameterStore):
             for param_id, delta in zip(batch.ids(), row_values(batch.values), strict=True):
                 self._call("on_push_recv", param_id, on_push, param_id, delta, handle)
 
-    def pull_logic(self, ids: list[Id], worker_index: int, finish: Finish) -> _Pull:
-        """Ask the logic for `ids`; `finish` gets the answer's batches once every id has one."""
-        pull = _Pull(ids, finish)
+    def pull_logic(self, ids: list[Id], worker_index: int, finish: Finish, refuse: Refuse | None = None) -> _Pull:
+        """Ask the logic for `ids`; `finish` gets the answer's batches once every id has one,
+        or `refuse` the line to fail the pull with if the logic answers one with a bad value."""
+        pull = _Pull(ids, finish, refuse)
         if not ids:
             finish([])
             return pull
@@ -183,6 +229,8 @@ class LogicStore(ParameterStore):
         handle = self.handle
         try:
             for place, param_id in enumerate(ids):
+                if pull.dropped:  # an answer to it was refused: it fails, and its other ids with it
+                    break
                 handle._expect(pull, place, param_id, worker_index)
                 self._call("on_pull_recv", param_id, on_pull, param_id, worker_index, handle)
         except BaseException:

@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 import json
-import queue
 import re
 import signal
 import sys
-import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 import pytest
-from conftest import START_TIMEOUT_S, Processes, Service
+from conftest import Processes
+from logic_streams import (
+    Stream,
+    await_pull_requests,
+    decode_rows_of,
+    logic_outputs,
+    pulled,
+    start_logic_service,
+    start_logic_shard,
+)
 from server_logics import Counting, FailingClose, FailingPush
 
 from examples.lock_server import LockServer, count
@@ -24,74 +30,11 @@ from psclient import Right, connect, transform
 from psclient.children import shard_argv
 from psclient.errors import StreampsError
 from psclient.specs import make_init, make_update
-from psclient.wire.codec import decode_batch, decode_rows, encode_keys, encode_values
-from psclient.wire.proto import shard_pb2, shard_pb2_grpc
-from psclient.wire.records import unpack
+from psclient.wire.codec import decode_rows
+from psclient.wire.proto import shard_pb2
 from psserver import ServerLogic
 from psserver.logic import LogicStore
 from psworker import WorkerLogic
-
-TIMEOUT_S = 30.0
-
-
-def start_logic_shard(procs: Processes, logic: str) -> shard_pb2_grpc.ParameterShardStub:
-    return start_logic_service(procs, logic)[0]
-
-
-def start_logic_service(procs: Processes, logic: str) -> tuple[shard_pb2_grpc.ParameterShardStub, Service]:
-    service = procs.start_server(shard_argv(0, 1, "const:0", "add", "WARNING", "--logic", logic))
-    channel = grpc.insecure_channel(service.address)
-    grpc.channel_ready_future(channel).result(timeout=START_TIMEOUT_S)
-    return shard_pb2_grpc.ParameterShardStub(channel), service
-
-
-class Stream:
-    """One Exchange stream driven by hand: send a message, read answers as they come."""
-
-    def __init__(self, stub: shard_pb2_grpc.ParameterShardStub):
-        self._requests: queue.Queue[shard_pb2.ExchangeRequest | None] = queue.Queue()
-        self._responses = stub.Exchange(iter(self._requests.get, None), timeout=TIMEOUT_S)
-
-    def send(
-        self,
-        *,
-        push: tuple[int, list[Any], list[Any]] | None = None,
-        pull: tuple[int, list[Any], int] | None = None,
-        origin: int = 0,
-    ) -> None:
-        """A message; a push with `origin` carries it as its record's position (a restartable worker's)."""
-        request = shard_pb2.ExchangeRequest()
-        if push is not None:
-            seq, ids, deltas = push
-            batches = encode_values(ids, deltas)
-            request.push.CopyFrom(shard_pb2.PushRequest(worker_id="job-w0", seq=seq, batches=batches))
-            if origin:
-                request.push.origins.extend([shard_pb2.PushOrigin(position=origin, part=0)] * len(batches))
-        if pull is not None:
-            request_id, ids, worker_index = pull
-            request.pull.CopyFrom(
-                shard_pb2.PullRequest(request_id=request_id, keys=encode_keys(ids), worker_index=worker_index)
-            )
-        self._requests.put(request)
-
-    def answers(self) -> Iterator[shard_pb2.ExchangeResponse]:
-        return self._responses
-
-    def close(self) -> None:
-        self._requests.put(None)
-
-
-def decode_rows_of(ids: list[Any], values: list[Any]) -> list[Any]:
-    return [decode_batch(batch, with_values=True) for batch in encode_values(ids, values)]
-
-
-def pulled(response: shard_pb2.ExchangeResponse) -> dict[Any, Any]:
-    ids, values = decode_rows(response.pull.batches)
-    return dict(zip(ids, values, strict=True))
-
-
-def logic_outputs(stub: shard_pb2_grpc.ParameterShardStub) -> list[Any]:
-    return [unpack(out) for chunk in stub.LogicOutputs(shard_pb2.LogicOutputsRequest()) for out in chunk.outputs]
 
 
 @pytest.mark.timeout(120)
@@ -153,10 +96,7 @@ def test_a_stop_ends_a_stream_whose_pull_the_logic_never_answers(procs: Processe
     holder.send(pull=(1, [7], 0))
     assert pulled(next(holder.answers())) == {7: 0.0}
     waiter.send(pull=(1, [7], 1))  # waits for a push that never comes
-    deadline = time.monotonic() + TIMEOUT_S
-    while stub.Info(shard_pb2.InfoRequest()).pull_requests < 2:
-        assert time.monotonic() < deadline, "the second pull never reached the shard"
-        time.sleep(0.01)
+    await_pull_requests(stub, 2)
 
     service.process.send_signal(signal.SIGTERM)
 

@@ -33,6 +33,7 @@ from psclient.cli.options import (
     spec_options,
     split_addresses,
 )
+from psclient.cli.publish import publish
 from psclient.either import Left, Right
 from psclient.errors import SpecError, StreampsError
 from psclient.inputs import InputSpec, MalformedRecord, read_share
@@ -390,6 +391,8 @@ def feed(
         fail(str(exc))
     click.echo(f"psclient: fed {sent} records, {outputs} outputs", err=True)
 
+
+main.add_command(publish)
 
 if __name__ == "__main__":
     main()

@@ -216,6 +216,7 @@ class ShardLinks:
             # A shard that came back with another index or count would take ids that are not its own,
             # and one with another consistency or worker count would not keep the job's bound.
             check_layout(self.servers, [c.info for c in self._connections], "--servers")
+            self.check_consistency([c.info for c in self._connections])
         except ShardError as exc:
             self._shard_lost(shard, str(exc))
             return

@@ -164,6 +164,26 @@ def test_a_stopped_shard_ends_a_held_pull_at_once(procs: Processes, tmp_path: Pa
     assert not any("Cancelling all calls" in line for line in lines), lines
 
 
+def test_a_worker_refuses_a_shard_that_came_back_with_another_consistency(procs: Processes, tmp_path: Path) -> None:
+    server = start_shard(procs, "bsp", 1)
+    records = [{"w": 0, "e": e, "k": k} for e in range(EPOCHS) for k in range(4)]
+    ((worker, worker_err),) = start_workers(procs, server, ["clock_logics:Crawls"], records, tmp_path)
+    deadline = time.monotonic() + WAIT_S
+    while not infos([server])[0].watermarks:  # it runs, with the bsp shard
+        assert time.monotonic() < deadline and worker.poll() is None
+        time.sleep(0.05)
+    shard = procs.started[0]
+    shard.send_signal(signal.SIGKILL)
+    shard.wait(timeout=10)
+    port = int(server.rsplit(":", 1)[1])
+    procs.start_server(shard_argv(0, 1, "const:0", "add", "WARNING", port=port))  # async now
+    assert worker.wait(timeout=WAIT_S) == 1
+    assert error_line(stderr_lines(worker_err)) == (
+        "psworker: error: worker 0: shard 0 runs --consistency async, but worker 0 runs bsp: every shard and "
+        "worker of a job must run the same"
+    )
+
+
 def test_held_pulls_of_a_broken_stream_are_not_answered_later(procs: Processes, streams: list[Stream]) -> None:
     server = start_shard(procs, "bsp", 2)
     ahead = Stream(server)

@@ -64,9 +64,9 @@ class WorkerClock:
 
     def advance_clock(self) -> None:
         buffers = self._buffers
-        buffers.clock += 1
         if self.staleness is not None:
-            buffers.send_clock(buffers.clock, finished=False)
+            buffers.send_clock(buffers.clock + 1, finished=False)  # what is buffered leaves at the old clock
+        buffers.clock += 1
 
     def _count_clock(self) -> None:
         """advance_clock under async: the count only, so that the pulls go exactly as before."""

@@ -12,9 +12,11 @@ from pathlib import Path
 import pytest
 from conftest import Processes, error_line
 from shard_streams import Stream
-from test_consistency import EPOCHS, KEYS, infos, job_records, model
+from test_consistency import EPOCHS, KEYS, infos, job_records, model, owner_keys
 
+from psclient import transform
 from psclient.children import shard_argv, worker_argv
+from psclient.errors import SpecError
 from psclient.wire.codec import encode_keys
 from psclient.wire.proto import shard_pb2
 
@@ -205,3 +207,20 @@ def test_held_pulls_of_a_broken_stream_are_not_answered_later(procs: Processes, 
     time.sleep(0.5)  # a released pull would be answered by now
     (info,) = infos([server])
     assert (info.pull_requests, dict(info.clock_gaps)) == (0, {})
+
+
+def test_a_consistency_that_is_not_a_string_is_a_spec_error() -> None:
+    with pytest.raises(SpecError, match=r"^unknown consistency None: use async, bsp or ssp:S with S >= 0$"):
+        transform([], "logics:Exactness", "const:0", "add", consistency=None)  # type: ignore[arg-type]
+
+
+def test_a_pull_made_before_advance_clock_carries_the_clock_it_was_made_at(procs: Processes, tmp_path: Path) -> None:
+    # Worker 1 pulls, then advances in the same callback: that pull is at clock 0, which worker 0
+    # (dozing at clock 0) does not hold back; its next pull, at clock 1, is held.
+    server = start_shard(procs, "bsp", 2)
+    owners = owner_keys(2)
+    records = [{"w": owners[w], "e": e, "k": e} for w in (0, 1) for e in range(2 if w else 1)]
+    for process, stderr_path in start_workers(procs, server, ["clock_logics:PullsThenAdvances"] * 2, records, tmp_path):
+        assert process.wait(timeout=WAIT_S) == 0, stderr_path.read_text()
+    (info,) = infos([server])
+    assert (info.pull_requests, info.held_pulls) == (2, 1)

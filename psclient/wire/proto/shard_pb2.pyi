@@ -228,9 +228,11 @@ class ExchangeRequest(_message.Message):
     @_builtins.property
     def clock(self) -> Global___WorkerClock:
         """The worker's clock, applied after the push and before the pull: sent to
-        every shard when the worker advances its clock and when it finishes, so
-        that a shard learns of it after every push made before it. A request with
-        only a clock is answered by an empty ExchangeResponse.
+        every shard when the worker advances its clock and when it finishes (or
+        fails), so that a shard learns of it after every push made before it, and
+        first on every stream a worker opens. A request with only a clock is
+        answered by an empty ExchangeResponse (by a shard with a data dir, once
+        the clock is logged).
         """
 
     def __init__(

@@ -14,6 +14,8 @@ from psclient.errors import SpecError
 
 def parse_consistency(spec: str) -> int | None:
     """The staleness bound of a consistency spec: None for async, 0 for bsp, S for ssp:S."""
+    if not isinstance(spec, str):
+        raise SpecError(f"unknown consistency {spec!r}: use async, bsp or ssp:S with S >= 0")
     text = spec.strip().lower()
     if text == "async":
         return None

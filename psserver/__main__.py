@@ -25,7 +25,7 @@ from psclient.rpc.security import current as current_security
 from psclient.rpc.serving import build_aio_server
 from psclient.specs import UserFunctionError, make_init, make_update
 from psclient.wire.proto import shard_pb2, shard_pb2_grpc
-from psserver.clocks import ClockedShardServicer
+from psserver.clocks import DEFAULT_HOLD_TIMEOUT_S, ClockedShardServicer
 from psserver.durability import DEFAULT_SNAPSHOT_INTERVAL_S, DataDirError, Durability
 from psserver.durable_service import DurableShardServicer
 from psserver.logic import LogicStore, load_server_logic
@@ -49,6 +49,7 @@ async def serve(
     port: int,
     durability: Durability | None,
     clocks: tuple[int, int] | None = None,
+    hold_timeout: float = DEFAULT_HOLD_TIMEOUT_S,
     snapshot_plan: SnapshotPlan | None = None,
 ) -> None:
     """Serve until stopped; `clocks` is (staleness, num_workers) for a consistency other than async,
@@ -66,6 +67,7 @@ async def serve(
             consistency=consistency_name(staleness),
             staleness=staleness,
             num_workers=num_workers,
+            hold_timeout=hold_timeout,
         )
     elif durability is None:
         servicer = ShardServicer(store, shard, num_shards)
@@ -234,6 +236,14 @@ async def _final_snapshot(durability: Durability) -> str:
     **env("NUM_WORKERS"),
     help="Workers in the job: needed with a --consistency other than async.",
 )
+@click.option(
+    "--hold-timeout",
+    type=click.FloatRange(min=0),
+    default=DEFAULT_HOLD_TIMEOUT_S,
+    **env("HOLD_TIMEOUT"),
+    help="With --consistency bsp|ssp:S: seconds a pull may stay held back by a worker that has no stream "
+    "to the shard (killed, or never started) before the pull fails with one line naming it; 0: wait for good.",
+)
 @process_options
 @security_options
 def main(
@@ -253,6 +263,7 @@ def main(
     logic_spec: str | None,
     consistency: str,
     num_workers: int | None,
+    hold_timeout: float,
     log_level: str,
     log_format: str,
     metrics_port: int | None,
@@ -303,7 +314,7 @@ def main(
             snapshot_plan.directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             fail(f"--snapshot-dir {snapshot_plan.directory}: {exc.strerror or exc}", 2)
-    asyncio.run(serve(store, shard, num_shards, host, port, durability, clocks, snapshot_plan))
+    asyncio.run(serve(store, shard, num_shards, host, port, durability, clocks, hold_timeout, snapshot_plan))
 
 
 def _snapshot_plan(

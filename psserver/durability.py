@@ -3,9 +3,10 @@
 Layout of DIR:
     LOCK                 flock'ed by the running shard: a second one is refused
     shard.json           which shard of how many this dir belongs to
-    snapshot.bin         the table, the watermarks and the origins (psserver.origins)
-                         as of a point in the log
-    wal-<n>.log          applied pushes from segment n on (psserver.wal)
+    snapshot.bin         the table, the watermarks, the origins (psserver.origins) and
+                         the workers' clocks (psserver.clocks) as of a point in the log
+    wal-<n>.log          applied pushes, and the clocks workers told, from segment n on
+                         (psserver.wal)
 
 A snapshot names the first WAL segment that is not in it. Recovery loads the
 snapshot (if any), then replays every later segment's records in order, each
@@ -26,6 +27,7 @@ import contextlib
 import fcntl
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -51,6 +53,9 @@ DEFAULT_SNAPSHOT_INTERVAL_S = 60.0
 # a record stays far below the log's MAX_RECORD whatever a parameter's size.
 SNAPSHOT_CHUNK_BYTES = 64 << 20
 _HEADER, _CHUNK, _END = b"H", b"C", b"E"
+# A WAL record is a PushRequest's bytes, or this byte and a WorkerClock's: a serialized
+# PushRequest never starts with 0 (a field tag of field number 0 is invalid).
+CLOCK_RECORD = b"\x00"
 
 
 class DataDirError(StreampsError):
@@ -163,6 +168,8 @@ class Durability:
         self.snapshot_interval = snapshot_interval
         self.watermarks: dict[str, int] = {}
         self.origins = Origins()
+        # Worker index -> the highest clock it told (math.inf: it finished); kept by psserver.clocks.
+        self.clocks: dict[int, float] = {}
         self.recovered = False  # the dir held a snapshot or log records
         self._lock_fd = lock_data_dir(directory)
         check_meta(directory, shard, num_shards)
@@ -191,6 +198,8 @@ class Durability:
                     self.store.put(decode_batch(batch, with_values=True))
             self.watermarks.update(header["watermarks"])
             self.origins.load_json(header.get("finished_below", {}))  # absent before origins existed
+            for index, clock, finished in header.get("worker_clocks", []):
+                self.clocks[int(index)] = math.inf if finished else float(clock)
             first = int(header["wal_segment"])
             self.recovered = True
             # Left by a stop between a snapshot's rename and the removal of what it covers.
@@ -214,6 +223,9 @@ class Durability:
         for position, (_, path) in enumerate(segments):
             result = read_records(path.read_bytes())
             for payload in result.records:
+                if payload[:1] == CLOCK_RECORD:
+                    self.told(shard_pb2.WorkerClock.FromString(payload[1:]))
+                    continue
                 self._apply(shard_pb2.PushRequest.FromString(payload))
                 replayed += 1
             if result.records:
@@ -234,6 +246,16 @@ class Durability:
                 fsync_dir(self.directory)
                 break
         return replayed
+
+    def told(self, clock: shard_pb2.WorkerClock) -> bool:
+        """Note what a worker told of its clock (the highest counts, or the first of a run);
+        whether it changed anything."""
+        value = math.inf if clock.finished else float(clock.clock)
+        known = self.clocks.get(clock.worker_index, 0.0)
+        if value == known or (value < known and not clock.started):
+            return False
+        self.clocks[clock.worker_index] = value
+        return True
 
     def _apply(self, request: shard_pb2.PushRequest) -> None:
         if tagged(request):  # the live shard's rule (ShardServicer._apply_tagged), from the same state
@@ -262,6 +284,10 @@ class Durability:
         """Log an applied push; the future says when it may be acknowledged."""
         return self.wal.append(request.SerializeToString())
 
+    def log_clock(self, clock: shard_pb2.WorkerClock) -> asyncio.Future[None]:
+        """Log a worker's clock that `told` took; the future says when it may be answered."""
+        return self.wal.append(CLOCK_RECORD + clock.SerializeToString())
+
     def barrier(self) -> asyncio.Future[None]:
         """When every push logged so far may be acknowledged (for a duplicate's ack)."""
         return self.wal.barrier()
@@ -276,6 +302,10 @@ class Durability:
             "wal_segment": segment,
             "watermarks": dict(self.watermarks),
             "finished_below": self.origins.to_json(),
+            "worker_clocks": [
+                [index, 0 if clock == math.inf else int(clock), clock == math.inf]
+                for index, clock in sorted(self.clocks.items())
+            ],
             "params": len(self.store),
         }
         return header, chunks

@@ -25,20 +25,43 @@ from psserver.service import ShardServicer
 _Answer = tuple["asyncio.Future[None] | None", Any]
 
 
+class EndStream(Exception):
+    """Raised by an answer's future: the stream ends with this status where that answer was due
+    (a held pull given up: psserver.clocks)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
 class _DrainingContext:
     """The stream's context, whose `abort` first sends every answer already queued: a
-    push applied and logged before a bad request (or a stop) still gets its ack."""
+    push applied and logged before a bad request (or a stop) still gets its ack.
+    `raw` is the context itself, for a task the drain waits for (it must not wait for the drain)."""
 
     def __init__(self, context: grpc.aio.ServicerContext, drain: Callable[[], Awaitable[None]]):
-        self._context = context
+        self.raw = context
         self._drain = drain
+        # What the sending task's own abort raised: grpc.aio wants that very exception again.
+        self.ended: BaseException | None = None
 
     async def abort(self, code: grpc.StatusCode, details: str = "") -> None:
         await self._drain()
-        await self._context.abort(code, details)
+        if self.ended is not None:
+            raise self.ended
+        await self.raw.abort(code, details)
+
+    async def end(self, code: grpc.StatusCode, details: str) -> None:
+        """End the stream from the sending task."""
+        try:
+            await self.raw.abort(code, details)
+        except BaseException as exc:
+            self.ended = exc
+            raise
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._context, name)
+        return getattr(self.raw, name)
 
 
 class DurableShardServicer(ShardServicer):
@@ -58,24 +81,26 @@ class DurableShardServicer(ShardServicer):
                     try:
                         await safe
                     except OSError as exc:
-                        await context.abort(
+                        await draining.end(
                             grpc.StatusCode.UNAVAILABLE, f"shard {self.shard} cannot write its log: {exc}"
                         )
+                    except EndStream as exc:
+                        await draining.end(exc.code, exc.details)
                 await context.write(response)
-
-        sender = asyncio.get_running_loop().create_task(send())
 
         async def drain() -> None:
             if not sender.done():
                 answers.put_nowait(None)
                 await asyncio.wait([sender])
 
-        draining: Any = _DrainingContext(context, drain)
+        draining = _DrainingContext(context, drain)
+        sender = asyncio.get_running_loop().create_task(send())
+        stream_context: Any = draining
         try:
-            async for request in self._requests(requests, draining, name):
+            async for request in self._requests(requests, stream_context, name):
                 if sender.done():
                     break
-                answers.put_nowait(await handle(request, draining))
+                answers.put_nowait(await handle(request, stream_context))
             answers.put_nowait(None)
             await sender  # raises what ended it (an abort, a broken stream)
         finally:

@@ -212,12 +212,40 @@ class ShardBuffers:
 
     # -- flushing ----------------------------------------------------------------
 
-    def send_clock(self, finished: bool) -> None:
-        """Flush every shard's buffer with the clock (or that the worker finished) attached."""
+    def send_clock(self, clock: int, finished: bool) -> None:
+        """Flush every shard's buffer with the worker's clock (now `clock`) or that it finished
+        attached. The pulls in the buffers keep the clock they were made at."""
         for shard in range(self.num_shards):
-            clock = shard_pb2.WorkerClock(worker_index=self.worker_index, clock=self.clock, finished=finished)
-            self.flush_shard(shard, clock)
+            told = shard_pb2.WorkerClock(worker_index=self.worker_index, clock=clock, finished=finished)
+            self.flush_shard(shard, told)
         self.buffered_since = None
+
+    def tell_clock(self, shard: int, *, finished: bool = False, started: bool = False) -> None:
+        """Send the shard the worker's clock alone, leaving the buffers be."""
+        told = shard_pb2.WorkerClock(
+            worker_index=self.worker_index, clock=self.clock, finished=finished, started=started
+        )
+        self._queue(shard, shard_pb2.ExchangeRequest(clock=told))
+
+    def resumed(self, shard: int) -> list[shard_pb2.ExchangeRequest]:
+        """What a new stream to the shard carries: every unanswered message (`unanswered`), after
+        a clock message with the clock the worker had when it made the oldest of them. The shard
+        holds every push made before that clock, so a shard that restarted (and forgot, or lost
+        what was not logged) learns at once how far the worker is, before the rest goes again."""
+        unanswered = self._unanswered[shard]
+        clock = self.clock
+        for request in unanswered:
+            if request.HasField("clock"):  # what travels with an advance was made before it
+                clock = request.clock.clock - (0 if request.clock.finished else 1)
+                break
+            if request.HasField("pull"):
+                clock = request.pull.clock
+                break
+        told = shard_pb2.WorkerClock(worker_index=self.worker_index, clock=max(clock, 0))
+        if not unanswered:
+            self.silent_since[shard] = time.monotonic()
+        unanswered.appendleft(shard_pb2.ExchangeRequest(clock=told))
+        return list(unanswered)
 
     def flush_shard(self, shard: int, clock: shard_pb2.WorkerClock | None = None) -> None:
         # The push and the pulls leave in one message; the shard applies the push
@@ -254,11 +282,14 @@ class ShardBuffers:
             request = shard_pb2.ExchangeRequest(push=push, pull=pull)
             if clock is not None:
                 request.clock.CopyFrom(clock)
-            unanswered = self._unanswered[shard]
-            if not unanswered:
-                self.silent_since[shard] = time.monotonic()
-            unanswered.append(request)
-            self._send(shard, request)
+            self._queue(shard, request)
+
+    def _queue(self, shard: int, request: shard_pb2.ExchangeRequest) -> None:
+        unanswered = self._unanswered[shard]
+        if not unanswered:
+            self.silent_since[shard] = time.monotonic()
+        unanswered.append(request)
+        self._send(shard, request)
 
     def flush_all(self) -> None:
         if self.buffered_since is not None:

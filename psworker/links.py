@@ -8,7 +8,9 @@ jitter; then every message the shard had not answered goes again in send
 order, each push with its own seq (the shard's watermark for this worker
 makes that safe) and each pull behind the pushes it followed. While a shard
 is away its requests are only kept, and the logic takes no new input
-(psworker/loop.py). A shard that has not answered for `shard_timeout`
+(psworker/loop.py). Under bsp/ssp the new stream starts with the worker's
+clock (ShardBuffers.resumed), and a shard that came back with another
+consistency is refused as at connect. A shard that has not answered for `shard_timeout`
 seconds, broken or stalled, fails the worker with one line naming it; a
 refusal (a bad request or token, another place in the layout) fails it at once.
 
@@ -18,6 +20,7 @@ refusal (a bad request or token, another place in the layout) fails it at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import random
@@ -49,6 +52,9 @@ RECONNECT_MAX_S = 2.0
 RECONNECT_ATTEMPT_S = 5.0
 # How often the worker looks for a shard that owes answers and has gone silent.
 SILENCE_CHECK_S = 0.5
+# After a failure, how long acknowledgements of the last pushes are awaited
+# (from the shards whose streams still work: a failed one sends none).
+DRAIN_TIMEOUT_S = 10.0
 
 
 class ShardLinks:
@@ -68,8 +74,10 @@ class ShardLinks:
     _io: EventLoopThread | None
     _wakeup: asyncio.Event
     _sent: bool
+    staleness: int | None
     fail: Callable[[str], None]
     check_consistency: Callable[[list[shard_pb2.InfoResponse]], None]
+    _clock_failed: Callable[[int], None]
 
     def connect(self) -> None:
         """Open streams to every shard; ShardError names the one that is unreachable,
@@ -104,6 +112,28 @@ class ShardLinks:
         except BaseException:
             self._close_connections()
             raise
+
+    async def _drain_pushes(self) -> None:
+        """On a failure in user code or input, still deliver the pushes of the records
+        processed before it, so the model reflects exactly those records."""
+        shards = range(len(self._connections))
+
+        def drained() -> bool:
+            return all(self._buffers.unacked_by_shard[s] == 0 or s in self._failed_shards for s in shards)
+
+        try:
+            for shard in shards:
+                if shard not in self._failed_shards:
+                    self._buffers.flush_pushes(shard)
+                    self._clock_failed(shard)
+            deadline = time.monotonic() + DRAIN_TIMEOUT_S
+            while not drained() and (left := deadline - time.monotonic()) > 0:
+                self._wakeup.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(left):
+                        await self._wakeup.wait()
+        except Exception:  # the shards may be the reason for the failure
+            log.debug("draining pushes after a failure failed", exc_info=True)
 
     def _close_connections(self) -> None:
         for connection in self._connections:
@@ -183,13 +213,16 @@ class ShardLinks:
                     return
                 last_error = unreachable_reason(exc)
         try:
-            # A shard that came back with another index or count would take ids that are not its own.
+            # A shard that came back with another index or count would take ids that are not its own,
+            # and one with another consistency or worker count would not keep the job's bound.
             check_layout(self.servers, [c.info for c in self._connections], "--servers")
+            self.check_consistency([c.info for c in self._connections])
         except ShardError as exc:
             self._shard_lost(shard, str(exc))
             return
         del self._reconnecting[shard]
-        unanswered = self._buffers.unanswered(shard)
+        # Under bsp/ssp the worker's clock goes first (psworker/clocks.py).
+        unanswered = self._buffers.resumed(shard) if self.staleness is not None else self._buffers.unanswered(shard)
         log.info(
             "reconnected to %s after %.1f s; resending %d push batches and %d pull requests",
             connection.describe(),

@@ -50,7 +50,7 @@ from psworker.checkpoints import DEFAULT_CHECKPOINT_EVERY
 from psworker.checks import check_delta, check_deltas, id_groups
 from psworker.clocks import WorkerClock
 from psworker.input_queue import InputQueue
-from psworker.links import ShardLinks
+from psworker.links import DRAIN_TIMEOUT_S, ShardLinks
 from psworker.logic import WorkerLogic, pull_limit_of, receives_many, unwrapped
 from psworker.loop import Answer, LogicLoop
 from psworker.pulls import PullWindow
@@ -65,9 +65,6 @@ DEFAULT_MAX_BATCH = DEFAULT_BATCH_MAX_KEYS
 DEFAULT_LINGER_S = DEFAULT_BATCH_LINGER_MS / 1000
 # Input queue bound, in chunks of records (a Feed message or a file read).
 INPUT_CAPACITY_CHUNKS = 64
-# After a failure, how long acknowledgements of the last pushes are awaited
-# (from the shards whose streams still work: a failed one sends none).
-DRAIN_TIMEOUT_S = 10.0
 # How long a worker waits for a shard that does not answer (its stream broke or
 # stalled) before it fails; 0: fail at once when a stream breaks.
 DEFAULT_SHARD_TIMEOUT_S = 60.0
@@ -316,11 +313,12 @@ class WorkerRuntime(LogicLoop, ShardLinks, WorkerClock):
             if self.resumed is not None and self.resumed.finished:
                 await self._finish(State.FINISHED, None)  # nothing left to do: not even open
                 return
+            self._clock_started()
             self._call_tracked("open", self.logic.open)
             if self.resumed is not None:
                 self._call_user("restore", self._callbacks.restore, self.resumed.state)
             await self._steps()
-            self._clock_finished()
+            await self._clock_finished()
             if self.checkpoint_dir is not None:
                 self._write_checkpoint(finished=not self.stopped)
             self._call_user("close", self.logic.close)
@@ -341,27 +339,6 @@ class WorkerRuntime(LogicLoop, ShardLinks, WorkerClock):
             )
             raise
         await self._finish(State.FINISHED, None)
-
-    async def _drain_pushes(self) -> None:
-        """On a failure in user code or input, still deliver the pushes of the records
-        processed before it, so the model reflects exactly those records."""
-        shards = range(len(self._connections))
-
-        def drained() -> bool:
-            return all(self._buffers.unacked_by_shard[s] == 0 or s in self._failed_shards for s in shards)
-
-        try:
-            for shard in shards:
-                if shard not in self._failed_shards:
-                    self._buffers.flush_pushes(shard)
-            deadline = time.monotonic() + DRAIN_TIMEOUT_S
-            while not drained() and (left := deadline - time.monotonic()) > 0:
-                self._wakeup.clear()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(left):
-                        await self._wakeup.wait()
-        except Exception:  # the shards may be the reason for the failure
-            log.debug("draining pushes after a failure failed", exc_info=True)
 
     async def _finish(self, state: State, failure: str | None) -> None:
         with self.inputs.cond:

@@ -64,6 +64,12 @@ class Stream:
     def send_push(self, push: shard_pb2.PushRequest) -> None:
         self._requests.put(shard_pb2.ExchangeRequest(push=push))
 
+    def send_request(self, request: shard_pb2.ExchangeRequest) -> None:
+        self._requests.put(request)
+
+    def answer(self) -> shard_pb2.ExchangeResponse:
+        return next(self._answers)
+
     def ack(self) -> shard_pb2.PushAck:
         return next(self._answers).ack
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from psclient.wire.proto import tensor_pb2 as psclient_dot_wire_dot_proto_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fpsclient/wire/proto/shard.proto\x12\x0bstreamps.v1\x1a psclient/wire/proto/tensor.proto\"\x93\x01\n\x0bPullRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12%\n\x04keys\x18\x02 \x01(\x0b\x32\x17.streamps.v1.ParamBatch\x12\x11\n\tworker_id\x18\x03 \x01(\t\x12\x11\n\tafter_seq\x18\x04 \x01(\x04\x12\x14\n\x0cworker_index\x18\x05 \x01(\r\x12\r\n\x05\x63lock\x18\x06 \x01(\x04\"L\n\x0cPullResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12(\n\x07\x62\x61tches\x18\x02 \x03(\x0b\x32\x17.streamps.v1.ParamBatch\"\x99\x01\n\x0bPushRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12(\n\x07\x62\x61tches\x18\x03 \x03(\x0b\x32\x17.streamps.v1.ParamBatch\x12(\n\x07origins\x18\x04 \x03(\x0b\x32\x17.streamps.v1.PushOrigin\x12\x16\n\x0e\x66inished_below\x18\x05 \x01(\x04\",\n\nPushOrigin\x12\x10\n\x08position\x18\x01 \x01(\x04\x12\x0c\n\x04part\x18\x02 \x01(\r\")\n\x07PushAck\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"\x8a\x01\n\x0f\x45xchangeRequest\x12&\n\x04push\x18\x01 \x01(\x0b\x32\x18.streamps.v1.PushRequest\x12&\n\x04pull\x18\x02 \x01(\x0b\x32\x18.streamps.v1.PullRequest\x12\'\n\x05\x63lock\x18\x03 \x01(\x0b\x32\x18.streamps.v1.WorkerClock\"D\n\x0bWorkerClock\x12\x14\n\x0cworker_index\x18\x01 \x01(\r\x12\r\n\x05\x63lock\x18\x02 \x01(\x04\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\"^\n\x10\x45xchangeResponse\x12!\n\x03\x61\x63k\x18\x01 \x01(\x0b\x32\x14.streamps.v1.PushAck\x12\'\n\x04pull\x18\x02 \x01(\x0b\x32\x19.streamps.v1.PullResponse\"-\n\x0fSnapshotRequest\x12\x1a\n\x12max_rows_per_chunk\x18\x01 \x01(\r\"g\n\rSnapshotChunk\x12(\n\x07\x62\x61tches\x18\x01 \x03(\x0b\x32\x17.streamps.v1.ParamBatch\x12\x10\n\x08snapshot\x18\x02 \x01(\x04\x12\x0b\n\x03\x65nd\x18\x03 \x01(\x08\x12\r\n\x05\x66inal\x18\x04 \x01(\x08\"\x0e\n\x0cWatchRequest\"\r\n\x0bInfoRequest\"\xa0\x05\n\x0cInfoResponse\x12\r\n\x05shard\x18\x01 \x01(\r\x12\x12\n\nnum_shards\x18\x02 \x01(\r\x12\x12\n\nnum_params\x18\x03 \x01(\x04\x12\x11\n\tinit_spec\x18\x04 \x01(\t\x12\x13\n\x0bupdate_spec\x18\x05 \x01(\t\x12=\n\nwatermarks\x18\x06 \x03(\x0b\x32).streamps.v1.InfoResponse.WatermarksEntry\x12\x15\n\rpull_requests\x18\x07 \x01(\x04\x12\x13\n\x0bpulled_keys\x18\x08 \x01(\x04\x12\x15\n\rpush_requests\x18\t \x01(\x04\x12\x13\n\x0bpushed_keys\x18\n \x01(\x04\x12\x16\n\x0euptime_seconds\x18\x0b \x01(\x01\x12\x44\n\x0e\x66inished_below\x18\x0c \x03(\x0b\x32,.streamps.v1.InfoResponse.FinishedBelowEntry\x12\r\n\x05logic\x18\r \x01(\t\x12\x13\n\x0b\x63onsistency\x18\x0e \x01(\t\x12\x13\n\x0bnum_workers\x18\x0f \x01(\r\x12<\n\nclock_gaps\x18\x10 \x03(\x0b\x32(.streamps.v1.InfoResponse.ClockGapsEntry\x12\x12\n\nheld_pulls\x18\x11 \x01(\x04\x12\x16\n\x0esnapshot_every\x18\x12 \x01(\x01\x1a\x31\n\x0fWatermarksEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a\x34\n\x12\x46inishedBelowEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a\x30\n\x0e\x43lockGapsEntry\x12\x0b\n\x03key\x18\x01 \x01(\x04\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\x15\n\x13LogicOutputsRequest\"#\n\x10LogicOutputChunk\x12\x0f\n\x07outputs\x18\x01 \x03(\x0c\x32\xf4\x03\n\x0eParameterShard\x12?\n\x04Pull\x12\x18.streamps.v1.PullRequest\x1a\x19.streamps.v1.PullResponse(\x01\x30\x01\x12:\n\x04Push\x12\x18.streamps.v1.PushRequest\x1a\x14.streamps.v1.PushAck(\x01\x30\x01\x12K\n\x08\x45xchange\x12\x1c.streamps.v1.ExchangeRequest\x1a\x1d.streamps.v1.ExchangeResponse(\x01\x30\x01\x12\x46\n\x08Snapshot\x12\x1c.streamps.v1.SnapshotRequest\x1a\x1a.streamps.v1.SnapshotChunk0\x01\x12@\n\x05Watch\x12\x19.streamps.v1.WatchRequest\x1a\x1a.streamps.v1.SnapshotChunk0\x01\x12;\n\x04Info\x12\x18.streamps.v1.InfoRequest\x1a\x19.streamps.v1.InfoResponse\x12Q\n\x0cLogicOutputs\x12 .streamps.v1.LogicOutputsRequest\x1a\x1d.streamps.v1.LogicOutputChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fpsclient/wire/proto/shard.proto\x12\x0bstreamps.v1\x1a psclient/wire/proto/tensor.proto\"\x93\x01\n\x0bPullRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12%\n\x04keys\x18\x02 \x01(\x0b\x32\x17.streamps.v1.ParamBatch\x12\x11\n\tworker_id\x18\x03 \x01(\t\x12\x11\n\tafter_seq\x18\x04 \x01(\x04\x12\x14\n\x0cworker_index\x18\x05 \x01(\r\x12\r\n\x05\x63lock\x18\x06 \x01(\x04\"L\n\x0cPullResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12(\n\x07\x62\x61tches\x18\x02 \x03(\x0b\x32\x17.streamps.v1.ParamBatch\"\x99\x01\n\x0bPushRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12(\n\x07\x62\x61tches\x18\x03 \x03(\x0b\x32\x17.streamps.v1.ParamBatch\x12(\n\x07origins\x18\x04 \x03(\x0b\x32\x17.streamps.v1.PushOrigin\x12\x16\n\x0e\x66inished_below\x18\x05 \x01(\x04\",\n\nPushOrigin\x12\x10\n\x08position\x18\x01 \x01(\x04\x12\x0c\n\x04part\x18\x02 \x01(\r\")\n\x07PushAck\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"\x8a\x01\n\x0f\x45xchangeRequest\x12&\n\x04push\x18\x01 \x01(\x0b\x32\x18.streamps.v1.PushRequest\x12&\n\x04pull\x18\x02 \x01(\x0b\x32\x18.streamps.v1.PullRequest\x12\'\n\x05\x63lock\x18\x03 \x01(\x0b\x32\x18.streamps.v1.WorkerClock\"U\n\x0bWorkerClock\x12\x14\n\x0cworker_index\x18\x01 \x01(\r\x12\r\n\x05\x63lock\x18\x02 \x01(\x04\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12\x0f\n\x07started\x18\x04 \x01(\x08\"^\n\x10\x45xchangeResponse\x12!\n\x03\x61\x63k\x18\x01 \x01(\x0b\x32\x14.streamps.v1.PushAck\x12\'\n\x04pull\x18\x02 \x01(\x0b\x32\x19.streamps.v1.PullResponse\"-\n\x0fSnapshotRequest\x12\x1a\n\x12max_rows_per_chunk\x18\x01 \x01(\r\"g\n\rSnapshotChunk\x12(\n\x07\x62\x61tches\x18\x01 \x03(\x0b\x32\x17.streamps.v1.ParamBatch\x12\x10\n\x08snapshot\x18\x02 \x01(\x04\x12\x0b\n\x03\x65nd\x18\x03 \x01(\x08\x12\r\n\x05\x66inal\x18\x04 \x01(\x08\"\x0e\n\x0cWatchRequest\"\r\n\x0bInfoRequest\"\xa0\x05\n\x0cInfoResponse\x12\r\n\x05shard\x18\x01 \x01(\r\x12\x12\n\nnum_shards\x18\x02 \x01(\r\x12\x12\n\nnum_params\x18\x03 \x01(\x04\x12\x11\n\tinit_spec\x18\x04 \x01(\t\x12\x13\n\x0bupdate_spec\x18\x05 \x01(\t\x12=\n\nwatermarks\x18\x06 \x03(\x0b\x32).streamps.v1.InfoResponse.WatermarksEntry\x12\x15\n\rpull_requests\x18\x07 \x01(\x04\x12\x13\n\x0bpulled_keys\x18\x08 \x01(\x04\x12\x15\n\rpush_requests\x18\t \x01(\x04\x12\x13\n\x0bpushed_keys\x18\n \x01(\x04\x12\x16\n\x0euptime_seconds\x18\x0b \x01(\x01\x12\x44\n\x0e\x66inished_below\x18\x0c \x03(\x0b\x32,.streamps.v1.InfoResponse.FinishedBelowEntry\x12\r\n\x05logic\x18\r \x01(\t\x12\x13\n\x0b\x63onsistency\x18\x0e \x01(\t\x12\x13\n\x0bnum_workers\x18\x0f \x01(\r\x12<\n\nclock_gaps\x18\x10 \x03(\x0b\x32(.streamps.v1.InfoResponse.ClockGapsEntry\x12\x12\n\nheld_pulls\x18\x11 \x01(\x04\x12\x16\n\x0esnapshot_every\x18\x12 \x01(\x01\x1a\x31\n\x0fWatermarksEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a\x34\n\x12\x46inishedBelowEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a\x30\n\x0e\x43lockGapsEntry\x12\x0b\n\x03key\x18\x01 \x01(\x04\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\x15\n\x13LogicOutputsRequest\"#\n\x10LogicOutputChunk\x12\x0f\n\x07outputs\x18\x01 \x03(\x0c\x32\xf4\x03\n\x0eParameterShard\x12?\n\x04Pull\x12\x18.streamps.v1.PullRequest\x1a\x19.streamps.v1.PullResponse(\x01\x30\x01\x12:\n\x04Push\x12\x18.streamps.v1.PushRequest\x1a\x14.streamps.v1.PushAck(\x01\x30\x01\x12K\n\x08\x45xchange\x12\x1c.streamps.v1.ExchangeRequest\x1a\x1d.streamps.v1.ExchangeResponse(\x01\x30\x01\x12\x46\n\x08Snapshot\x12\x1c.streamps.v1.SnapshotRequest\x1a\x1a.streamps.v1.SnapshotChunk0\x01\x12@\n\x05Watch\x12\x19.streamps.v1.WatchRequest\x1a\x1a.streamps.v1.SnapshotChunk0\x01\x12;\n\x04Info\x12\x18.streamps.v1.InfoRequest\x1a\x19.streamps.v1.InfoResponse\x12Q\n\x0cLogicOutputs\x12 .streamps.v1.LogicOutputsRequest\x1a\x1d.streamps.v1.LogicOutputChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -51,29 +51,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EXCHANGEREQUEST']._serialized_start=556
   _globals['_EXCHANGEREQUEST']._serialized_end=694
   _globals['_WORKERCLOCK']._serialized_start=696
-  _globals['_WORKERCLOCK']._serialized_end=764
-  _globals['_EXCHANGERESPONSE']._serialized_start=766
-  _globals['_EXCHANGERESPONSE']._serialized_end=860
-  _globals['_SNAPSHOTREQUEST']._serialized_start=862
-  _globals['_SNAPSHOTREQUEST']._serialized_end=907
-  _globals['_SNAPSHOTCHUNK']._serialized_start=909
-  _globals['_SNAPSHOTCHUNK']._serialized_end=1012
-  _globals['_WATCHREQUEST']._serialized_start=1014
-  _globals['_WATCHREQUEST']._serialized_end=1028
-  _globals['_INFOREQUEST']._serialized_start=1030
-  _globals['_INFOREQUEST']._serialized_end=1043
-  _globals['_INFORESPONSE']._serialized_start=1046
-  _globals['_INFORESPONSE']._serialized_end=1718
-  _globals['_INFORESPONSE_WATERMARKSENTRY']._serialized_start=1565
-  _globals['_INFORESPONSE_WATERMARKSENTRY']._serialized_end=1614
-  _globals['_INFORESPONSE_FINISHEDBELOWENTRY']._serialized_start=1616
-  _globals['_INFORESPONSE_FINISHEDBELOWENTRY']._serialized_end=1668
-  _globals['_INFORESPONSE_CLOCKGAPSENTRY']._serialized_start=1670
-  _globals['_INFORESPONSE_CLOCKGAPSENTRY']._serialized_end=1718
-  _globals['_LOGICOUTPUTSREQUEST']._serialized_start=1720
-  _globals['_LOGICOUTPUTSREQUEST']._serialized_end=1741
-  _globals['_LOGICOUTPUTCHUNK']._serialized_start=1743
-  _globals['_LOGICOUTPUTCHUNK']._serialized_end=1778
-  _globals['_PARAMETERSHARD']._serialized_start=1781
-  _globals['_PARAMETERSHARD']._serialized_end=2281
+  _globals['_WORKERCLOCK']._serialized_end=781
+  _globals['_EXCHANGERESPONSE']._serialized_start=783
+  _globals['_EXCHANGERESPONSE']._serialized_end=877
+  _globals['_SNAPSHOTREQUEST']._serialized_start=879
+  _globals['_SNAPSHOTREQUEST']._serialized_end=924
+  _globals['_SNAPSHOTCHUNK']._serialized_start=926
+  _globals['_SNAPSHOTCHUNK']._serialized_end=1029
+  _globals['_WATCHREQUEST']._serialized_start=1031
+  _globals['_WATCHREQUEST']._serialized_end=1045
+  _globals['_INFOREQUEST']._serialized_start=1047
+  _globals['_INFOREQUEST']._serialized_end=1060
+  _globals['_INFORESPONSE']._serialized_start=1063
+  _globals['_INFORESPONSE']._serialized_end=1735
+  _globals['_INFORESPONSE_WATERMARKSENTRY']._serialized_start=1582
+  _globals['_INFORESPONSE_WATERMARKSENTRY']._serialized_end=1631
+  _globals['_INFORESPONSE_FINISHEDBELOWENTRY']._serialized_start=1633
+  _globals['_INFORESPONSE_FINISHEDBELOWENTRY']._serialized_end=1685
+  _globals['_INFORESPONSE_CLOCKGAPSENTRY']._serialized_start=1687
+  _globals['_INFORESPONSE_CLOCKGAPSENTRY']._serialized_end=1735
+  _globals['_LOGICOUTPUTSREQUEST']._serialized_start=1737
+  _globals['_LOGICOUTPUTSREQUEST']._serialized_end=1758
+  _globals['_LOGICOUTPUTCHUNK']._serialized_start=1760
+  _globals['_LOGICOUTPUTCHUNK']._serialized_end=1795
+  _globals['_PARAMETERSHARD']._serialized_start=1798
+  _globals['_PARAMETERSHARD']._serialized_end=2298
 # @@protoc_insertion_point(module_scope)

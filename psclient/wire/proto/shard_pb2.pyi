@@ -228,9 +228,11 @@ class ExchangeRequest(_message.Message):
     @_builtins.property
     def clock(self) -> Global___WorkerClock:
         """The worker's clock, applied after the push and before the pull: sent to
-        every shard when the worker advances its clock and when it finishes, so
-        that a shard learns of it after every push made before it. A request with
-        only a clock is answered by an empty ExchangeResponse.
+        every shard when the worker advances its clock and when it finishes (or
+        fails), so that a shard learns of it after every push made before it, and
+        first on every stream a worker opens. A request with only a clock is
+        answered by an empty ExchangeResponse (by a shard with a data dir, once
+        the clock is logged).
         """
 
     def __init__(
@@ -255,13 +257,19 @@ class WorkerClock(_message.Message):
     WORKER_INDEX_FIELD_NUMBER: _builtins.int
     CLOCK_FIELD_NUMBER: _builtins.int
     FINISHED_FIELD_NUMBER: _builtins.int
+    STARTED_FIELD_NUMBER: _builtins.int
     worker_index: _builtins.int
     """The worker's index in its job."""
     clock: _builtins.int
     """Its logical clock; a shard keeps the highest one it was told."""
     finished: _builtins.bool
-    """The worker has finished (its input ended, nothing is owed): from now on
-    it never holds the others back.
+    """The worker has finished (its input ended, nothing is owed), or failed:
+    from now on it never holds the others back.
+    """
+    started: _builtins.bool
+    """The first message of a worker's run (sent before anything else): it starts
+    at this clock, whatever the shard knew of its index before (an earlier run,
+    or the last job of a data dir). Every other message only raises the clock.
     """
     def __init__(
         self,
@@ -269,10 +277,11 @@ class WorkerClock(_message.Message):
         worker_index: _builtins.int = ...,
         clock: _builtins.int = ...,
         finished: _builtins.bool = ...,
+        started: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["clock", b"clock", "finished", b"finished", "worker_index", b"worker_index"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clock", b"clock", "finished", b"finished", "started", b"started", "worker_index", b"worker_index"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

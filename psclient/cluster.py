@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import queue
 import threading
-import time
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -19,13 +18,13 @@ import numpy as np
 from psclient.either import Left, Right
 from psclient.errors import JobFailed, ShardError, StreampsError, WorkerStopped
 from psclient.feeding import feed_workers
-from psclient.replay import BROKEN, WORKER_BACK_TIMEOUT_S, ReplayBuffer, WorkerRestarts
+from psclient.replay import ReplayBuffer, WorkerRestarts, read_outputs
 from psclient.rpc.errors import describe_rpc_error
 from psclient.rpc.layout import check_layout, fetch_info
 from psclient.rpc.security import Security
 from psclient.rpc.serving import DEFAULT_CONNECT_TIMEOUT_S, open_channel, ready_channel
 from psclient.rpc.shard_group import ShardGroup
-from psclient.watching import ShardSnapshot, ShardWatch, WatchEnded, watch_snapshots
+from psclient.watching import NewestSnapshots, ShardSnapshot, ShardWatch, watch_snapshots
 from psclient.wire.codec import decode_rows
 from psclient.wire.partition import Id
 from psclient.wire.proto import shard_pb2, shard_pb2_grpc, worker_pb2, worker_pb2_grpc
@@ -225,11 +224,12 @@ class Cluster:
         partition_by: Callable[[Any], Hashable] | None = None,
         end_of_input: bool = True,
         iteration_wait_time: float | None = None,
+        stop: threading.Event | None = None,
     ) -> int:
         """Send records to the workers (round robin, or by `partition_by` key); blocks
         until all are accepted. With `end_of_input`, the workers' input ends after them.
-        With `iteration_wait_time`, input also ends after that many seconds without a record.
-        Returns how many records were sent."""
+        With `iteration_wait_time`, input also ends after that many seconds without a record,
+        and once `stop` is set, after the records read so far. Returns how many were sent."""
         if not self.workers:
             raise StreampsError("this cluster has no workers to feed")
         self.check_shards()
@@ -243,6 +243,7 @@ class Cluster:
             iteration_wait_time=iteration_wait_time,
             link=self,
             replay=self._replay,
+            stop=stop,
         )
 
     def outputs(self) -> Iterator[Any]:
@@ -260,7 +261,7 @@ class Cluster:
 
         def read(index: int) -> None:
             try:
-                self._read_outputs(index, merged)
+                read_outputs(self, index, merged.put)
                 merged.put(_DONE)
             except grpc.RpcError as exc:
                 if exc.code() == grpc.StatusCode.ABORTED:
@@ -272,13 +273,10 @@ class Cluster:
             except StreampsError as exc:
                 merged.put(JobFailed(f"worker {index}: {exc}"))
 
-        def snapshot(item: ShardSnapshot | WatchEnded) -> None:
-            merged.put([Right(pair) for pair in item.params] if isinstance(item, ShardSnapshot) else item.error or [])
-
         for index in range(len(self.workers)):
             threading.Thread(target=read, args=(index,), name=f"outputs-{index}", daemon=True).start()
         if watch is not None:
-            watch.start(snapshot)
+            watch.start(NewestSnapshots(merged.put).deliver)
         running = len(self.workers)
         try:
             while running:
@@ -293,29 +291,6 @@ class Cluster:
             if watch is not None:
                 watch.cancel()
 
-    def _read_outputs(self, index: int, merged: queue.Queue[Any]) -> None:
-        """Worker `index`'s outputs into `merged`, from each process that serves it: a restarted
-        worker's outputs start again at its checkpoint, so they are at-least-once."""
-        stub = self._worker_stubs[index]
-        deadline: float | None = None  # while it is away
-        while True:
-            try:
-                for chunk in stub.Outputs(worker_pb2.OutputsRequest()):
-                    deadline = None
-                    merged.put([unpack(data) for data in chunk.outputs])
-                return
-            except grpc.RpcError as exc:
-                if self.restarts is None or exc.code() not in BROKEN:
-                    raise
-                if deadline is None:
-                    deadline = time.monotonic() + WORKER_BACK_TIMEOUT_S
-                elif time.monotonic() >= deadline:
-                    raise JobFailed(f"worker {index} did not come back: {describe_rpc_error(exc)}") from None
-                if not self.restarts.wait_for_worker(index, max(0.0, deadline - time.monotonic())):
-                    return  # it finished and exited
-                time.sleep(0.05)  # its death may not be seen yet
-                stub = self.reconnect_worker(index, stub)
-
     def stream(
         self,
         records: Iterable[Any] | None = None,
@@ -324,25 +299,29 @@ class Cluster:
         iteration_wait_time: float | None = None,
         server_logic: bool | None = None,
         live: bool | None = None,
+        stop: threading.Event | None = None,
     ) -> Iterator[Left[Any] | Right[Any]]:
-        """Feed `records` (if given), yield every output as `Left` while they arrive,
-        then every final parameter as `Right((id, value))` once all workers finished;
-        with a server logic (`server_logic`; None: ask the shards), every output of
-        the logic as `Right` instead, after its close. With `live` (None: whether the shards
-        take model snapshots, psserver --snapshot-every), each shard's snapshots come among the
-        outputs as it takes them, each a run of `Right`s: an endless job's model updates."""
+        """Feed `records` (if given), yield every output as `Left` while they arrive, then every
+        final parameter as `Right((id, value))` once all workers finished; with a server logic
+        (`server_logic`; None: ask the shards), every output of the logic as `Right` instead,
+        after its close. With `live` (None: the shards that take model snapshots, psserver
+        --snapshot-every), each shard's snapshots come among the outputs as it takes them, each a
+        run of `Right`s: an endless job's model updates. Setting `stop` ends the input after the
+        records read so far: the job ends with every one of them."""
         self.check_shards()  # before any record reaches a worker
-        if live is None:
-            live = any(isinstance(info, shard_pb2.InfoResponse) and info.snapshot_every for info in self.info())
-        # Called before the first record: a snapshot taken after it is seen.
-        watch = ShardWatch(self._shard_stubs, self.servers, rewatch=self.restarts is not None) if live else None
+        watched = list(range(len(self.servers))) if live else []
+        if live is None:  # the shards that take snapshots; watched before the first record is fed
+            infos = enumerate(self.info())
+            watched = [i for i, info in infos if isinstance(info, shard_pb2.InfoResponse) and info.snapshot_every]
+        rewatch = self.restarts is not None
+        watch = ShardWatch(self._shard_stubs, self.servers, shards=watched, rewatch=rewatch) if watched else None
         feed_error: list[BaseException] = []
         feeder: threading.Thread | None = None
         if records is not None:
 
             def feed() -> None:
                 try:
-                    self.feed(records, partition_by=partition_by, iteration_wait_time=iteration_wait_time)
+                    self.feed(records, partition_by=partition_by, iteration_wait_time=iteration_wait_time, stop=stop)
                 except BaseException as exc:
                     feed_error.append(exc)
 

@@ -12,9 +12,7 @@ from typing import Any
 
 import grpc
 
-from psclient.errors import JobFailed, WorkerStopped
-from psclient.replay import END, Outbox, ReplayBuffer, WorkerLink, send_restartable
-from psclient.rpc.errors import describe_rpc_error
+from psclient.replay import END, Outbox, ReplayBuffer, WorkerLink, feed_failure, send_restartable
 from psclient.wire.partition import key_bucket
 from psclient.wire.proto import worker_pb2, worker_pb2_grpc
 from psclient.wire.records import pack
@@ -96,11 +94,13 @@ def feed_workers(
     iteration_wait_time: float | None,
     link: WorkerLink | None = None,
     replay: list[ReplayBuffer] | None = None,
+    stop: threading.Event | None = None,
 ) -> int:
     """Send `records` to the workers behind `stubs` and return how many were sent; blocks
     until all are accepted. See `Cluster.feed`. With a `link` that restarts workers, each
     worker's `replay` buffer keeps what it may have to resend (psclient/replay.py), and
-    with `end_of_input` this returns once the workers finished."""
+    with `end_of_input` this returns once the workers finished. Once `stop` is set, the
+    records read from `records` so far are sent, and no more are read: the input ends there."""
     failures: list[BaseException] = []
     if link is not None and link.restarts is not None:
         assert replay is not None
@@ -111,7 +111,7 @@ def feed_workers(
             )
             for i in range(len(stubs))
         ]
-        return _feed(senders, outboxes, records, partition_by, end_of_input, iteration_wait_time, failures)
+        return _feed(senders, outboxes, records, partition_by, end_of_input, iteration_wait_time, failures, stop)
     sender_queues: list[queue.Queue[Any]] = [queue.Queue(FEED_QUEUE_MESSAGES) for _ in stubs]
 
     def send(index: int) -> None:
@@ -125,15 +125,12 @@ def feed_workers(
         try:
             stubs[index].Feed(requests())
         except grpc.RpcError as exc:
-            if exc.code() == grpc.StatusCode.OUT_OF_RANGE:  # stopped on a signal: the job is being stopped
-                failures.append(WorkerStopped(exc.details()))
-            else:
-                failures.append(JobFailed(exc.details() or f"feeding worker {index} failed: {describe_rpc_error(exc)}"))
+            failures.append(feed_failure(index, exc))
             while sender_queues[index].get() is not _END:  # unblock the router
                 pass
 
     senders = [threading.Thread(target=send, args=(i,), name=f"feed-{i}", daemon=True) for i in range(len(stubs))]
-    return _feed(senders, sender_queues, records, partition_by, end_of_input, iteration_wait_time, failures)
+    return _feed(senders, sender_queues, records, partition_by, end_of_input, iteration_wait_time, failures, stop)
 
 
 def _feed(
@@ -144,12 +141,13 @@ def _feed(
     end_of_input: bool,
     iteration_wait_time: float | None,
     failures: list[BaseException],
+    stop: threading.Event | None,
 ) -> int:
     for sender in senders:
         sender.start()
     count = 0
     try:
-        count = _route(records, sender_queues, partition_by, iteration_wait_time, failures)
+        count = _route(records, sender_queues, partition_by, iteration_wait_time, failures, stop)
     finally:
         for index, sender_queue in enumerate(sender_queues):
             sender_queue.put(worker_pb2.FeedRequest(end_of_input=end_of_input))
@@ -166,6 +164,7 @@ def _route(
     partition_by: Callable[[Any], Hashable] | None,
     iteration_wait_time: float | None,
     failures: list[BaseException],
+    stop: threading.Event | None,
 ) -> int:
     num_workers = len(sender_queues)
     batches: list[list[bytes]] = [[] for _ in range(num_workers)]
@@ -177,7 +176,7 @@ def _route(
             batches[index] = []
 
     try:
-        return _route_loop(source, batches, flush, partition_by, iteration_wait_time, failures)
+        return _route_loop(source, batches, flush, partition_by, iteration_wait_time, failures, stop)
     finally:
         source.stop()
         # Records taken before an error of the iterator still reach their worker.
@@ -192,12 +191,17 @@ def _route_loop(
     partition_by: Callable[[Any], Hashable] | None,
     iteration_wait_time: float | None,
     failures: list[BaseException],
+    stop: threading.Event | None,
 ) -> int:
     num_workers = len(batches)
     count = 0
     silence = 0.0
     while not failures:
-        taken = source.take(FEED_LINGER_S)
+        # A stop takes what was read ahead, once (a source that never blocks would not run dry), and ends.
+        stopping = stop is not None and stop.is_set()
+        taken = source.take(0 if stopping else FEED_LINGER_S)
+        if stopping:
+            taken.append(_END)
         if not taken:
             silence += FEED_LINGER_S
             for index in range(num_workers):

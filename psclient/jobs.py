@@ -69,9 +69,8 @@ def run_local_job(
     `durable` (or a `data_dir`), a dead shard or worker is restarted up to
     `max_restarts` times in the job instead (see LocalCluster). With `snapshot_every`,
     the shards' model snapshots come among the outputs (unless not `live`: then only
-    in their files). Once `stop` is set, the workers stop gracefully (SIGTERM): they
-    finish the records they took, and the job ends as if its input had, with the
-    model as it is then.
+    in their files). Once `stop` is set, the input ends after the records read so
+    far: the job ends as if its input had, with every one of them in the model.
     """
     bar = JobProgress(progress)  # before any child starts: nothing to clean up if it fails
     cluster = LocalCluster(
@@ -100,8 +99,6 @@ def run_local_job(
             Cluster(cluster.servers, cluster.workers, restarts=cluster if cluster.durable else None) as client,
         ):
             records = bar.count(records)
-            if stop is not None:
-                threading.Thread(target=_stop_on, args=(stop, cluster), name="stop", daemon=True).start()
             try:
                 for item in client.stream(
                     records,
@@ -109,6 +106,7 @@ def run_local_job(
                     iteration_wait_time=iteration_wait_time,
                     server_logic=ps_logic_spec is not None,
                     live=live and snapshot_every is not None,
+                    stop=stop,
                 ):
                     if isinstance(item, Left):
                         bar.output()
@@ -122,14 +120,6 @@ def run_local_job(
                 raise
     finally:
         bar.close()
-
-
-def _stop_on(stop: threading.Event, cluster: LocalCluster) -> None:
-    """Stop the workers once `stop` is set, unless the cluster stopped first."""
-    while not stop.wait(0.1):
-        if not cluster.children:
-            return
-    cluster.stop_workers()
 
 
 def _spec(obj: Any, directory: Path, name: str) -> str:

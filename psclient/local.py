@@ -339,13 +339,6 @@ class LocalCluster:
                 return None
             time.sleep(0.02)
 
-    def stop_workers(self) -> None:
-        """A graceful stop of the job: SIGTERM every worker, which takes no more records,
-        finishes those it took, hands over their outputs and exits 0."""
-        with self._lock:
-            for child in self.worker_children:
-                child.terminate()
-
     def stop(self) -> None:
         """Stop every child (SIGTERM, then SIGKILL after a grace period)."""
         with self._lock:

@@ -22,6 +22,8 @@ from psclient.errors import StreampsError
 # Entries sent per round trip (a Redis pipeline; JetStream acks awaited together).
 PUBLISH_BATCH = 500
 CONNECT_TIMEOUT_S = 5.0
+# How long a batch of JetStream messages may wait for their acks (a server that died).
+ACK_TIMEOUT_S = 30.0
 
 
 class PublishError(StreampsError):
@@ -96,13 +98,18 @@ def _publish_redis(target: Target, records: Iterable[bytes], progress: Callable[
             pipeline = client.pipeline(transaction=False)
             for record in batch:
                 pipeline.xadd(target.stream, {"record": record})
-            pipeline.execute()
-            sent += len(batch)
+            results = pipeline.execute(raise_on_error=False)
+            errors = [result for result in results if isinstance(result, Exception)]
+            sent += len(results) - len(errors)
+            if errors:
+                raise errors[0]
             if progress is not None:
                 progress(sent)
     except redis.ConnectionError as exc:
+        # A pipeline cut short may have written part of its batch: say so, for a rerun.
         where = f"cannot reach Redis at {target.host}:{target.port}" if not sent else f"after {sent} records"
-        raise PublishError(f"--to {target.shown}: {where}: {exc}") from None
+        more = f" (up to {PUBLISH_BATCH} more may have been written)" if sent else ""
+        raise PublishError(f"--to {target.shown}: {where}: {exc}{more}") from None
     except redis.RedisError as exc:
         raise PublishError(f"--to {target.shown}: {type(exc).__name__}: {exc} (after {sent} records)") from None
     finally:
@@ -140,8 +147,14 @@ async def _publish_nats(target: Target, records: Iterable[bytes], progress: Call
             await js.add_stream(name=target.stream, subjects=[target.subject])
         for batch in _batches(records):
             # Published together, acked together: the order of one subject is the order sent.
-            acks = [await js.publish_async(target.subject, record) for record in batch]
-            await asyncio.gather(*acks)
+            acks = [await js.publish_async(target.subject, record, wait_stall=ACK_TIMEOUT_S) for record in batch]
+            try:
+                await asyncio.wait_for(asyncio.gather(*acks), ACK_TIMEOUT_S)
+            except TimeoutError:
+                raise PublishError(
+                    f"--to {target.shown}: JetStream acknowledged no message for {ACK_TIMEOUT_S:g} s "
+                    f"(after {sent} records; up to {len(batch)} more may have been written)"
+                ) from None
             sent += len(batch)
             if progress is not None:
                 progress(sent)

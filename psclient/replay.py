@@ -24,9 +24,10 @@ from typing import Any, Protocol
 
 import grpc
 
-from psclient.errors import JobFailed
+from psclient.errors import JobFailed, WorkerStopped
 from psclient.rpc.errors import describe_rpc_error
 from psclient.wire.proto import worker_pb2, worker_pb2_grpc
+from psclient.wire.records import unpack
 
 # How long a broken worker has to be restarted and serve again.
 WORKER_BACK_TIMEOUT_S = 60.0
@@ -149,6 +150,14 @@ class ReplayBuffer:
             return messages
 
 
+def feed_failure(index: int, exc: grpc.RpcError) -> JobFailed:
+    """What a Feed call that failed means: a worker stopping on a signal (OUT_OF_RANGE) ends
+    the feeding (WorkerStopped); anything else fails the job."""
+    if exc.code() == grpc.StatusCode.OUT_OF_RANGE:
+        return WorkerStopped(exc.details() or f"worker {index} is stopping: it takes no more input")
+    return JobFailed(exc.details() or f"feeding worker {index} failed: {describe_rpc_error(exc)}")
+
+
 def send_restartable(
     index: int, link: WorkerLink, outbox: Outbox, buffer: ReplayBuffer, failures: list[BaseException]
 ) -> None:
@@ -181,7 +190,7 @@ def send_restartable(
                 outbox.next_attempt()  # before asking where the worker stands: the broken call takes no more
                 resumed = _after_break(index, link, stub, buffer)
     except grpc.RpcError as exc:
-        failures.append(JobFailed(exc.details() or f"feeding worker {index} failed: {describe_rpc_error(exc)}"))
+        failures.append(feed_failure(index, exc))
     except JobFailed as exc:
         failures.append(exc)
     finally:
@@ -257,3 +266,27 @@ def _trim(index: int, link: WorkerLink, buffer: ReplayBuffer, stop: threading.Ev
         except ValueError:  # the cluster closed its channels: the job is over
             return
         buffer.trim(status.checkpoint_position)
+
+
+def read_outputs(link: WorkerLink, index: int, put: Callable[[list[Any]], None]) -> None:
+    """Worker `index`'s outputs, a chunk at a time into `put`, from each process that serves it:
+    a restarted worker's outputs start again at its checkpoint, so they are at-least-once."""
+    stub = link.worker_stub(index)
+    deadline: float | None = None  # while it is away
+    while True:
+        try:
+            for chunk in stub.Outputs(worker_pb2.OutputsRequest()):
+                deadline = None
+                put([unpack(data) for data in chunk.outputs])
+            return
+        except grpc.RpcError as exc:
+            if link.restarts is None or exc.code() not in BROKEN:
+                raise
+            if deadline is None:
+                deadline = time.monotonic() + WORKER_BACK_TIMEOUT_S
+            elif time.monotonic() >= deadline:
+                raise JobFailed(f"worker {index} did not come back: {describe_rpc_error(exc)}") from None
+            if not link.restarts.wait_for_worker(index, max(0.0, deadline - time.monotonic())):
+                return  # it finished and exited
+            time.sleep(0.05)  # its death may not be seen yet
+            stub = link.reconnect_worker(index, stub)

@@ -16,6 +16,7 @@ from typing import Any
 
 import grpc
 
+from psclient.either import Right
 from psclient.errors import ShardError
 from psclient.rpc.errors import describe_rpc_error
 from psclient.wire.codec import decode_rows
@@ -54,14 +55,20 @@ def _assemble(shard: int, chunks: list[shard_pb2.SnapshotChunk]) -> ShardSnapsho
 
 
 class ShardWatch:
-    """A Watch call to every shard, each read on its own thread into `deliver`."""
+    """A Watch call to every shard (of `shards`), each read on its own thread into `deliver`."""
 
     def __init__(
-        self, stubs: Sequence[shard_pb2_grpc.ParameterShardStub], servers: Sequence[str], *, rewatch: bool = False
+        self,
+        stubs: Sequence[shard_pb2_grpc.ParameterShardStub],
+        servers: Sequence[str],
+        *,
+        shards: Sequence[int] | None = None,
+        rewatch: bool = False,
     ):
         self.servers = list(servers)
         self._stubs = list(stubs)
-        self._calls = [stub.Watch(shard_pb2.WatchRequest()) for stub in stubs]
+        watched = range(len(stubs)) if shards is None else shards  # the shards that take snapshots
+        self._calls = {shard: self._stubs[shard].Watch(shard_pb2.WatchRequest()) for shard in watched}
         self._cancelled = threading.Event()
         # Watch again a shard that went away without its final snapshot (a restarted
         # shard of a durable job), rather than report it: the job reports a dead one.
@@ -69,7 +76,7 @@ class ShardWatch:
         self._lock = threading.Lock()
 
     def start(self, deliver: Callable[[ShardSnapshot | WatchEnded], None]) -> None:
-        for shard, call in enumerate(self._calls):
+        for shard, call in list(self._calls.items()):
             threading.Thread(target=self._read, args=(shard, call, deliver), name=f"watch-{shard}", daemon=True).start()
 
     def _read(self, shard: int, call: Any, deliver: Callable[[ShardSnapshot | WatchEnded], None]) -> None:
@@ -101,8 +108,46 @@ class ShardWatch:
         """End every call; their threads then end without a report."""
         with self._lock:
             self._cancelled.set()
-            for call in self._calls:
+            for call in self._calls.values():
                 call.cancel()
+
+
+class NewestSnapshots:
+    """Hands each shard's snapshots on to `put` as iterables of `Right`s, keeping only the
+    newest one a slow reader has not taken yet: it skips the older ones rather than have
+    them pile up in memory."""
+
+    def __init__(self, put: Callable[[Any], None]):
+        self._put = put
+        self._newest: dict[int, ShardSnapshot] = {}
+        self._lock = threading.Lock()
+
+    def deliver(self, item: ShardSnapshot | WatchEnded) -> None:
+        if isinstance(item, WatchEnded):
+            if item.error is not None:
+                self._put(item.error)
+            return
+        with self._lock:
+            due = item.shard not in self._newest  # else the token put for the older one takes this
+            self._newest[item.shard] = item
+        if due:
+            self._put(_Due(self, item.shard))
+
+    def take(self, shard: int) -> list[Right[tuple[Id, Any]]]:
+        with self._lock:
+            snapshot = self._newest.pop(shard)
+        return [Right(pair) for pair in snapshot.params]
+
+
+@dataclass(frozen=True)
+class _Due:
+    """A shard's newest snapshot, taken when the reader gets to it."""
+
+    snapshots: NewestSnapshots
+    shard: int
+
+    def __iter__(self) -> Iterator[Right[tuple[Id, Any]]]:
+        return iter(self.snapshots.take(self.shard))
 
 
 def watch_snapshots(

@@ -77,12 +77,13 @@ def snapshot_file(directory: Path, shard: int, number: int) -> Path:
     return directory / f"model-{shard}-{number:06d}.jsonl"
 
 
-def _write(path: Path, snapshot: ModelSnapshot) -> int:
-    """Write the snapshot's JSON lines to `path` whole (temp file, fsync, rename); return its bytes."""
+def write_snapshot_file(path: Path, snapshot: ModelSnapshot) -> int:
+    """Write the snapshot's JSON lines to `path` whole (temp file, fsync, rename); return its bytes.
+    A write that fails leaves no temp file behind."""
     temp = path.with_name(path.name + ".tmp")
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    size = 0
     try:
+        size = 0
         for chunk in snapshot.chunks:
             for batch in chunk:
                 values = [] if batch.values is None else batch.values.tolist()
@@ -94,8 +95,11 @@ def _write(path: Path, snapshot: ModelSnapshot) -> int:
                 write_all(fd, data)
                 size += len(data)
         os.fsync(fd)
-    finally:
+    except BaseException:
         os.close(fd)
+        temp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
     os.replace(temp, path)
     fsync_dir(path.parent)
     return size
@@ -112,7 +116,7 @@ class ModelSnapshots:
         self.keep = plan.keep
         # A count that grows with every applied push: no change, no snapshot.
         self._changes = changes
-        self._changes_at_last: int | None = None
+        self._changes_at_last = changes()  # no snapshot before the first push
         self.taken = 0
         self._number = max(self._numbers_on_disk(), default=0)  # numbers go on across restarts
         self._watchers: set[asyncio.Queue[ModelSnapshot | None]] = set()
@@ -148,7 +152,7 @@ class ModelSnapshots:
         path = snapshot_file(self.directory, self.shard, snapshot.number)
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
-        self._writing = loop.run_in_executor(None, _write, path, snapshot)
+        self._writing = loop.run_in_executor(None, write_snapshot_file, path, snapshot)
         try:
             size = await self._writing
         finally:
@@ -181,8 +185,8 @@ class ModelSnapshots:
                 continue
             try:
                 await self.take()
-            except OSError as exc:  # the next period tries again
-                log.error("model snapshot to %s failed: %s", self.directory, exc)
+            except Exception as exc:  # a full disk, a value JSON cannot hold: the next period tries again
+                log.error("model snapshot to %s failed: %s: %s", self.directory, type(exc).__name__, exc)
 
     def stop(self) -> None:
         """End `run` after the snapshot it may be writing (await its task for that)."""
@@ -193,8 +197,8 @@ class ModelSnapshots:
         try:
             snapshot = await self.take(final=True)
             outcome = f"; final model snapshot {snapshot.number} of {snapshot.params} parameters"
-        except OSError as exc:
-            log.error("final model snapshot to %s failed: %s", self.directory, exc)
+        except Exception as exc:  # the stop goes on: the streams end, the data dir closes
+            log.error("final model snapshot to %s failed: %s: %s", self.directory, type(exc).__name__, exc)
             outcome = "; no final model snapshot"
         for watcher in list(self._watchers):
             watcher.put_nowait(None)

@@ -88,6 +88,11 @@ class InputQueue:
                 self._chunks.clear()
         self._wake()
 
+    @property
+    def refusal(self) -> str | None:
+        """Why feeders are turned away, once they are."""
+        return self._refusal
+
     def refuse(self, reason: str) -> None:
         """Turn feeders away from now on, those waiting for room too."""
         with self.cond:

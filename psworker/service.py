@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from collections import deque
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
 
@@ -16,6 +18,11 @@ from psclient.wire.records import pack, unpack
 from psworker.runtime import State, WorkerRuntime
 
 OUTPUT_CHUNK = 1_024
+# Feed requests read ahead of the input queue, and how often a call waiting for its next
+# one checks for a stop.
+FEED_READ_AHEAD = 2
+FEED_STOP_POLL_S = 0.1
+_NO_MORE = object()
 # How long the Outputs stream lets a partial chunk fill before it sends it: one
 # message per output would cost the worker more than the outputs themselves.
 OUTPUT_LINGER_S = 0.005
@@ -86,7 +93,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         accepted = 0
         end = False
         try:
-            for request in request_iterator:
+            for request in self._requests(request_iterator, context):
                 records = [unpack(data) for data in request.records]
                 self.runtime.feed(records)
                 accepted += len(records)
@@ -100,6 +107,36 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         if end:
             self.runtime.end_input()
         return worker_pb2.FeedResponse(accepted=accepted)
+
+    def _requests(
+        self, request_iterator: Iterator[worker_pb2.FeedRequest], context: grpc.ServicerContext
+    ) -> Iterator[worker_pb2.FeedRequest]:
+        """The call's requests, read on a thread of their own, so that a stop on a signal ends
+        a call that waits for its next request too: with OUT_OF_RANGE and the stop's reason."""
+        ahead: queue.Queue[Any] = queue.Queue(maxsize=FEED_READ_AHEAD)
+
+        def read() -> None:
+            try:
+                for request in self._requests(request_iterator, context):
+                    ahead.put(request)
+                ahead.put(_NO_MORE)
+            except Exception as exc:  # the client went away: the handler raises it as before
+                ahead.put(exc)
+
+        threading.Thread(target=read, name="feed-reader", daemon=True).start()
+        while True:
+            try:
+                item = ahead.get(timeout=FEED_STOP_POLL_S)
+            except queue.Empty:
+                refusal = self.runtime.inputs.refusal
+                if self.runtime.stopped and not self.runtime.error and refusal is not None:
+                    context.abort(grpc.StatusCode.OUT_OF_RANGE, refusal)
+                continue
+            if item is _NO_MORE:
+                return
+            if isinstance(item, Exception):
+                raise item
+            yield item
 
     def Outputs(
         self, request: worker_pb2.OutputsRequest, context: grpc.ServicerContext

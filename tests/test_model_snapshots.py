@@ -29,8 +29,10 @@ from psclient import connect, transform
 from psclient.children import worker_argv
 from psclient.either import Left, Right
 from psclient.errors import ShardError
-from psclient.watching import ShardSnapshot
+from psclient.watching import NewestSnapshots, ShardSnapshot, WatchEnded
+from psclient.wire.codec import DecodedBatch
 from psclient.wire.partition import shard_of
+from psserver.model_snapshots import ModelSnapshot, write_snapshot_file
 
 WAIT_S = 60.0
 IDS = 10
@@ -105,11 +107,14 @@ def test_a_shard_snapshots_whole_batches_to_files_and_watchers_and_once_more_at_
         assert np.array_equal(cluster.pull(np.arange(IDS)), np.stack([dict(expected.params)[i] for i in range(IDS)]))
 
 
-def _endless() -> Iterator[int]:
+def _endless(quiet: threading.Event) -> Iterator[int]:
+    """Records for ever; once `quiet` is set, none: an endless input with nothing arriving."""
     for record in itertools.count():
         yield record
         if record % 64 == 0:
             time.sleep(0.005)
+        while quiet.is_set():
+            time.sleep(0.05)
 
 
 def _exactness_model(records: list[int]) -> dict[Any, float]:
@@ -121,8 +126,9 @@ def _exactness_model(records: list[int]) -> dict[Any, float]:
     return dict(model)
 
 
+@pytest.mark.parametrize("input_at_the_stop", ["flowing", "quiet"])
 def test_an_endless_job_streams_its_model_while_it_trains_and_stops_cleanly_on_sigterm(
-    procs: Processes, tmp_path: Path
+    procs: Processes, tmp_path: Path, input_at_the_stop: str
 ) -> None:
     models = tmp_path / "models"
     flags = ("--snapshot-every", "0.2", "--snapshot-dir", str(models))
@@ -132,11 +138,12 @@ def test_an_endless_job_streams_its_model_while_it_trains_and_stops_cleanly_on_s
     watcher = _watch(servers, seen)
     stream: list[Left[Any] | Right[Any]] = []
     ended: list[BaseException | None] = []
+    quiet = threading.Event()
 
     def consume() -> None:
         try:
             with connect(servers, [w.address for w in workers]) as cluster:
-                stream.extend(cluster.stream(_endless()))
+                stream.extend(cluster.stream(_endless(quiet)))
             ended.append(None)
         except BaseException as exc:
             ended.append(exc)
@@ -147,6 +154,9 @@ def test_an_endless_job_streams_its_model_while_it_trains_and_stops_cleanly_on_s
     live_rights = sum(isinstance(item, Right) for item in list(stream))
     assert live_rights > 0, "no model update reached the stream while the job trained"
 
+    if input_at_the_stop == "quiet":  # the workers wait for their next record as the signal comes
+        quiet.set()
+        time.sleep(0.5)
     for worker in workers:  # they finish what they took, deliver its outputs, and exit 0
         worker.process.send_signal(signal.SIGTERM)
     for worker in workers:
@@ -236,14 +246,16 @@ def test_transform_refuses_a_bad_snapshot_every() -> None:
         transform([1], "logics:Exactness", "const:0", "add", snapshot_every=0)
 
 
+@pytest.mark.parametrize(("input_at_the_stop", "durable"), [("flowing", False), ("quiet", False), ("quiet", True)])
 def test_psclient_run_on_endless_stdin_writes_snapshots_and_stops_on_sigterm_with_the_exact_model(
-    tmp_path: Path,
+    tmp_path: Path, input_at_the_stop: str, durable: bool
 ) -> None:
     models, model, outputs = tmp_path / "models", tmp_path / "model.jsonl", tmp_path / "outputs.jsonl"
     argv = [
         sys.executable, "-m", "psclient", "run", "--logic", "logics:Exactness", "--input", "-", "--format", "jsonl",
         "--init", "const:0", "--workers", "2", "--shards", "2", "--snapshot-every", "0.2",
         "--snapshot-dir", str(models), "--model", str(model), "--output", str(outputs),
+        *(["--durable"] if durable else []),
     ]  # fmt: skip
     log = (tmp_path / "stderr").open("w")
     run = subprocess.Popen(argv, stdin=subprocess.PIPE, stderr=log, text=True, env=child_env(), cwd=TESTS_DIR)
@@ -262,6 +274,8 @@ def test_psclient_run_on_endless_stdin_writes_snapshots_and_stops_on_sigterm_wit
             run.stdin.flush()
             written += 50
             time.sleep(0.01)
+        if input_at_the_stop == "quiet":  # every record written is read before the signal
+            time.sleep(1.0)
         run.send_signal(signal.SIGTERM)  # stdin stays open: the stop is the signal's
         run.wait(WAIT_S)
     finally:
@@ -275,8 +289,29 @@ def test_psclient_run_on_endless_stdin_writes_snapshots_and_stops_on_sigterm_wit
     assert stderr.strip().splitlines()[-1].startswith("psclient: stopped by SIGTERM: "), stderr
     processed = [json.loads(line)[1] for line in outputs.read_text().splitlines()]
     assert len(processed) == len(set(processed)) > 0
+    # The stop ends the input after the records read so far: each of them, and no other, is processed.
+    assert sorted(processed) == list(range(written if input_at_the_stop == "quiet" else len(processed)))
     expected = _exactness_model(processed)
     assert _file_model(model) == {k: pytest.approx(v) for k, v in expected.items()}
     for shard in range(2):  # the final snapshot each shard took as it stopped holds the same model
         final = _file_model(models / f"model-{shard}-{numbers(shard)[-1]:06d}.jsonl")
         assert final == {k: pytest.approx(v) for k, v in expected.items() if shard_of(k, 2) == shard}
+
+
+def test_a_slow_reader_of_live_snapshots_gets_each_shards_newest_and_holds_no_backlog() -> None:
+    delivered: list[Any] = []
+    newest = NewestSnapshots(delivered.append)
+    for number in (1, 2, 3):  # three snapshots of shard 0 before the reader gets to any
+        newest.deliver(ShardSnapshot(0, number, False, [(0, float(number))]))
+    newest.deliver(ShardSnapshot(1, 1, False, [(1, 10.0)]))
+    newest.deliver(WatchEnded(1))
+    assert len(delivered) == 2  # one token per shard, not per snapshot
+    assert [list(token) for token in delivered] == [[Right((0, 3.0))], [Right((1, 10.0))]]
+
+
+def test_a_snapshot_that_cannot_be_written_leaves_no_partial_file(tmp_path: Path) -> None:
+    values = np.array([[1 + 2j]], dtype=np.complex64)  # no JSON for it: the write fails midway
+    snapshot = ModelSnapshot(1, 1, [[DecodedBatch(np.array([7], dtype=np.int64), [], values)]], False)
+    with pytest.raises(TypeError):
+        write_snapshot_file(tmp_path / "model-0-000001.jsonl", snapshot)
+    assert list(tmp_path.iterdir()) == []

@@ -207,7 +207,7 @@ def run(
             fed[0] += 1
             yield record
 
-    # SIGTERM stops the job gracefully: the workers finish what they took, the model is written.
+    # SIGTERM ends the input after the records read so far: the job ends with them, its model written.
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda _signum, _frame: stopping.set())
     try:

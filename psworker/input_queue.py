@@ -66,9 +66,10 @@ class InputQueue:
             self._chunks.append(chunk)
         self._wake()
 
-    def unreadable(self, message: str) -> None:
-        """A record could not be read: it takes its place in the input order."""
-        self.feed_positioned([(0, Unreadable(message))])
+    def unreadable(self, message: str, position: int = 0) -> None:
+        """A record could not be read: it takes its place in the input order (at `position`
+        when a stream acknowledges it once handled; a file's has none)."""
+        self.feed_positioned([(position, Unreadable(message))])
 
     def end(self) -> None:
         with self.cond:

@@ -17,6 +17,7 @@ temp file, fsynced, renamed over the old one, and the directory fsynced.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import zlib
@@ -223,7 +224,15 @@ class Checkpointing:
         if self.checkpoint_dir is not None:
             self._write_checkpoint(finished=finished)
         elif self._acks_owed():
+            self._flush_outputs()  # the entries are not read again: their outputs must be out first
             self._report(self.inputs.last_taken)
+
+    def _flush_outputs(self) -> None:
+        try:
+            if self.flush_outputs is not None:
+                self.flush_outputs()
+        except OSError as exc:
+            raise JobFailed(f"worker {self.worker_index}: cannot write its outputs: {exc}") from exc
 
     def _report_after_failure(self) -> None:
         """Once a failed worker's pushes are drained, the records below its first unfinished
@@ -233,7 +242,9 @@ class Checkpointing:
             return
         done = min(self.inputs.last_taken, origins.finished_below() - 1)
         if not self._buffers.unacked and done > self._reported:
-            self._report(done)
+            with contextlib.suppress(JobFailed):  # failed already; its outputs file may be why
+                self._flush_outputs()
+                self._report(done)
 
     def _report(self, position: int) -> None:
         self._reported, self._reported_records, self._reported_at = position, self.records, time.monotonic()

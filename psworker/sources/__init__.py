@@ -54,7 +54,7 @@ def open_source(spec: str, context: SourceContext) -> Source:
         except Exception as exc:  # a user's constructor can raise anything
             raise SourceError(f"--input {spec!r}: {type(exc).__name__}: {exc}") from exc
         if not isinstance(made, Source):
-            raise SourceError(f"--input {spec!r} made a {type(made).__qualname__}, not a psworker.sources.Source")
+            raise SourceError(f"--input {spec!r} returned a {type(made).__qualname__}, not a Source")
         source = made
     else:
         from psworker.sources.files import FileSource

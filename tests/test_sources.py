@@ -18,6 +18,7 @@ from test_shard_restarts import expected_model, start_shard
 from psclient import Cluster
 from psclient.children import worker_argv
 from psclient.inputs import MalformedRecord, decode_record
+from psclient.wire.partition import key_bucket
 
 
 def test_a_users_source_feeds_the_workers_and_its_malformed_record_is_handled_per_on_error(
@@ -119,3 +120,49 @@ def test_a_stream_job_runs_until_sigterm_and_a_new_run_reads_on(
     with Cluster(servers) as cluster:
         assert dict(cluster.snapshot()) == expected_model(range(150))
     r.close()
+
+
+def _publish_nats(server: StreamServer, bodies: list[bytes]) -> None:
+    from test_jetstream_source import publish
+
+    publish(server, bodies)
+
+
+@pytest.mark.parametrize("kind", ["redis", "nats"])
+def test_partition_key_sends_the_records_of_a_key_to_one_worker(
+    tmp_path: Path, procs: Processes, request: pytest.FixtureRequest, kind: str
+) -> None:
+    """--partition-key on a stream: every worker reads it all and keeps the records whose key
+    maps to it (the rule of a file's records); a record without the key is malformed."""
+    server: StreamServer = request.getfixturevalue(f"{kind}_server")
+    records = [{"id": f"k{n % 37}", "delta": n} for n in range(1_000)]
+    bodies = [json.dumps(record).encode() for record in records] + [b'{"delta": 1}']
+    if kind == "redis":
+        with redis.Redis(port=server.port) as r:
+            for body in bodies:
+                r.xadd("records", {"record": body})
+        url = f"redis://{server.address}/records?group=g&end=idle:2"
+    else:
+        _publish_nats(server, bodies)
+        url = f"nats://{server.address}/records?durable=d&end=idle:2"
+    shards = [start_shard(procs, index).address for index in range(2)]
+    workers = []
+    for index in range(2):
+        argv = worker_argv(
+            "logics:JsonPush", shards, index, 2, "--input", url, "--partition-key", "id", "--on-error", "skip",
+            "--output", str(tmp_path / f"out-{index}.jsonl"),
+        )  # fmt: skip
+        workers.append(procs.popen(argv, stdout=subprocess.DEVNULL))
+    for process, stderr in workers:
+        assert process.wait(timeout=120) == 0, stderr.read_text()
+    for index in range(2):
+        ids = [json.loads(line) for line in (tmp_path / f"out-{index}.jsonl").read_text().splitlines()]
+        assert ids and all(key_bucket(i, 2) == index for i in ids)
+    assert sum(len((tmp_path / f"out-{index}.jsonl").read_text().splitlines()) for index in range(2)) == 1_000
+    warnings = [line for _, stderr in workers for line in stderr.read_text().splitlines() if "skipped" in line]
+    assert len(warnings) == 1 and "no partition key 'id' in {'delta': 1}; skipped" in warnings[0], warnings
+    model: dict[str, int] = {}
+    for record in records:
+        model[record["id"]] = model.get(record["id"], 0) + record["delta"]  # type: ignore[operator]
+    with Cluster(shards) as cluster:
+        assert dict(cluster.snapshot()) == model

@@ -31,7 +31,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from psclient.rpc.connection import EventLoopThread
 from psworker.sources.base import Chunk, Source, SourceContext, SourceError
-from psworker.sources.streams import READ_WAIT_S, decode, parse_stream_url, refuse_partition_key
+from psworker.sources.streams import READ_WAIT_S, decode, parse_stream_url, share_of
 
 log = logging.getLogger("streamps.worker")
 
@@ -52,7 +52,6 @@ class JetStreamSource(Source):
 
     def __init__(self, url: str, context: SourceContext):
         self.spec = parse_stream_url(url, DEFAULT_PORT, "durable", ("ack_wait",))
-        refuse_partition_key(self.spec, context)
         try:
             self.ack_wait = float(self.spec.options.get("ack_wait", DEFAULT_ACK_WAIT_S))
         except ValueError:
@@ -136,7 +135,7 @@ class JetStreamSource(Source):
             return []
 
     def read(self) -> Iterator[Chunk]:
-        index, workers = self.context.worker_index, self.context.num_workers
+        index = self.context.worker_index
         # By sequence: the old messages a restarted worker waits for, and the new ones meanwhile.
         again: dict[int, Any] = {}
         held: dict[int, Any] = {}
@@ -150,20 +149,23 @@ class JetStreamSource(Source):
                 raise self._lost(exc) from exc
             if messages:
                 last_message = time.monotonic()
+            done = []  # acknowledged at once
             for msg in messages:
                 seq = msg.metadata.sequence.stream
-                if seq % workers != index:
-                    self._ack([msg])  # another worker's: its own consumer delivers it to it
+                if self._owner(seq, msg) != index:
+                    done.append(msg)  # another worker's: its own consumer delivers it to it
                     if seq <= delivered:
                         again.setdefault(seq, None)
                 elif seq in self._unacked:
                     self._unacked[seq] = msg  # delivered again while in hand: ack the latest delivery
                 elif delivered < seq <= self._last:
-                    self._ack([msg])  # taken in this run and acknowledged already
+                    done.append(msg)  # taken in this run and acknowledged already
                 elif seq <= delivered:
                     again[seq] = msg
                 else:
                     held[seq] = msg
+            if done:
+                self._ack(done)
             if owed and (len(again) >= owed or time.monotonic() - waiting_since >= REDELIVERY_WAITS * self.ack_wait):
                 owed = 0  # every old one is back (or gone from the stream): they go first, in order
             if not owed and (again or held):
@@ -177,12 +179,24 @@ class JetStreamSource(Source):
                 return
             yield []
 
+    def _where(self, seq: int) -> str:
+        return f"stream {self.spec.stream} message {seq}"
+
+    def _owner(self, seq: int, msg: Any) -> int:
+        """The worker whose message it is: by sequence, or under --partition-key by its record's key."""
+        context = self.context
+        if context.partition_key is None:
+            return seq % context.num_workers
+        return share_of(decode(msg.data, context.fmt, self._where(seq)), seq, context, self._where(seq))[0]
+
     def _take(self, msg: Any) -> tuple[int, Any]:
         seq = msg.metadata.sequence.stream
         self._unacked[seq] = msg
         self._last = max(self._last, seq)
-        where = f"stream {self.spec.stream} message {seq}"
-        return seq, decode(msg.data, self.context.fmt, where)
+        record = decode(msg.data, self.context.fmt, self._where(seq))
+        if self.context.partition_key is not None:  # a record without the key is malformed
+            record = share_of(record, seq, self.context, self._where(seq))[1]
+        return seq, record
 
     def _ack(self, messages: list[Any]) -> None:
         async def ack() -> None:

@@ -24,7 +24,7 @@ from typing import Any
 import redis
 
 from psworker.sources.base import Chunk, Source, SourceContext, SourceError
-from psworker.sources.streams import READ_WAIT_S, Unacked, decode, parse_stream_url, refuse_partition_key
+from psworker.sources.streams import READ_WAIT_S, Unacked, decode, parse_stream_url, share_of
 
 DEFAULT_PORT = 6379
 # An entry id is MS-SEQ; its position is MS * 2**SEQ_BITS + SEQ, which stays below 2**63
@@ -50,9 +50,10 @@ class RedisStreamSource(Source):
 
     def __init__(self, url: str, context: SourceContext):
         self.spec = parse_stream_url(url, DEFAULT_PORT, "group", ())
-        refuse_partition_key(self.spec, context)
         self.context = context
         self.group = self.spec.options["group"]
+        if context.partition_key is not None:  # every worker reads it all, in a group of its own
+            self.group = f"{self.group}-w{context.worker_index}"
         self.consumer = context.worker_id
         self.client: redis.Redis | None = None
         self._unacked = Unacked()
@@ -95,17 +96,24 @@ class RedisStreamSource(Source):
 
     def _chunk(self, entries: list[tuple[bytes, dict[bytes, bytes] | None]]) -> Chunk:
         chunk: Chunk = []
-        gone = []
+        done = []  # acknowledged at once
+        context = self.context
         for entry_id, fields in entries:
             if fields is None:  # deleted from the stream after it was read: nothing left to do
-                gone.append(entry_id)
+                done.append(entry_id)
                 continue
             at = position(entry_id)
             where = f"stream {self.spec.stream} entry {entry_id.decode()}"
-            chunk.append((at, decode(fields.get(b"record"), self.context.fmt, where)))
+            record = decode(fields.get(b"record"), context.fmt, where)
+            if context.partition_key is not None:
+                owner, record = share_of(record, at, context, where)
+                if owner != context.worker_index:
+                    done.append(entry_id)  # another worker's, which reads it in its own group
+                    continue
+            chunk.append((at, record))
             self._unacked.add(at, entry_id)
-        if gone:
-            self._xack(gone)
+        if done:
+            self._xack(done)
         return chunk
 
     def read(self) -> Iterator[Chunk]:

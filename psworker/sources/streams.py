@@ -10,6 +10,8 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from psclient.inputs import MalformedRecord, decode_record
+from psclient.wire.partition import key_bucket
+from psworker.checks import short_repr
 from psworker.sources.base import SourceContext, SourceError
 
 # Entries (messages) asked for in one read.
@@ -75,9 +77,23 @@ def parse_stream_url(url: str, default_port: int, name_option: str, allowed: Ite
     )
 
 
-def refuse_partition_key(spec: StreamSpec, context: SourceContext) -> None:
-    if context.partition_key is not None:
-        raise SourceError(f"--input {spec.url}: --partition-key is for files; a stream's workers share its entries")
+def share_of(record: Any, fallback: int, context: SourceContext, where: str) -> tuple[int, Any]:
+    """Under --partition-key: the worker that takes `record` (by the rule a file's records
+    follow, psclient.wire.partition.key_bucket), and the record, a MalformedRecord when it has
+    no such key. A malformed record goes to worker `fallback` modulo the number of workers, so
+    that one worker reports it."""
+    key, workers = context.partition_key, context.num_workers
+    assert key is not None
+    if isinstance(record, MalformedRecord):
+        return fallback % workers, record
+    try:
+        if isinstance(record, dict):
+            return key_bucket(record[key], workers), record
+        if isinstance(record, tuple | list):
+            return key_bucket(record[int(key)], workers), record
+    except (KeyError, IndexError, ValueError, TypeError):
+        pass
+    return fallback % workers, MalformedRecord(f"{where}: no partition key {key!r} in {short_repr(record)}")
 
 
 def decode(data: bytes | None, fmt: str, where: str) -> Any:

@@ -96,6 +96,11 @@ class StreamJob:
     def logs(self) -> str:
         return "\n".join(path.read_text() for path in sorted(self.tmp_path.glob("child-*.stderr")))
 
+    def written(self, index: int) -> int:
+        """Outputs worker `index` wrote (before it acknowledged their entries)."""
+        path = self.tmp_path / f"out-{index}.jsonl"
+        return len(path.read_text().splitlines()) if path.exists() else 0
+
     def model(self) -> dict[Any, Any]:
         with Cluster(self.servers) as cluster:
             return dict(cluster.snapshot())
@@ -137,7 +142,8 @@ def test_a_worker_killed_mid_stream_and_restarted_leaves_the_model_exact(
     deadline = time.monotonic() + 60
     while not killed_holding:
         assert time.monotonic() < deadline, "worker 1 never held an unacknowledged message"
-        if unacked(nats_server, 1):
+        # Once it has pushes in the shards, and entries in hand.
+        if job.written(1) >= 1_000 and unacked(nats_server, 1):
             os.kill(job.workers[1].pid, signal.SIGKILL)
             job.workers[1].wait(timeout=10)
             killed_holding = unacked(nats_server, 1)

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
 from conftest import Processes, error_line, run_psworker
 from stream_servers import StreamServer
@@ -80,6 +81,11 @@ class StreamJob:
     def logs(self) -> str:
         return "\n".join(path.read_text() for path in sorted(self.tmp_path.glob("child-*.stderr")))
 
+    def written(self, index: int) -> int:
+        """Outputs worker `index` wrote (before it acknowledged their entries)."""
+        path = self.tmp_path / f"out-{index}.jsonl"
+        return len(path.read_text().splitlines()) if path.exists() else 0
+
     def model(self) -> dict[Any, Any]:
         with Cluster(self.servers) as cluster:
             return dict(cluster.snapshot())
@@ -105,22 +111,26 @@ def test_two_workers_share_a_stream_and_acknowledge_every_entry(
     assert sorted(record for _, record in outputs) == list(records)  # each once, without a failure
 
 
+@pytest.mark.parametrize("checkpoints", [False, True], ids=["plain", "checkpointed"])
 def test_a_worker_killed_mid_stream_and_restarted_leaves_the_model_exact(
-    tmp_path: Path, procs: Processes, redis_server: StreamServer
+    tmp_path: Path, procs: Processes, redis_server: StreamServer, checkpoints: bool
 ) -> None:
     """Worker 1 is killed while it holds entries it has not acknowledged (some of whose pushes
-    the shards may hold); started again under the same name, it reads them again."""
+    the shards may hold); started again under the same name, it reads them again. With
+    --checkpoint-dir it acknowledges at its checkpoints, and skips what its checkpoint covers."""
     records = range(20_000)
     producer = threading.Thread(
         target=produce, args=(redis_server, records), kwargs={"pause_every": 500, "pause_s": 0.2}
     )
     producer.start()
-    job = StreamJob(procs, tmp_path, redis_server)
+    extra = ["--checkpoint-dir", str(tmp_path / "ckpt"), "--checkpoint-every", "300"] if checkpoints else []
+    job = StreamJob(procs, tmp_path, redis_server, *extra)
     killed_holding = 0
     deadline = time.monotonic() + 60
     while not killed_holding:
         assert time.monotonic() < deadline, "worker 1 never held an unacknowledged entry"
-        if pending(redis_server, f"{JOB}-w1"):
+        # Once it has pushes in the shards, and entries in hand.
+        if job.written(1) >= 1_000 and pending(redis_server, f"{JOB}-w1"):
             os.kill(job.workers[1].pid, signal.SIGKILL)
             job.workers[1].wait(timeout=10)
             killed_holding = pending(redis_server, f"{JOB}-w1")

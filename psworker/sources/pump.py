@@ -97,13 +97,17 @@ class Pump:
             runtime.fail(f"worker {runtime.worker_index}: source {name} failed: {type(exc).__name__}: {exc}")
 
     def finish(self, timeout: float) -> None:
-        """After the logic ended: acknowledge what it finished, and close the source."""
-        self.thread.join(timeout)
+        """After the logic ended: acknowledge what it finished, and close the source. Only a
+        source that acknowledges is waited for; a reader still blocked (on stdin, say) is left
+        to the end of the process."""
+        if self.source.acks:
+            self.thread.join(timeout)
+        if self.thread.is_alive():
+            return
         try:
-            if self.source.acks and not self.thread.is_alive():
+            if self.source.acks:
                 self._ack(self.finished.position)
         except SourceError as exc:
             log.error("worker %d: %s", self.runtime.worker_index, exc)
         finally:
-            if not self.thread.is_alive():
-                self.source.close()
+            self.source.close()

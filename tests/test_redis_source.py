@@ -207,3 +207,23 @@ def test_an_unreachable_redis_or_a_bad_url_is_one_line_and_exit_2(procs: Process
         code, _, err = run_psworker(procs, "--logic", "logics:Exactness", "--worker-index", "0", "--num-workers",
                                     "1", "--input", url, "--job-id", "j")  # fmt: skip
         assert (code, error_line(err)) == (2, f"psworker: error: --input {url}: {problem}")
+
+
+def test_redis_going_away_mid_job_fails_the_worker_in_one_line(
+    tmp_path: Path, procs: Processes, redis_server: StreamServer
+) -> None:
+    """Nothing is lost: what it had not acknowledged stays pending for its next run."""
+    server = start_shard(procs, 0, num_shards=1).address
+    url = f"redis://{redis_server.address}/{STREAM}?group={GROUP}"
+    argv = worker_argv("logics:Exactness", [server], 0, 1, "--input", url, "--output", str(tmp_path / "out"))
+    worker, stderr = procs.popen(argv, stdout=subprocess.DEVNULL)
+    with client(redis_server) as r:
+        r.xadd(STREAM, {"record": "1"})
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "out").exists() or not (tmp_path / "out").read_text():  # taken, acknowledged
+        assert time.monotonic() < deadline and worker.poll() is None, stderr.read_text()
+        time.sleep(0.05)
+    redis_server.stop()
+    assert worker.wait(timeout=20) == 1
+    line = error_line(stderr.read_text().splitlines())
+    assert line.startswith(f"psworker: error: worker 0: --input {url}: ConnectionError: "), line

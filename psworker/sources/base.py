@@ -48,11 +48,10 @@ class Source:
 
     # What a position is called in messages: "line", "entry", "message", "record".
     position_name = "record"
-    # Whether positions name the same record in every run (a file's line, a stream's
-    # entry id): then the worker tags its pushes by position, and a restarted one
-    # replays exactly, its repeated pushes dropped by the shards.
-    stable_positions = False
-    # Whether the source wants `ack`: a restarted worker reads again what was not acked.
+    # Whether the source wants `ack`: a worker started again gets what was not acked
+    # again. Its positions must then name the same record in every run (a stream's entry
+    # id): the worker tags its pushes by position, so the shards apply those of a record
+    # it takes again once.
     acks = False
 
     def open(self) -> None:

@@ -16,7 +16,6 @@ class FileSource(Source):
     """Lines are positions, in every run the same: a restarted worker reads on after its checkpoint."""
 
     position_name = "line"
-    stable_positions = True
 
     def __init__(self, path: str, context: SourceContext):
         self.path = path

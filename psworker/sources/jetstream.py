@@ -47,7 +47,6 @@ REDELIVERY_WAITS = 3
 
 class JetStreamSource(Source):
     position_name = "message"
-    stable_positions = True
     acks = True
 
     def __init__(self, url: str, context: SourceContext):

@@ -45,7 +45,6 @@ def position(entry_id: bytes) -> int:
 
 class RedisStreamSource(Source):
     position_name = "entry"
-    stable_positions = True
     acks = True
 
     def __init__(self, url: str, context: SourceContext):

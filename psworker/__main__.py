@@ -168,7 +168,7 @@ def _serve_until_read(
     callback=_check_job_id,
     **env("JOB_ID"),
     help="The job this worker belongs to; with --worker-index it names the worker to the shards, "
-    "the same across restarts. Default: a random one for this process.",
+    "the same across restarts. Default: a stream's group (durable) name, else a random one.",
 )
 @click.option(
     "--checkpoint-dir",

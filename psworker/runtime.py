@@ -10,7 +10,7 @@ Threads of a worker process:
   that one thread: no hand-over between threads, no lock on the way. The logic
   lets the streams run after it sends and at least every `YIELD_S`;
 - the thread that called `run`, which only waits for the end;
-- feeders (a file reader, or Feed RPCs), which block while the input queue is
+- feeders (a source's pump: psworker/sources, or Feed RPCs), which block while the input queue is
   full: that is the backpressure that reaches the data source. They wake the
   loop when they add input.
 
@@ -166,7 +166,7 @@ class WorkerRuntime(LogicLoop, ShardLinks, WorkerClock):
         self.client = _Client(self)
         num_shards = len(self.servers)
 
-        # Fed from other threads (a file reader, Feed RPCs).
+        # Fed from other threads (a source's pump, Feed RPCs).
         self.inputs = InputQueue(worker_index, INPUT_CAPACITY_CHUNKS, self._wake_threadsafe)
         self._failure: str | None = None
         self.state = State.RUNNING

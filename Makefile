@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 LINTED := $(wildcard psclient psserver psworker protos tests examples benchmarks)
 
-.PHONY: demo test bench lint proto proto-check setup clean base-image
+.PHONY: demo test bench lint proto proto-check setup clean base-image stream-servers
 
 setup: $(STAMP)
 
@@ -20,8 +20,17 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) examples/online_mf.py --demo
 
-test: $(STAMP) proto-check lint
+# The stream sources' tests run against real redis-server and nats-server from Debian's
+# packages, installed here when missing and we may (else those tests say why they skip).
+STREAM_SERVERS := redis-server nats-server
+
+test: $(STAMP) proto-check lint stream-servers
 	$(PY) -m pytest -q -rs $(PYTEST_ARGS)
+
+stream-servers:
+	@missing=""; for bin in $(STREAM_SERVERS); do PATH="$$PATH:/usr/sbin" command -v $$bin >/dev/null || missing="$$missing $$bin"; done; \
+	[ -z "$$missing" ] || { [ "$$(id -u)" = 0 ] && (apt-get update -qq && apt-get install -y -qq $$missing >/dev/null) \
+	    || echo "could not install$$missing: the stream sources' tests will skip"; }
 
 # The bench extra (Ray, the Redis client with hiredis, psutil, py-spy) from PyPI, redis-server
 # from Debian's packages (installed when missing and we may; its rows say why if not), and

@@ -85,6 +85,31 @@ def _parse(path: str, fmt: str, skip_header: bool) -> Iterator[tuple[int, Any]]:
                 yield number, tuple(_number_or_text(field) for field in row)
 
 
+def decode_record(data: bytes, fmt: str) -> Any:
+    """One record from one stream entry or message by `fmt`, as a line of a file in that
+    format is read; MalformedRecord (saying what is wrong, not where) when it cannot be."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MalformedRecord(f"not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    if fmt == "lines":
+        return text
+    if fmt == "jsonl":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise MalformedRecord(f"malformed JSON: {exc.msg} at column {exc.colno}") from None
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
+    try:
+        rows = list(csv.reader([text], delimiter="," if fmt == "csv" else "\t", strict=True))
+    except csv.Error as exc:
+        raise MalformedRecord(f"malformed {fmt}: {exc}") from None
+    if len(rows) != 1 or not rows[0]:
+        raise MalformedRecord(f"expected one {fmt} row, found {len(rows)}")
+    return tuple(_number_or_text(field) for field in rows[0])
+
+
 @dataclass
 class InputSpec:
     path: str

@@ -1,4 +1,4 @@
-"""`psworker`: run one worker of a job, fed from a file or through the Feed RPC."""
+"""`psworker`: run one worker of a job, fed from a source (psworker/sources) or through the Feed RPC."""
 
 from __future__ import annotations
 
@@ -36,16 +36,16 @@ from psclient.cli.options import (
 )
 from psclient.cli.process import StopSignal, announce, configure_logging, start_metrics
 from psclient.errors import JobFailed, ShardError, SpecError
-from psclient.inputs import InputSpec, MalformedRecord, read_share
 from psclient.wire.records import to_json_compatible, unpack
 from psworker.checkpoints import DEFAULT_CHECKPOINT_EVERY, CheckpointError
 from psworker.logic import load_logic, with_pull_limit
 from psworker.metrics import register as register_metrics
-from psworker.runtime import DEFAULT_SHARD_TIMEOUT_S, WorkerRuntime
+from psworker.runtime import DEFAULT_SHARD_TIMEOUT_S, WorkerRuntime, new_job_id
 from psworker.service import OutputBuffer, build_worker_server
+from psworker.sources import Source, SourceContext, SourceError, is_stream, open_source, stream_group
+from psworker.sources.pump import Pump
 
 STOP_GRACE_S = 5.0
-FILE_CHUNK = 256
 # After a failure, how long a worker serving Outputs waits for a reader to take
 # its outputs and error. A reader that is attached gets them at once; without
 # one, the error is in this process's log and exit code, and a worker that
@@ -73,30 +73,6 @@ def _flush(handle: TextIO) -> None:
     handle.flush()
     with contextlib.suppress(OSError):  # a pipe or a terminal: flushed is all there is
         os.fsync(handle.fileno())
-
-
-def _feed_file(runtime: WorkerRuntime, spec: InputSpec) -> None:
-    chunk: list[tuple[int, Any]] = []
-    try:
-        done = runtime.resume_position  # a restarted worker reads on after its checkpoint
-        for number, record in read_share(spec, runtime.worker_index, runtime.num_workers):
-            if number <= done:
-                continue
-            if isinstance(record, MalformedRecord):
-                runtime.feed_positioned(chunk)
-                chunk = []
-                runtime.input_error(str(record))
-                continue
-            chunk.append((number, record))
-            if len(chunk) >= FILE_CHUNK:
-                runtime.feed_positioned(chunk)
-                chunk = []
-        runtime.feed_positioned(chunk)
-        runtime.end_input()
-    except JobFailed:
-        pass  # the job already stopped; its error is reported by the runtime
-    except (OSError, UnicodeDecodeError) as exc:
-        runtime.fail(f"worker {runtime.worker_index}: cannot read {spec.path}: {exc}")
 
 
 def _stop_input(runtime: WorkerRuntime, stop: StopSignal, *, drop_queued: bool = False) -> None:
@@ -160,7 +136,11 @@ def _serve_until_read(
 @click.option("--servers", required=True, **env("SERVERS"), help="Shard addresses H:P,H:P,... in shard order.")
 @click.option("--worker-index", type=click.IntRange(min=0), required=True, **env("WORKER_INDEX"))
 @click.option("--num-workers", type=click.IntRange(min=1), required=True, **env("NUM_WORKERS"))
-@input_options(required=False, input_help="Records file, or - for stdin. Without it, serve the Feed RPC.")
+@input_options(
+    required=False,
+    input_help="Records file, - for stdin, redis://HOST:PORT/STREAM?group=G, nats://HOST:PORT/STREAM?durable=NAME "
+    "or module:attr (a Source of your own). Without it, serve the Feed RPC.",
+)
 @click.option(
     "--output",
     "output_path",
@@ -188,7 +168,7 @@ def _serve_until_read(
     callback=_check_job_id,
     **env("JOB_ID"),
     help="The job this worker belongs to; with --worker-index it names the worker to the shards, "
-    "the same across restarts. Default: a random one for this process.",
+    "the same across restarts. Default: a stream's group (durable) name, else a random one.",
 )
 @click.option(
     "--checkpoint-dir",
@@ -243,10 +223,23 @@ def main(
             logic = with_pull_limit(logic, pull_limit)
     except SpecError as exc:
         fail(str(exc), 2)
-    if input_path is not None and input_path != "-" and not Path(input_path).is_file():
-        fail(f"--input {input_path}: no such file", 2)
+    # Named by the group (durable) they read with, a restarted one reads on as the same consumer.
+    if (
+        input_path is not None
+        and is_stream(input_path)
+        and not (job_id or JOB_ID.fullmatch(job_id := stream_group(input_path)))
+    ):
+        fail(f"--input {input_path}: give a --job-id (the group or durable name cannot name the workers)", 2)
     if checkpoint_dir is not None:
         _check_restartable(checkpoint_dir, input_path, job_id)
+    job_id = job_id or new_job_id()
+    source: Source | None = None
+    if input_path is not None:
+        context = SourceContext(worker_index, num_workers, f"{job_id}-w{worker_index}", fmt, partition_key, skip_header)
+        try:
+            source = open_source(input_path, context)
+        except SourceError as exc:
+            fail(str(exc), 2)
     if output_path is None and input_path is not None:
         output_path = "-"
     try:
@@ -255,8 +248,9 @@ def main(
         fail(f"cannot serve metrics on port {metrics_port}: {exc}", 2)
     with ExitStack() as stack:
         outputs = OutputBuffer()
-        # A restartable worker adds to its outputs: a restart delivers those of the records it replays again.
-        out = open_output(stack, output_path, append=checkpoint_dir is not None)
+        # A restartable worker (a stream's too) adds to its outputs: a restart delivers those of the records
+        # it replays again.
+        out = open_output(stack, output_path, append=checkpoint_dir is not None or (source is not None and source.acks))
         emit = _json_writer(out) if out is not None else outputs.put
         try:
             runtime = WorkerRuntime(
@@ -268,7 +262,7 @@ def main(
                 on_error=on_error,
                 max_batch=batch_max_keys,
                 linger_s=batch_linger_ms / 1000,
-                position_name="line" if input_path is not None else "record",
+                position_name=source.position_name if source is not None else "record",
                 connect_timeout=connect_timeout,
                 shard_timeout=shard_timeout,
                 job_id=job_id,
@@ -277,6 +271,7 @@ def main(
                 flush_outputs=functools.partial(_flush, out) if out is not None else None,
                 pending_outputs=outputs.pending if out is None else None,
                 consistency=consistency,
+                track_origins=source is not None and source.acks,
             )
         except CheckpointError as exc:
             fail(f"worker {worker_index}: {exc}", 2)
@@ -290,8 +285,8 @@ def main(
                     emit(unpack(data))
         if metrics_port is not None:
             register_metrics(worker_index, runtime.counters)
-        if input_path is not None:
-            stop = _run_on_file(runtime, InputSpec(input_path, fmt, partition_key, skip_header))
+        if source is not None:
+            stop = _run_on_source(runtime, source)
         else:
             stop = _serve_feed(runtime, outputs, host, port, to_file=output_path is not None)
     if stop.signum is not None:
@@ -327,8 +322,8 @@ def _connect(runtime: WorkerRuntime) -> None:
         fail(f"worker {runtime.worker_index}: {exc}", 1)
 
 
-def _run_on_file(runtime: WorkerRuntime, spec: InputSpec) -> StopSignal:
-    """The file path: read this worker's share of the file on a thread, run the logic to the end."""
+def _run_on_source(runtime: WorkerRuntime, source: Source) -> StopSignal:
+    """Read the source on a thread, run the logic to the end, then acknowledge what it finished."""
     _connect(runtime)
     stop = StopSignal()
     failure: list[JobFailed] = []
@@ -339,7 +334,8 @@ def _run_on_file(runtime: WorkerRuntime, spec: InputSpec) -> StopSignal:
         except JobFailed as exc:
             failure.append(exc)
 
-    threading.Thread(target=_feed_file, args=(runtime, spec), name="file-reader", daemon=True).start()
+    pump = Pump(source, runtime, stopping=lambda: stop.is_set() or bool(runtime.error))
+    pump.start()
     # The logic on a thread, so that this one sees a signal at once (it is delivered
     # to the main thread, which a blocking wait would hold).
     logic = threading.Thread(target=run_logic, name="logic", daemon=True)
@@ -354,6 +350,7 @@ def _run_on_file(runtime: WorkerRuntime, spec: InputSpec) -> StopSignal:
         if _stopped_again(runtime, stop):
             fail(runtime.error or "stopped", 1)
         logic.join(StopSignal.POLL_S)
+    pump.finish(STOP_GRACE_S)
     if failure:
         fail(str(failure[0]), 1)
     return stop

@@ -17,6 +17,7 @@ temp file, fsynced, renamed over the old one, and the directory fsynced.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import zlib
@@ -39,6 +40,10 @@ FORMAT = 1
 # A restartable worker checkpoints every this many records (a pause of one round
 # trip to the shards, while everything in flight is answered).
 DEFAULT_CHECKPOINT_EVERY = 10_000
+# A source whose entries are acknowledged (a stream) gets them acknowledged at quiescent
+# points: input pauses for one after this many records, or this long after the last one.
+ACK_EVERY_RECORDS = 256
+ACK_INTERVAL_S = 0.5
 # The file starts with a magic and a CRC-32 of the payload: a checkpoint cut short
 # by a crash of the machine mid-write is refused, not half read.
 MAGIC = b"SPCK"
@@ -141,9 +146,13 @@ class Checkpointing:
         every: int,
         flush_outputs: Callable[[], None] | None,
         pending_outputs: Callable[[], list[bytes]] | None,
+        track_origins: bool = False,
     ) -> None:
         """A worker with a `directory` is restartable: its pushes carry their records'
-        origins (psworker/origins.py), and it resumes from the checkpoint it finds there."""
+        origins (psworker/origins.py), and it resumes from the checkpoint it finds there.
+        So do a stream's workers (`track_origins`), whose positions are the entries' own:
+        a restarted one gets its unacknowledged entries again, and the shards take their
+        pushes once."""
         self.checkpoint_dir = directory
         self.checkpoint_every = every
         # A restart replays only the records after a checkpoint, so the outputs of those it
@@ -155,9 +164,15 @@ class Checkpointing:
         self.checkpoint_position = 0  # of the last checkpoint written or resumed from (Status)
         self._origins: OriginTracker | None = None
         self.resumed: Checkpoint | None = None
-        if directory is not None:
+        # Told, at quiescent points, the position up to which every record taken is finished.
+        self.report_finished: Callable[[int], None] | None = None
+        self._reported = 0
+        self._reported_records = 0
+        self._reported_at = time.monotonic()
+        if directory is not None or track_origins:
             self._origins = OriginTracker(self._buffers)
             self._buffers.finished_below = self._origins.finished_below
+        if directory is not None:
             self.resumed = read_checkpoint(
                 directory,
                 self.worker_index,
@@ -189,6 +204,53 @@ class Checkpointing:
     def _checkpoint_due(self) -> bool:
         return self.checkpoint_dir is not None and self.records - self._checkpointed_records >= self.checkpoint_every
 
+    def _acks_owed(self) -> bool:
+        return self.report_finished is not None and self.inputs.last_taken > self._reported
+
+    def _ack_due(self) -> bool:
+        """Whether input pauses for a quiescent point, where the records taken are acknowledged
+        to their source. A checkpointed worker acknowledges at its checkpoints only, so that
+        what it acknowledged and what its logic's state holds agree."""
+        if self.checkpoint_dir is not None or not self._acks_owed():
+            return False
+        return (
+            self.records - self._reported_records >= ACK_EVERY_RECORDS
+            or time.monotonic() - self._reported_at >= ACK_INTERVAL_S
+        )
+
+    def _settle(self, *, finished: bool = False) -> None:
+        """At a quiescent point: checkpoint (a restartable worker), and tell the source that
+        every record taken so far is finished."""
+        if self.checkpoint_dir is not None:
+            self._write_checkpoint(finished=finished)
+        elif self._acks_owed():
+            self._flush_outputs()  # the entries are not read again: their outputs must be out first
+            self._report(self.inputs.last_taken)
+
+    def _flush_outputs(self) -> None:
+        try:
+            if self.flush_outputs is not None:
+                self.flush_outputs()
+        except OSError as exc:
+            raise JobFailed(f"worker {self.worker_index}: cannot write its outputs: {exc}") from exc
+
+    def _report_after_failure(self) -> None:
+        """Once a failed worker's pushes are drained, the records below its first unfinished
+        one are done: acknowledged, so that a restart does not take them again."""
+        origins = self._origins
+        if self.report_finished is None or self.checkpoint_dir is not None or origins is None:
+            return
+        done = min(self.inputs.last_taken, origins.finished_below() - 1)
+        if not self._buffers.unacked and done > self._reported:
+            with contextlib.suppress(JobFailed):  # failed already; its outputs file may be why
+                self._flush_outputs()
+                self._report(done)
+
+    def _report(self, position: int) -> None:
+        self._reported, self._reported_records, self._reported_at = position, self.records, time.monotonic()
+        if self.report_finished is not None:
+            self.report_finished(position)
+
     def _write_checkpoint(self, *, finished: bool) -> None:
         """Checkpoint at a quiescent point: every record taken so far is done and in the shards."""
         assert self.checkpoint_dir is not None and self._origins is not None
@@ -218,6 +280,7 @@ class Checkpointing:
             raise JobFailed(f"worker {self.worker_index}: cannot checkpoint: {exc}") from exc
         self._checkpointed_records = self.records
         self.checkpoint_position = checkpoint.position
+        self._report(checkpoint.position)
         log.debug(
             "checkpoint at %s %d (%d records) in %.1f ms",
             self.position_name,

@@ -56,7 +56,9 @@ class WorkerClock:
         self._async_clock = 0
         if restartable and self.staleness is not None:
             # Its pushes leave per record (psworker/origins.py): after a clock message sent in on_recv.
-            raise CheckpointError(f"a restartable worker (--checkpoint-dir) cannot run --consistency {consistency}")
+            raise CheckpointError(
+                f"a restartable worker (--checkpoint-dir, or a stream's) cannot run --consistency {consistency}"
+            )
 
     @property
     def clock(self) -> int:

@@ -1,6 +1,6 @@
 """Records on their way to a worker's logic, in order, each with its position.
 
-Feeders (a file reader, Feed RPCs) put chunks from any thread and block while
+Feeders (a source's pump, Feed RPCs) put chunks from any thread and block while
 `capacity` chunks wait: that is the backpressure that reaches the data
 source. The logic takes records one at a time on the worker's event loop. A
 record that could not be read keeps its place as an `Unreadable`, so the
@@ -66,9 +66,10 @@ class InputQueue:
             self._chunks.append(chunk)
         self._wake()
 
-    def unreadable(self, message: str) -> None:
-        """A record could not be read: it takes its place in the input order."""
-        self.feed_positioned([(0, Unreadable(message))])
+    def unreadable(self, message: str, position: int = 0) -> None:
+        """A record could not be read: it takes its place in the input order (at `position`
+        when a stream acknowledges it once handled; a file's has none)."""
+        self.feed_positioned([(position, Unreadable(message))])
 
     def end(self) -> None:
         with self.cond:
@@ -79,7 +80,7 @@ class InputQueue:
     def stop(self, reason: str, *, drop_queued: bool = False) -> None:
         """End the input here (a graceful stop) and turn feeders away with `reason`,
         those waiting for room too. The records queued so far are still processed,
-        unless `drop_queued`: a file reader's read-ahead, which no one was told was
+        unless `drop_queued`: a source's read-ahead, which no one was told was
         taken (the chunk the logic is in still is)."""
         with self.cond:  # an RLock: refuse takes it again
             self.refuse(reason)

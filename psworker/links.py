@@ -39,6 +39,7 @@ from psclient.wire.codec import decode_batch, decode_rows
 from psclient.wire.proto import shard_pb2
 from psworker.batching import ShardBuffers
 from psworker.loop import Answer
+from psworker.origins import OriginTracker
 
 log = logging.getLogger("streamps.worker")
 
@@ -65,6 +66,7 @@ class ShardLinks:
     connect_timeout: float
     shard_timeout: float
     checkpoint_dir: Path | None
+    _origins: OriginTracker | None
     _receives_many: bool
     _answers: deque[Answer]
     _buffers: ShardBuffers
@@ -100,9 +102,9 @@ class ShardLinks:
             self.check_consistency([connection.info for connection in self._connections])
             # A new run would number its pushes from 1 again, and the shard would take
             # them up to its watermark as duplicates of the last run's: silently dropped.
-            # A restartable worker's pushes are named by input position instead, so its
-            # restart is welcome (it replays what its checkpoint does not cover).
-            for connection in self._connections if self.checkpoint_dir is None else []:
+            # A restartable worker's pushes (and a stream's worker's) are named by input
+            # position instead, so its restart is welcome (it replays what is not done).
+            for connection in self._connections if self._origins is None else []:
                 seq = connection.info.watermarks.get(self.worker_id, 0)
                 if seq:
                     raise ShardError(

@@ -188,7 +188,9 @@ class LogicLoop(Checkpointing):
     def _input_may_flow(self) -> bool:
         # Not while a shard is away: what the logic would push to it could only pile up.
         # Nor while a checkpoint is due: it waits for everything in flight to be answered.
-        return self._pulls.input_may_flow and not self._reconnecting and not self._checkpoint_due()
+        return (
+            self._pulls.input_may_flow and not self._reconnecting and not self._checkpoint_due() and not self._ack_due()
+        )
 
     def _quiescent(self) -> bool:
         """Nothing in flight: every pull answered and taken, every push acknowledged."""
@@ -235,11 +237,14 @@ class LogicLoop(Checkpointing):
                 if not (self.stopped and self.checkpoint_dir is not None):  # else it resumes later
                     self._call_tracked("on_input_end", self._callbacks.on_input_end, self.client)
                 return False
-        elif self._checkpoint_due():
+        elif self._checkpoint_due() or self._ack_due():
             if self._quiescent():
-                self._write_checkpoint(finished=False)
+                self._settle()
                 return False
             self._buffers.flush_all()  # what lingers would only hold the checkpoint back
+        if self._acks_owed() and not self.inputs.waiting() and self._quiescent():
+            self._settle()  # a stream that went quiet: its entries taken are acknowledged now
+            return False
         linger_left = self._buffers.flush_idle()
         inputs = self.inputs
         with inputs.cond:

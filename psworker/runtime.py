@@ -10,7 +10,7 @@ Threads of a worker process:
   that one thread: no hand-over between threads, no lock on the way. The logic
   lets the streams run after it sends and at least every `YIELD_S`;
 - the thread that called `run`, which only waits for the end;
-- feeders (a file reader, or Feed RPCs), which block while the input queue is
+- feeders (a source's pump: psworker/sources, or Feed RPCs), which block while the input queue is
   full: that is the backpressure that reaches the data source. They wake the
   loop when they add input.
 
@@ -130,6 +130,7 @@ class WorkerRuntime(LogicLoop, ShardLinks, WorkerClock):
         flush_outputs: Callable[[], None] | None = None,
         pending_outputs: Callable[[], list[bytes]] | None = None,
         consistency: str = "async",
+        track_origins: bool = False,
     ):
         if on_error not in ("fail", "skip"):
             raise ValueError(f"on_error must be 'fail' or 'skip', not {on_error!r}")
@@ -158,11 +159,11 @@ class WorkerRuntime(LogicLoop, ShardLinks, WorkerClock):
         self.shard_timeout = shard_timeout
         self._emit = emit
         self._receives_many = receives_many(logic)
-        self._init_clock(consistency, checkpoint_dir is not None)
+        self._init_clock(consistency, checkpoint_dir is not None or track_origins)
         self.client = _Client(self)
         num_shards = len(self.servers)
 
-        # Fed from other threads (a file reader, Feed RPCs).
+        # Fed from other threads (a source's pump, Feed RPCs).
         self.inputs = InputQueue(worker_index, INPUT_CAPACITY_CHUNKS, self._wake_threadsafe)
         self._failure: str | None = None
         self.state = State.RUNNING
@@ -189,7 +190,7 @@ class WorkerRuntime(LogicLoop, ShardLinks, WorkerClock):
             worker_index=worker_index,
         )
         self._pulls = PullWindow(self.pull_limit, self._buffers)
-        self._init_checkpoints(checkpoint_dir, checkpoint_every, flush_outputs, pending_outputs)
+        self._init_checkpoints(checkpoint_dir, checkpoint_every, flush_outputs, pending_outputs, track_origins)
         self._connections: list[ShardConnection] = []
         # Shards whose stream broke, and the task opening a new one.
         self._reconnecting: dict[int, asyncio.Task[None]] = {}
@@ -200,11 +201,7 @@ class WorkerRuntime(LogicLoop, ShardLinks, WorkerClock):
 
         # Counters (read by Status from other threads; ints are updated atomically).
         self.started = time.monotonic()
-        self.records = 0
-        self.records_failed = 0
-        self.outputs = 0
-        self.pulls = 0
-        self.pushes = 0
+        self.records = self.records_failed = self.outputs = self.pulls = self.pushes = 0
         if self.resumed is not None:
             self._resume_from(self.resumed)
 
@@ -221,11 +218,11 @@ class WorkerRuntime(LogicLoop, ShardLinks, WorkerClock):
     def end_input(self) -> None:
         self.inputs.end()
 
-    def input_error(self, message: str) -> None:
+    def input_error(self, message: str, position: int = 0) -> None:
         """A record could not be read. It takes its place in the input order: the
         records before it are processed first, then it is skipped (on_error=skip)
         or stops the job."""
-        self.inputs.unreadable(message)
+        self.inputs.unreadable(message, position)
 
     def fail(self, message: str) -> None:
         with self.inputs.cond:
@@ -319,11 +316,11 @@ class WorkerRuntime(LogicLoop, ShardLinks, WorkerClock):
                 self._call_user("restore", self._callbacks.restore, self.resumed.state)
             await self._steps()
             await self._clock_finished()
-            if self.checkpoint_dir is not None:
-                self._write_checkpoint(finished=not self.stopped)
+            self._settle(finished=not self.stopped)
             self._call_user("close", self.logic.close)
         except JobFailed as exc:
             await self._drain_pushes()
+            self._report_after_failure()
             await self._finish(State.FAILED, str(exc))
             raise
         except Exception as exc:  # a defect of the runtime itself: still deliver the pushes made so far

@@ -21,6 +21,7 @@ from typing import Any
 
 import grpc
 import pytest
+from stream_servers import nats_server, redis_server  # noqa: F401  (fixtures of the stream sources' tests)
 
 from psclient.children import shard_argv
 from psclient.wire.proto import shard_pb2, shard_pb2_grpc

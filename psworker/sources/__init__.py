@@ -1,0 +1,64 @@
+"""Where a worker's records come from: a file or stdin (`files.py`), the Feed RPC
+(psworker/service.py), a Redis stream (`redis_streams.py`), a NATS JetStream stream
+(`jetstream.py`), or a source of the user's own (`--input module:attr`). All but Feed,
+which its callers push into, are a `Source` (`base.py`) that a pump (`pump.py`) reads
+into the worker's input queue."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+from psclient.errors import SpecError
+from psclient.plugins import load_object
+from psworker.sources.base import Chunk, Source, SourceContext, SourceError
+
+__all__ = ["Chunk", "Source", "SourceContext", "SourceError", "is_stream", "open_source", "stream_group"]
+
+# module:attr, both dotted names: a user's source (a path that exists is a file first).
+_PLUGIN = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
+STREAM_SCHEMES = ("redis://", "nats://")
+
+
+def is_stream(spec: str) -> bool:
+    return spec.startswith(STREAM_SCHEMES)
+
+
+def stream_group(spec: str) -> str:
+    """The consumer group (Redis) or durable (NATS) name a stream's `--input` gives."""
+    query = parse_qs(urlsplit(spec).query)
+    return (query.get("group") or query.get("durable") or [""])[0]
+
+
+def open_source(spec: str, context: SourceContext) -> Source:
+    """The source `--input spec` names, opened; SourceError (one line) when it cannot be."""
+    source: Source
+    if spec.startswith("redis://"):
+        from psworker.sources.redis_streams import RedisStreamSource
+
+        source = RedisStreamSource(spec, context)
+    elif spec.startswith("nats://"):
+        from psworker.sources.jetstream import JetStreamSource
+
+        source = JetStreamSource(spec, context)
+    elif _PLUGIN.fullmatch(spec) and not Path(spec).exists():
+        try:
+            factory = load_object(spec, what="--input")
+        except SpecError as exc:
+            raise SourceError(str(exc)) from exc
+        if not callable(factory):
+            raise SourceError(f"--input {spec!r} is not a Source subclass or a factory of one")
+        try:
+            made = factory(context)
+        except Exception as exc:  # a user's constructor can raise anything
+            raise SourceError(f"--input {spec!r}: {type(exc).__name__}: {exc}") from exc
+        if not isinstance(made, Source):
+            raise SourceError(f"--input {spec!r} returned a {type(made).__qualname__}, not a Source")
+        source = made
+    else:
+        from psworker.sources.files import FileSource
+
+        source = FileSource(spec, context)
+    source.open()
+    return source

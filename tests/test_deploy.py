@@ -26,6 +26,7 @@ from psworker.__main__ import main as psworker_main
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 COMPOSE_FILE = DEPLOY / "docker-compose.yml"
+REDIS_COMPOSE_FILE = DEPLOY / "docker-compose.redis.yml"
 COMMANDS: dict[str, click.Command] = {"psserver": psserver_main, "psworker": psworker_main, "psclient": psclient_main}
 
 
@@ -47,7 +48,7 @@ def _envvars(name: str) -> set[str]:
 
 def _documents() -> list[tuple[Path, Any]]:
     docs = []
-    for path in [COMPOSE_FILE, *sorted((DEPLOY / "k8s").glob("*.yaml"))]:
+    for path in [COMPOSE_FILE, REDIS_COMPOSE_FILE, *sorted((DEPLOY / "k8s").glob("*.yaml"))]:
         docs.extend((path, doc) for doc in yaml.safe_load_all(path.read_text()) if doc)
     return docs
 
@@ -113,7 +114,7 @@ def _shell_scripts() -> Iterator[tuple[Path, str]]:
         for command in _command_lists(doc):
             if command[:2] == ["sh", "-c"]:
                 # compose writes a literal $ as $$; Kubernetes leaves $ alone unless it is $(VAR).
-                yield path, command[2].replace("$$", "$") if path == COMPOSE_FILE else command[2]
+                yield path, command[2].replace("$$", "$") if path.name.startswith("docker-compose") else command[2]
 
 
 def test_every_shell_script_in_deploy_parses() -> None:
@@ -128,7 +129,9 @@ def test_every_shell_script_in_deploy_parses() -> None:
 def test_dockerfile_installs_dependencies_before_the_code_as_a_non_root_user() -> None:
     text = (DEPLOY / "Dockerfile").read_text()
 
-    assert re.search(r"^FROM python:3\.11-slim$", text, re.M)
+    assert re.search(r"^FROM python:3\.11-slim AS streamps$", text, re.M)
+    # The last stage is what a plain `docker build` makes: streamps itself, not its Redis variant.
+    assert text.rstrip().splitlines()[-1] == "FROM streamps"
     assert re.search(r"^USER streamps$", text, re.M)
     # A code change must not reinstall numpy and grpcio: dependencies get their own layer first.
     assert text.index("pip install -r") < text.index("COPY psclient") < text.index("pip install --no-deps .")
@@ -216,7 +219,7 @@ def test_psclient_health_answers_without_loading_the_cluster_code(start_shards: 
 
 
 def _base_image() -> str:
-    match = re.search(r"^FROM (\S+)$", (DEPLOY / "Dockerfile").read_text(), re.M)
+    match = re.search(r"^FROM (\S+)(?: AS \S+)?$", (DEPLOY / "Dockerfile").read_text(), re.M)  # the first stage's
     assert match
     return match.group(1)
 
@@ -310,6 +313,49 @@ def test_compose_job_runs_end_to_end_and_leaves_its_files_to_the_owner_of_deploy
             capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         assert {"shard.json", "snapshot.bin"} <= set(files.stdout.split()), files.stdout + files.stderr
+    finally:
+        subprocess.run([*compose, "down", "-v"], capture_output=True, timeout=300)
+        shutil.rmtree(out, ignore_errors=True)
+
+
+@pytest.mark.docker
+@pytest.mark.timeout(1500)
+def test_redis_fed_compose_trains_from_the_stream_snapshots_while_it_trains_and_writes_the_model() -> None:
+    reason = _docker_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    compose = [*(_compose_command() or []), "-f", str(REDIS_COMPOSE_FILE), "-p", "streamps-redis-test"]
+    out = DEPLOY / "out"
+    owner = os.getuid() if os.getuid() != 0 else 4242
+    try:
+        subprocess.run([*compose, "down", "-v"], capture_output=True, timeout=300)
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir()
+        os.chown(out, owner, owner)
+
+        run = subprocess.run([*compose, "up", "--build", "--exit-code-from", "job", "job"],
+                             capture_output=True, text=True, timeout=1200)  # fmt: skip
+        log = run.stdout + run.stderr
+        assert run.returncode == 0, log[-6000:]
+
+        assert "psclient: published 20000 records to redis stream ratings at redis:6379" in log
+        predictions = [
+            json.loads(line)
+            for index in (0, 1)
+            for line in (out / f"predictions-{index}.jsonl").read_text().splitlines()
+        ]
+        assert len(predictions) == 20000  # every rating of the stream, once (each worker keeps its users')
+        model = [json.loads(line) for line in (out / "model.jsonl").read_text().splitlines()]
+        assert len(model) > 1000 and all(len(row["value"]) == 10 for row in model)
+        for name in ("predictions-0.jsonl", "predictions-1.jsonl", "model.jsonl"):
+            assert (out / name).stat().st_uid == owner, name
+        # The shards took model snapshots while the workers trained, in their data volumes.
+        files = subprocess.run(
+            ["docker", "run", "--rm", "-v", "streamps-redis-test_shard-0-data:/data", "streamps:local",
+             "ls", "/data/models"],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert any(name.startswith("model-0-") for name in files.stdout.split()), files.stdout + files.stderr
     finally:
         subprocess.run([*compose, "down", "-v"], capture_output=True, timeout=300)
         shutil.rmtree(out, ignore_errors=True)

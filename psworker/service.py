@@ -117,7 +117,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
         def read() -> None:
             try:
-                for request in self._requests(request_iterator, context):
+                for request in request_iterator:
                     ahead.put(request)
                 ahead.put(_NO_MORE)
             except Exception as exc:  # the client went away: the handler raises it as before

@@ -338,7 +338,11 @@ def test_redis_fed_compose_trains_from_the_stream_snapshots_while_it_trains_and_
         log = run.stdout + run.stderr
         assert run.returncode == 0, log[-6000:]
 
-        assert "psclient: published 20000 records to redis stream ratings at redis:6379" in log
+        published = subprocess.run([*compose, "logs", "--no-color", "publish"], capture_output=True, text=True,
+                                   timeout=60)  # fmt: skip
+        assert "psclient: published 20000 records to redis stream ratings at redis:6379" in published.stdout, (
+            published.stdout[-3000:]
+        )
         predictions = [
             json.loads(line)
             for index in (0, 1)

@@ -40,6 +40,32 @@ STOP_GRACE_S = 5.0
 SERVICE_NAME = shard_pb2.DESCRIPTOR.services_by_name["ParameterShard"].full_name
 
 
+def shard_servicer(
+    store: ParameterStore,
+    shard: int,
+    num_shards: int,
+    durability: Durability | None,
+    clocks: tuple[int, int] | None = None,
+) -> ShardServicer:
+    """The servicer for this store, data dir and consistency (`clocks`: (staleness, num_workers))."""
+    if isinstance(store, LogicStore):
+        return LogicShardServicer(store, shard, num_shards)
+    if clocks is not None:
+        staleness, num_workers = clocks
+        return ClockedShardServicer(
+            store,
+            shard,
+            num_shards,
+            durability,
+            consistency=consistency_name(staleness),
+            staleness=staleness,
+            num_workers=num_workers,
+        )
+    if durability is None:
+        return ShardServicer(store, shard, num_shards)
+    return DurableShardServicer(store, shard, num_shards, durability)
+
+
 async def serve(
     store: ParameterStore,
     shard: int,
@@ -51,23 +77,7 @@ async def serve(
 ) -> None:
     """Serve until stopped; `clocks` is (staleness, num_workers) for a consistency other than async."""
     log = logging.getLogger("streamps")
-    if isinstance(store, LogicStore):
-        servicer: ShardServicer = LogicShardServicer(store, shard, num_shards)
-    elif clocks is not None:
-        staleness, num_workers = clocks
-        servicer = ClockedShardServicer(
-            store,
-            shard,
-            num_shards,
-            durability,
-            consistency=consistency_name(staleness),
-            staleness=staleness,
-            num_workers=num_workers,
-        )
-    elif durability is None:
-        servicer = ShardServicer(store, shard, num_shards)
-    else:
-        servicer = DurableShardServicer(store, shard, num_shards, durability)
+    servicer = shard_servicer(store, shard, num_shards, durability, clocks)
     if durability is not None:
         try:
             durability.start()

@@ -243,7 +243,10 @@ class Cluster:
 
         Raises JobFailed with the worker's one-line error if a worker failed.
         """
-        merged: queue.Queue[Any] = queue.Queue()
+        return self._merged_outputs(queue.Queue())
+
+    def _merged_outputs(self, merged: queue.Queue[Any]) -> Iterator[Any]:
+        """`outputs`, through `merged`, where anyone may also put an exception that ends them."""
         for index in range(len(self.workers)):
             self._ready_worker(index)
 
@@ -311,6 +314,8 @@ class Cluster:
         self.check_shards()  # before any record reaches a worker
         feed_error: list[BaseException] = []
         feeder: threading.Thread | None = None
+        merged: queue.Queue[Any] = queue.Queue()
+        outputs_ended = threading.Event()
         if records is not None:
 
             def feed() -> None:
@@ -318,12 +323,21 @@ class Cluster:
                     self.feed(records, partition_by=partition_by, iteration_wait_time=iteration_wait_time)
                 except BaseException as exc:
                     feed_error.append(exc)
+                    # A Feed call that failed (a message over the size limit, say) may leave its
+                    # worker waiting for the end of an input that never comes, and its outputs
+                    # with it. A worker that failed itself reports that through its outputs,
+                    # which end: else this error ends them.
+                    if isinstance(exc, JobFailed) and not outputs_ended.wait(FEEDER_JOIN_S):
+                        merged.put(exc)
 
             feeder = threading.Thread(target=feed, name="feeder", daemon=True)
             feeder.start()
         try:
-            for out in self.outputs():
-                yield Left(out)
+            try:
+                for out in self._merged_outputs(merged):
+                    yield Left(out)
+            finally:
+                outputs_ended.set()
         except JobFailed:
             # A failure of the records iterator itself is the root cause: report it.
             if feeder is not None:

@@ -12,9 +12,7 @@ from typing import Any
 
 import grpc
 
-from psclient.errors import JobFailed
-from psclient.replay import END, Outbox, ReplayBuffer, WorkerLink, send_restartable
-from psclient.rpc.errors import describe_rpc_error
+from psclient.replay import END, Outbox, ReplayBuffer, WorkerLink, feed_failure, send_restartable
 from psclient.wire.partition import key_bucket
 from psclient.wire.proto import worker_pb2, worker_pb2_grpc
 from psclient.wire.records import pack
@@ -125,7 +123,7 @@ def feed_workers(
         try:
             stubs[index].Feed(requests())
         except grpc.RpcError as exc:
-            failures.append(JobFailed(exc.details() or f"feeding worker {index} failed: {describe_rpc_error(exc)}"))
+            failures.append(feed_failure(index, exc))
             while sender_queues[index].get() is not _END:  # unblock the router
                 pass
 

@@ -149,6 +149,14 @@ class ReplayBuffer:
             return messages
 
 
+def feed_failure(index: int, exc: grpc.RpcError) -> JobFailed:
+    """The job's error for a failed Feed call to worker `index`: the worker's own one line when it
+    refused the records because it failed, else what went wrong, naming the worker."""
+    if exc.code() == grpc.StatusCode.FAILED_PRECONDITION and exc.details():
+        return JobFailed(exc.details())
+    return JobFailed(f"feeding worker {index} failed: {describe_rpc_error(exc)}")
+
+
 def send_restartable(
     index: int, link: WorkerLink, outbox: Outbox, buffer: ReplayBuffer, failures: list[BaseException]
 ) -> None:
@@ -181,7 +189,7 @@ def send_restartable(
                 outbox.next_attempt()  # before asking where the worker stands: the broken call takes no more
                 resumed = _after_break(index, link, stub, buffer)
     except grpc.RpcError as exc:
-        failures.append(JobFailed(exc.details() or f"feeding worker {index} failed: {describe_rpc_error(exc)}"))
+        failures.append(feed_failure(index, exc))
     except JobFailed as exc:
         failures.append(exc)
     finally:

@@ -30,12 +30,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import sys
 import threading
 import time
 import traceback
 from collections import Counter, defaultdict, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -46,7 +47,9 @@ from inprocess import GrpcLimits, InProcessCluster, grpc_limits
 
 from psclient import Left
 from psclient.cluster import Cluster
-from psclient.wire.proto import worker_pb2
+from psclient.errors import JobFailed
+from psclient.rpc.serving import open_channel
+from psclient.wire.proto import worker_pb2, worker_pb2_grpc
 from psclient.wire.records import unpack
 from psserver import ServerHandle, ServerLogic
 from psworker import WorkerLogic
@@ -190,7 +193,9 @@ class LateAnswers(ServerLogic[Any, Any]):
 
 @dataclass(frozen=True)
 class Job:
-    records: tuple[tuple[int, int, int], ...]
+    count: int  # records, made from records_seed (so a failing job's parameters fit a line)
+    epochs: int
+    records_seed: int
     behaviour: Behaviour
     batch_api: bool
     num_shards: int
@@ -202,6 +207,18 @@ class Job:
     linger_ms: float
     limits: GrpcLimits
     slow_reader_s: float  # the outputs reader sleeps this long after each message
+    records: tuple[tuple[int, int, int], ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        """The records, (epoch, slot, delta) each."""
+        rng = np.random.default_rng(self.records_seed)
+        records = zip(
+            np.sort(rng.integers(0, self.epochs, self.count)).tolist(),  # each worker meets its epochs in order
+            rng.integers(0, self.behaviour.keys, self.count).tolist(),
+            rng.integers(1, 6, self.count).tolist(),
+            strict=True,
+        )
+        object.__setattr__(self, "records", tuple(records))
 
 
 @st.composite
@@ -211,13 +228,7 @@ def jobs(draw: st.DrawFn) -> Job:
     # The records come from a seeded generator: hypothesis draws (and shrinks) their
     # number and the seed, not each one, so jobs of hundreds of records are typical.
     count = draw(st.integers(0, 400))
-    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    records = zip(
-        np.sort(rng.integers(0, epochs, count)).tolist(),  # each worker meets its epochs in order
-        rng.integers(0, keys, count).tolist(),
-        rng.integers(1, 6, count).tolist(),
-        strict=True,
-    )
+    records_seed = draw(st.integers(0, 2**32 - 1))
     behaviour = Behaviour(
         keys=keys,
         pull_on_recv=draw(st.booleans()),
@@ -230,7 +241,9 @@ def jobs(draw: st.DrawFn) -> Job:
     if consistency == "async" and draw(st.booleans()):
         server_logic = (draw(st.sampled_from(["now", "next_push", "timer"])), draw(st.sampled_from([0.0, 0.002, 0.02])))
     return Job(
-        records=tuple(records),
+        count=count,
+        epochs=epochs,
+        records_seed=records_seed,
         behaviour=behaviour,
         batch_api=draw(st.booleans()),
         num_shards=draw(st.integers(1, 4)),
@@ -303,11 +316,12 @@ def cluster_of(job: Job) -> InProcessCluster:
     )
 
 
-def read_slowly(client: Cluster, index: int, pause_s: float, into: list[Any]) -> None:
-    """Worker `index`'s outputs, read from its Outputs stream with a pause after each message."""
-    for chunk in client.worker_stub(index).Outputs(worker_pb2.OutputsRequest()):
-        into.extend(unpack(data) for data in chunk.outputs)
-        time.sleep(pause_s)
+def read_slowly(address: str, pause_s: float, into: list[Any]) -> None:
+    """A worker's outputs, read from its Outputs stream with a pause after each message."""
+    with open_channel(address) as channel:
+        for chunk in worker_pb2_grpc.WorkerStub(channel).Outputs(worker_pb2.OutputsRequest()):
+            into.extend(unpack(data) for data in chunk.outputs)
+            time.sleep(pause_s)
 
 
 def run(job: Job, cluster: InProcessCluster) -> tuple[list[Any], list[Any], list[Any]]:
@@ -333,12 +347,9 @@ def run(job: Job, cluster: InProcessCluster) -> tuple[list[Any], list[Any], list
         client.check_shards()
         threads = [threading.Thread(target=guarded, args=(client.feed, records), name="feeder", daemon=True)]
         per_worker: list[list[Any]] = [[] for _ in cluster.workers]
-        for index, into in enumerate(per_worker):
-            client._ready_worker(index)
+        for address, into in zip(cluster.worker_addresses, per_worker, strict=True):
             threads.append(
-                threading.Thread(
-                    target=guarded, args=(read_slowly, client, index, job.slow_reader_s, into), daemon=True
-                )
+                threading.Thread(target=guarded, args=(read_slowly, address, job.slow_reader_s, into), daemon=True)
             )
         for thread in threads:
             thread.start()
@@ -430,3 +441,42 @@ def test_every_generated_job_ends_with_exact_results(job: Job) -> None:
 @given(job=jobs())
 def test_every_generated_job_ends_with_exact_results_nightly(job: Job) -> None:
     check_job(job)
+
+
+# -- regressions the property test found ------------------------------------------------
+
+
+class Lines(WorkerLogic):
+    """Pushes 1 to "lines" per record."""
+
+    def on_recv(self, data: Any, ps: Any) -> None:
+        ps.push("lines", 1)
+
+    def on_pull_recv(self, param_id: Any, param_value: Any, ps: Any) -> None:
+        raise AssertionError("Lines never pulls")
+
+
+@pytest.mark.timeout(120)
+def test_a_feed_message_over_the_size_limit_fails_the_job_instead_of_hanging() -> None:
+    # 20 records of 600 bytes go in one Feed message, over a 4 KiB limit: the Feed call fails,
+    # and worker 0 never learns that its input ended. The stream waited for its outputs for good.
+    records = ["x" * 600] * 20
+    failure: list[BaseException] = []
+    with grpc_limits(GrpcLimits(max_message_bytes=4096)), InProcessCluster(Lines, 1, 1) as cluster:
+
+        def job() -> None:
+            try:
+                with Cluster(cluster.servers, cluster.worker_addresses) as client:
+                    list(client.stream(records))
+            except BaseException as exc:
+                failure.append(exc)
+
+        runner = threading.Thread(target=job, daemon=True)
+        runner.start()
+        runner.join(30)
+        assert not runner.is_alive(), "the job hangs after its Feed call failed"
+    assert len(failure) == 1 and isinstance(failure[0], JobFailed), failure
+    assert re.fullmatch(
+        r"feeding worker 0 failed: RESOURCE_EXHAUSTED: CLIENT: Sent message larger than max \(\d+ vs\. 4096\)",
+        str(failure[0]),
+    ), failure

@@ -10,14 +10,16 @@ Outputs, Status) as `psworker` serves it without --input. A client drives the
 job through those RPCs, as `transform` does; nothing is called around the wire.
 
 What a process would own is per cluster here: `stop` ends every server,
-stream, loop and thread it started, and `leftover_threads` says if any did not.
+stream, loop and thread it started, and `leftovers` says if any did not.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -41,6 +43,7 @@ HOST = "127.0.0.1"
 # finished job has none, and a failed one need not wait).
 STOP_GRACE_S = 0.5
 START_TIMEOUT_S = 10.0
+FD_DIR = "/proc/self/fd"
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,17 @@ def grpc_limits(limits: GrpcLimits) -> Iterator[None]:
     finally:
         for options, kept in saved:
             options[:] = kept
+
+
+def open_fds() -> set[int]:
+    return {int(name) for name in os.listdir(FD_DIR)}
+
+
+def _fd_target(fd: int) -> str:
+    try:
+        return os.readlink(f"{FD_DIR}/{fd}")
+    except OSError:
+        return "closed since"
 
 
 @dataclass
@@ -137,6 +151,7 @@ class InProcessCluster:
             raise ValueError("a server logic answers pulls itself: it cannot run under bsp or ssp (psserver refuses)")
         self.pull_limit, self.max_batch, self.linger_s = pull_limit, max_batch, linger_s
         self._baseline = set(threading.enumerate())
+        self._fds = open_fds()
         self._loop: EventLoopThread | None = None
         self.shards: list[_Shard] = []
         self.workers: list[_Worker] = []
@@ -246,20 +261,17 @@ class InProcessCluster:
             shard.servicer.stop_streams()
         await asyncio.gather(*(shard.bound.server.stop(STOP_GRACE_S) for shard in self.shards))
 
-    def leftover_threads(self, wait_s: float = 5.0) -> list[str]:
-        """Names of the threads started since this cluster was made that are still alive
-        (after waiting up to `wait_s` for them to end)."""
-        deadline = threading.Event()
-        timer = threading.Timer(wait_s, deadline.set)
-        timer.start()
-        try:
-            while True:
-                left = [t for t in threading.enumerate() if t not in self._baseline and t is not timer and t.is_alive()]
-                if not left or deadline.wait(0.05):
-                    return sorted(t.name for t in left)
-        finally:
-            timer.cancel()
-            timer.join()
+    def leftovers(self, wait_s: float = 5.0) -> list[str]:
+        """What was opened since this cluster was made and is still open: the names of
+        threads still alive, and file descriptors (sockets) still open, after waiting up
+        to `wait_s` for them to end."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            threads = [t.name for t in threading.enumerate() if t not in self._baseline and t.is_alive()]
+            fds = open_fds() - self._fds
+            if not (threads or fds) or time.monotonic() >= deadline:
+                return sorted(threads) + [f"fd {fd} ({_fd_target(fd)})" for fd in sorted(fds)]
+            time.sleep(0.05)
 
     def __enter__(self) -> InProcessCluster:
         self.start()

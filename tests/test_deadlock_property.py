@@ -402,8 +402,8 @@ def check_job(job: Job) -> None:
     with grpc_limits(job.limits):
         lefts, rights, infos, cluster = run_within_bound(job)
         cluster.stop()
-    leftover = cluster.leftover_threads()
-    assert not leftover, f"threads left running after the job: {leftover}"
+    leftover = cluster.leftovers()
+    assert not leftover, f"threads or sockets left open after the job: {leftover}"
     model, outputs = expected(job)
     got_model = {pid: int(value) for pid, value in rights}
     assert got_model == model, f"model of {job}"

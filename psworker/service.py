@@ -16,6 +16,9 @@ from psclient.wire.records import pack, unpack
 from psworker.runtime import State, WorkerRuntime
 
 OUTPUT_CHUNK = 1_024
+# Bytes of outputs per chunk, at most (but at least one output): large outputs then
+# come in several messages rather than one over gRPC's message size limit.
+OUTPUT_CHUNK_BYTES = 1 << 20
 # How long the Outputs stream lets a partial chunk fill before it sends it: one
 # message per output would cost the worker more than the outputs themselves.
 OUTPUT_LINGER_S = 0.005
@@ -50,7 +53,7 @@ class OutputBuffer:
             self._cond.notify_all()
 
     def take(self, timeout: float) -> list[bytes] | None:
-        """Up to OUTPUT_CHUNK outputs; [] on timeout; None when closed and drained."""
+        """Up to OUTPUT_CHUNK outputs and OUTPUT_CHUNK_BYTES; [] on timeout; None when closed and drained."""
         with self._cond:
             if not self._items and not self._closed:
                 self._cond.wait(timeout)
@@ -58,8 +61,13 @@ class OutputBuffer:
                 self._cond.wait(OUTPUT_LINGER_S)  # woken early by a full chunk or by close
             if not self._items:
                 return None if self._closed else []
-            count = min(len(self._items), OUTPUT_CHUNK)
-            return [self._items.popleft() for _ in range(count)]
+            items = self._items
+            chunk = [items.popleft()]
+            size = len(chunk[0])
+            while items and len(chunk) < OUTPUT_CHUNK and size + len(items[0]) <= OUTPUT_CHUNK_BYTES:
+                size += len(items[0])
+                chunk.append(items.popleft())
+            return chunk
 
     def pending(self) -> list[bytes]:
         """The outputs no reader has taken yet, in order: what a restartable worker's

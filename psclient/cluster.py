@@ -251,11 +251,11 @@ class Cluster:
 
         Raises JobFailed with the worker's one-line error if a worker failed.
         """
-        return self._merged(None)
+        return self._merged(queue.Queue(), None)
 
-    def _merged(self, watch: ShardWatch | None) -> Iterator[Any]:
-        """`outputs()`, and with a `watch`, each shard's snapshots among them as `Right` values."""
-        merged: queue.Queue[Any] = queue.Queue()
+    def _merged(self, merged: queue.Queue[Any], watch: ShardWatch | None) -> Iterator[Any]:
+        """`outputs()` through `merged`, where anyone may also put an exception that ends them,
+        and with a `watch`, each shard's snapshots among them as `Right` values."""
         for index in range(len(self.workers)):
             self._ready_worker(index)
 
@@ -317,6 +317,8 @@ class Cluster:
         watch = ShardWatch(self._shard_stubs, self.servers, shards=watched, rewatch=rewatch) if watched else None
         feed_error: list[BaseException] = []
         feeder: threading.Thread | None = None
+        merged: queue.Queue[Any] = queue.Queue()
+        outputs_ended = threading.Event()
         if records is not None:
 
             def feed() -> None:
@@ -324,12 +326,23 @@ class Cluster:
                     self.feed(records, partition_by=partition_by, iteration_wait_time=iteration_wait_time, stop=stop)
                 except BaseException as exc:
                     feed_error.append(exc)
+                    # A Feed call that failed (a message over the size limit, say) may leave its
+                    # worker waiting for the end of an input that never comes, and its outputs
+                    # with it. A worker that failed itself reports that through its outputs,
+                    # which end: else this error ends them.
+                    # A worker stopped on a signal ends its outputs once it finished what it took.
+                    stopped = isinstance(exc, WorkerStopped)
+                    if isinstance(exc, JobFailed) and not stopped and not outputs_ended.wait(FEEDER_JOIN_S):
+                        merged.put(exc)
 
             feeder = threading.Thread(target=feed, name="feeder", daemon=True)
             feeder.start()
         try:
-            for out in self._merged(watch):
-                yield out if isinstance(out, Right) else Left(out)
+            try:
+                for out in self._merged(merged, watch):
+                    yield out if isinstance(out, Right) else Left(out)
+            finally:
+                outputs_ended.set()
         except JobFailed:
             # A failure of the records iterator itself is the root cause: report it.
             if feeder is not None:

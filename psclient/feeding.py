@@ -18,6 +18,9 @@ from psclient.wire.proto import worker_pb2, worker_pb2_grpc
 from psclient.wire.records import pack
 
 FEED_BATCH = 512
+# Bytes of records per Feed message, at most (but at least one record): large records
+# then go in several messages rather than one over gRPC's message size limit.
+FEED_BATCH_BYTES = 1 << 20
 # A partly filled feed batch is sent after this long without new records, so
 # slow streams are not held back waiting for a full batch.
 FEED_LINGER_S = 0.05
@@ -168,15 +171,17 @@ def _route(
 ) -> int:
     num_workers = len(sender_queues)
     batches: list[list[bytes]] = [[] for _ in range(num_workers)]
+    sizes = [0] * num_workers  # bytes in each batch
     source = _Source(records)
 
     def flush(index: int) -> None:
         if batches[index]:
             sender_queues[index].put(worker_pb2.FeedRequest(records=batches[index]))
             batches[index] = []
+            sizes[index] = 0
 
     try:
-        return _route_loop(source, batches, flush, partition_by, iteration_wait_time, failures, stop)
+        return _route_loop(source, batches, sizes, flush, partition_by, iteration_wait_time, failures, stop)
     finally:
         source.stop()
         # Records taken before an error of the iterator still reach their worker.
@@ -187,6 +192,7 @@ def _route(
 def _route_loop(
     source: _Source,
     batches: list[list[bytes]],
+    sizes: list[int],
     flush: Callable[[int], None],
     partition_by: Callable[[Any], Hashable] | None,
     iteration_wait_time: float | None,
@@ -216,8 +222,12 @@ def _route_loop(
             if isinstance(record, _Failure):
                 raise record.error
             index = count % num_workers if partition_by is None else key_bucket(partition_by(record), num_workers)
+            data = pack(record)
+            if batches[index] and sizes[index] + len(data) > FEED_BATCH_BYTES:
+                flush(index)
             batch = batches[index]
-            batch.append(pack(record))
+            batch.append(data)
+            sizes[index] += len(data)
             count += 1
             if len(batch) >= FEED_BATCH:
                 flush(index)

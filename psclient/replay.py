@@ -151,11 +151,14 @@ class ReplayBuffer:
 
 
 def feed_failure(index: int, exc: grpc.RpcError) -> JobFailed:
-    """What a Feed call that failed means: a worker stopping on a signal (OUT_OF_RANGE) ends
-    the feeding (WorkerStopped); anything else fails the job."""
+    """What a Feed call that failed means for the job: a worker stopping on a signal
+    (OUT_OF_RANGE) ends the feeding (WorkerStopped); a worker that refused the records because
+    it failed gives its own one line; anything else fails the job, naming the worker."""
     if exc.code() == grpc.StatusCode.OUT_OF_RANGE:
         return WorkerStopped(exc.details() or f"worker {index} is stopping: it takes no more input")
-    return JobFailed(exc.details() or f"feeding worker {index} failed: {describe_rpc_error(exc)}")
+    if exc.code() == grpc.StatusCode.FAILED_PRECONDITION and exc.details():
+        return JobFailed(exc.details())
+    return JobFailed(f"feeding worker {index} failed: {describe_rpc_error(exc)}")
 
 
 def send_restartable(

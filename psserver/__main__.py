@@ -41,6 +41,34 @@ STOP_GRACE_S = 5.0
 SERVICE_NAME = shard_pb2.DESCRIPTOR.services_by_name["ParameterShard"].full_name
 
 
+def shard_servicer(
+    store: ParameterStore,
+    shard: int,
+    num_shards: int,
+    durability: Durability | None,
+    clocks: tuple[int, int] | None = None,
+    hold_timeout: float = DEFAULT_HOLD_TIMEOUT_S,
+) -> ShardServicer:
+    """The servicer for this store, data dir and consistency (`clocks`: (staleness, num_workers))."""
+    if isinstance(store, LogicStore):
+        return LogicShardServicer(store, shard, num_shards)
+    if clocks is not None:
+        staleness, num_workers = clocks
+        return ClockedShardServicer(
+            store,
+            shard,
+            num_shards,
+            durability,
+            consistency=consistency_name(staleness),
+            staleness=staleness,
+            num_workers=num_workers,
+            hold_timeout=hold_timeout,
+        )
+    if durability is None:
+        return ShardServicer(store, shard, num_shards)
+    return DurableShardServicer(store, shard, num_shards, durability)
+
+
 async def serve(
     store: ParameterStore,
     shard: int,
@@ -55,24 +83,7 @@ async def serve(
     """Serve until stopped; `clocks` is (staleness, num_workers) for a consistency other than async,
     `snapshot_plan` where and how often to snapshot the model (--snapshot-every)."""
     log = logging.getLogger("streamps")
-    if isinstance(store, LogicStore):
-        servicer: ShardServicer = LogicShardServicer(store, shard, num_shards)
-    elif clocks is not None:
-        staleness, num_workers = clocks
-        servicer = ClockedShardServicer(
-            store,
-            shard,
-            num_shards,
-            durability,
-            consistency=consistency_name(staleness),
-            staleness=staleness,
-            num_workers=num_workers,
-            hold_timeout=hold_timeout,
-        )
-    elif durability is None:
-        servicer = ShardServicer(store, shard, num_shards)
-    else:
-        servicer = DurableShardServicer(store, shard, num_shards, durability)
+    servicer = shard_servicer(store, shard, num_shards, durability, clocks, hold_timeout)
     model_snapshots = None
     if snapshot_plan is not None:
         model_snapshots = servicer.model_snapshots = ModelSnapshots(store, shard, snapshot_plan, servicer.push_count)

@@ -23,6 +23,9 @@ OUTPUT_CHUNK = 1_024
 FEED_READ_AHEAD = 2
 FEED_STOP_POLL_S = 0.1
 _NO_MORE = object()
+# Bytes of outputs per chunk, at most (but at least one output): large outputs then
+# come in several messages rather than one over gRPC's message size limit.
+OUTPUT_CHUNK_BYTES = 1 << 20
 # How long the Outputs stream lets a partial chunk fill before it sends it: one
 # message per output would cost the worker more than the outputs themselves.
 OUTPUT_LINGER_S = 0.005
@@ -57,7 +60,7 @@ class OutputBuffer:
             self._cond.notify_all()
 
     def take(self, timeout: float) -> list[bytes] | None:
-        """Up to OUTPUT_CHUNK outputs; [] on timeout; None when closed and drained."""
+        """Up to OUTPUT_CHUNK outputs and OUTPUT_CHUNK_BYTES; [] on timeout; None when closed and drained."""
         with self._cond:
             if not self._items and not self._closed:
                 self._cond.wait(timeout)
@@ -65,8 +68,13 @@ class OutputBuffer:
                 self._cond.wait(OUTPUT_LINGER_S)  # woken early by a full chunk or by close
             if not self._items:
                 return None if self._closed else []
-            count = min(len(self._items), OUTPUT_CHUNK)
-            return [self._items.popleft() for _ in range(count)]
+            items = self._items
+            chunk = [items.popleft()]
+            size = len(chunk[0])
+            while items and len(chunk) < OUTPUT_CHUNK and size + len(items[0]) <= OUTPUT_CHUNK_BYTES:
+                size += len(items[0])
+                chunk.append(items.popleft())
+            return chunk
 
     def pending(self) -> list[bytes]:
         """The outputs no reader has taken yet, in order: what a restartable worker's

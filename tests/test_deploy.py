@@ -4,6 +4,7 @@ engine and the base image are here (the `docker` marker; skipped with the reason
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -11,6 +12,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -263,28 +265,45 @@ def _container_state(compose: list[str], service: str, template: str) -> str:
     return state.stdout.strip()
 
 
-@pytest.mark.docker
-@pytest.mark.timeout(1500)
-def test_compose_job_runs_end_to_end_and_leaves_its_files_to_the_owner_of_deploy_out() -> None:
+@dataclass
+class ComposeRun:
+    compose: list[str]
+    out: Path
+    owner: int
+    log: str
+
+
+@contextlib.contextmanager
+def _compose_job(compose_file: Path, project: str) -> Iterator[ComposeRun]:
+    """`up` the compose file's job as README says (make deploy/out first), and `down -v` after.
+    Run as root (CI), deploy/out belongs to another uid, as on a developer's machine, where it
+    is rarely the image's 10001."""
     reason = _docker_skip_reason()
     if reason:
         pytest.skip(reason)
-    compose = [*(_compose_command() or []), "-f", str(COMPOSE_FILE), "-p", "streamps-test"]
+    compose = [*(_compose_command() or []), "-f", str(compose_file), "-p", project]
     out = DEPLOY / "out"
-    # As README says: make deploy/out, then `up` the job. Run as root (CI), the directory
-    # belongs to another uid, as on a developer's machine, where it is rarely the image's 10001.
     owner = os.getuid() if os.getuid() != 0 else 4242
     try:
         subprocess.run([*compose, "down", "-v"], capture_output=True, timeout=300)
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir()
         os.chown(out, owner, owner)
-
         run = subprocess.run([*compose, "up", "--build", "--exit-code-from", "job", "job"],
                              capture_output=True, text=True, timeout=1200)  # fmt: skip
         log = run.stdout + run.stderr
         assert run.returncode == 0, log[-6000:]
+        yield ComposeRun(compose, out, owner, log)
+    finally:
+        subprocess.run([*compose, "down", "-v"], capture_output=True, timeout=300)
+        shutil.rmtree(out, ignore_errors=True)
 
+
+@pytest.mark.docker
+@pytest.mark.timeout(1500)
+def test_compose_job_runs_end_to_end_and_leaves_its_files_to_the_owner_of_deploy_out() -> None:
+    with _compose_job(COMPOSE_FILE, "streamps-test") as run:
+        compose, out, owner, log = run.compose, run.out, run.owner, run.log
         assert "psclient: fed 20000 records, 20000 outputs" in log
         params = re.search(r"psclient: (\d+) parameters", log)
         assert params, log[-3000:]
@@ -313,31 +332,13 @@ def test_compose_job_runs_end_to_end_and_leaves_its_files_to_the_owner_of_deploy
             capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         assert {"shard.json", "snapshot.bin"} <= set(files.stdout.split()), files.stdout + files.stderr
-    finally:
-        subprocess.run([*compose, "down", "-v"], capture_output=True, timeout=300)
-        shutil.rmtree(out, ignore_errors=True)
 
 
 @pytest.mark.docker
 @pytest.mark.timeout(1500)
 def test_redis_fed_compose_trains_from_the_stream_snapshots_while_it_trains_and_writes_the_model() -> None:
-    reason = _docker_skip_reason()
-    if reason:
-        pytest.skip(reason)
-    compose = [*(_compose_command() or []), "-f", str(REDIS_COMPOSE_FILE), "-p", "streamps-redis-test"]
-    out = DEPLOY / "out"
-    owner = os.getuid() if os.getuid() != 0 else 4242
-    try:
-        subprocess.run([*compose, "down", "-v"], capture_output=True, timeout=300)
-        shutil.rmtree(out, ignore_errors=True)
-        out.mkdir()
-        os.chown(out, owner, owner)
-
-        run = subprocess.run([*compose, "up", "--build", "--exit-code-from", "job", "job"],
-                             capture_output=True, text=True, timeout=1200)  # fmt: skip
-        log = run.stdout + run.stderr
-        assert run.returncode == 0, log[-6000:]
-
+    with _compose_job(REDIS_COMPOSE_FILE, "streamps-redis-test") as run:
+        compose, out, owner = run.compose, run.out, run.owner
         published = subprocess.run([*compose, "logs", "--no-color", "publish"], capture_output=True, text=True,
                                    timeout=60)  # fmt: skip
         assert "psclient: published 20000 records to redis stream ratings at redis:6379" in published.stdout, (
@@ -360,6 +361,3 @@ def test_redis_fed_compose_trains_from_the_stream_snapshots_while_it_trains_and_
             capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         assert any(name.startswith("model-0-") for name in files.stdout.split()), files.stdout + files.stderr
-    finally:
-        subprocess.run([*compose, "down", "-v"], capture_output=True, timeout=300)
-        shutil.rmtree(out, ignore_errors=True)

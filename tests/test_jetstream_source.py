@@ -11,23 +11,18 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import nats
 from conftest import Processes, error_line, run_psworker
+from stream_jobs import WORKERS, StreamJob
 from stream_servers import StreamServer, free_port
 from test_shard_restarts import expected_model, start_shard
 
 from psclient import Cluster
-from psclient.children import worker_argv
 
-WORKERS = 2
-SHARDS = 2
-JOB = "job13"
 STREAM = "records"
 DURABLE = "trainers"
 
@@ -74,43 +69,8 @@ def undelivered(server: StreamServer, index: int) -> int:
     return asyncio.run(_consumer_counts(server, f"{DURABLE}-w{index}"))[1]
 
 
-class StreamJob:
-    def __init__(self, procs: Processes, tmp_path: Path, server: StreamServer):
-        self.procs, self.tmp_path = procs, tmp_path
-        self.servers = [start_shard(procs, index).address for index in range(SHARDS)]
-        self.url = f"nats://{server.address}/{STREAM}?durable={DURABLE}&end=idle:3&ack_wait=2"
-        self.workers = [self.start(index) for index in range(WORKERS)]
-
-    def start(self, index: int) -> subprocess.Popen[str]:
-        argv = worker_argv(
-            "logics:Exactness", self.servers, index, WORKERS, "--input", self.url, "--job-id", JOB,
-            "--output", str(self.tmp_path / f"out-{index}.jsonl"), log_level="INFO",
-        )  # fmt: skip
-        process, _ = self.procs.popen(argv, stdout=subprocess.DEVNULL)
-        return process
-
-    def wait(self) -> None:
-        for index, worker in enumerate(self.workers):
-            assert worker.wait(timeout=120) == 0, f"worker {index} failed: {self.logs()}"
-
-    def logs(self) -> str:
-        return "\n".join(path.read_text() for path in sorted(self.tmp_path.glob("child-*.stderr")))
-
-    def written(self, index: int) -> int:
-        """Outputs worker `index` wrote (before it acknowledged their entries)."""
-        path = self.tmp_path / f"out-{index}.jsonl"
-        return len(path.read_text().splitlines()) if path.exists() else 0
-
-    def model(self) -> dict[Any, Any]:
-        with Cluster(self.servers) as cluster:
-            return dict(cluster.snapshot())
-
-    def outputs(self) -> list[list[int]]:
-        return [
-            json.loads(line)
-            for index in range(WORKERS)
-            for line in (self.tmp_path / f"out-{index}.jsonl").read_text().splitlines()
-        ]
+def stream_url(server: StreamServer) -> str:
+    return f"nats://{server.address}/{STREAM}?durable={DURABLE}&end=idle:3&ack_wait=2"
 
 
 def test_two_workers_share_a_stream_and_acknowledge_every_message(
@@ -118,7 +78,7 @@ def test_two_workers_share_a_stream_and_acknowledge_every_message(
 ) -> None:
     records = range(3_000)
     publish(nats_server, records_of(records))
-    job = StreamJob(procs, tmp_path, nats_server)
+    job = StreamJob(procs, tmp_path, stream_url(nats_server))
     job.wait()
     assert [(unacked(nats_server, i), undelivered(nats_server, i)) for i in range(WORKERS)] == [(0, 0)] * WORKERS
     assert job.model() == expected_model(records)
@@ -137,7 +97,7 @@ def test_a_worker_killed_mid_stream_and_restarted_leaves_the_model_exact(
         target=publish, args=(nats_server, records_of(records)), kwargs={"pause_every": 500, "pause_s": 0.2}
     )
     producer.start()
-    job = StreamJob(procs, tmp_path, nats_server)
+    job = StreamJob(procs, tmp_path, stream_url(nats_server))
     killed_holding = 0
     deadline = time.monotonic() + 60
     while not killed_holding:

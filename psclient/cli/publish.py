@@ -46,7 +46,9 @@ def _limited(entries: Iterator[str], limit: int | None) -> Iterator[bytes]:
 
 
 @click.command()
-@click.option("--input", "input_path", required=True, help="Records file, one a line (- for stdin).")
+@click.option(
+    "--input", "input_path", required=True, default=None, **env("INPUT"), help="Records file, or - for stdin."
+)
 @click.option(
     "--to",
     "url",
@@ -55,17 +57,12 @@ def _limited(entries: Iterator[str], limit: int | None) -> Iterator[bytes]:
     help="redis://HOST:PORT/STREAM (XADD, field `record`) or nats://HOST:PORT/STREAM[?subject=S] (a JetStream "
     "stream, created on the subject when missing); a worker's --input URL works as it is.",
 )
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(FORMATS),
-    default="jsonl",
-    help="How the file holds its records (the workers' --format): one entry per record.",
-)
-@click.option("--skip-header", is_flag=True, help="Leave out the file's first line (a CSV header).")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="jsonl", **env("FORMAT"), help="Input format.")
+@click.option("--skip-header", is_flag=True, **env("SKIP_HEADER"), help="Ignore the first line of the input.")
 @click.option("--limit", type=click.IntRange(min=0), default=None, help="Publish at most this many records.")
 def publish(input_path: str, url: str, fmt: str, skip_header: bool, limit: int | None) -> None:
-    """Publish a file's records to a stream that workers read (psworker --input redis://... or nats://...)."""
+    """Publish a file's records to a stream that workers read (psworker --input redis://... or nats://...),
+    one entry per record as a worker reading the file by --format would see them."""
     from psclient.publish import PublishError, parse_target
     from psclient.publish import publish as publish_records
 

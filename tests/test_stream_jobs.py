@@ -15,13 +15,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import redis
 from conftest import TESTS_DIR, Processes, child_env, psserver_argv
 from stream_servers import StreamServer
 from test_shard_restarts import expected_model
 
-from examples.synthetic_ratings import synthetic_ratings
+from benchmarks.mf_common import movielens_by_time
+from examples.references import running_means
 from psclient import Cluster
 from psclient.children import worker_argv
 from psclient.wire.partition import shard_of
@@ -90,10 +92,11 @@ def _rmse(outputs: list[Any]) -> float:
 
 
 def test_online_mf_from_a_redis_stream_reaches_the_rmse_of_the_same_job_on_the_file(
-    procs: Processes, tmp_path: Path, redis_server: StreamServer
+    procs: Processes, tmp_path: Path, redis_server: StreamServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    data = movielens_by_time()  # MovieLens 100K in timestamp order
     ratings = tmp_path / "ratings.csv"
-    ratings.write_text("".join(f"{u},{i},{r}\n" for u, i, r in synthetic_ratings(20_000)))
+    ratings.write_text("".join(f"{u},{i},{r:g}\n" for u, i, r in data.records()))
     flags = ("--format", "csv", "--partition-key", "0", "--pull-limit", "1024")
     logic = "examples.online_mf:OnlineMF"
 
@@ -103,15 +106,20 @@ def test_online_mf_from_a_redis_stream_reaches_the_rmse_of_the_same_job_on_the_f
     file_rmse = _rmse(_finish(_workers(procs, logic, servers, from_file, "--input", str(ratings), *flags), from_file))
 
     url = f"redis://{redis_server.address}/ratings?group=mf&end=idle:2"
-    assert _publish(ratings, url, "--format", "csv").startswith("psclient: published 20000 records")
+    assert _publish(ratings, url, "--format", "csv").startswith(f"psclient: published {len(data)} records")
     from_stream = tmp_path / "stream"
     from_stream.mkdir()
     servers = _shards(procs, MF_INIT)
     outputs = _finish(_workers(procs, logic, servers, from_stream, "--input", url, *flags), from_stream)
-    assert len(outputs) == 20_000
+    assert len(outputs) == len(data)
     stream_rmse = _rmse(outputs)
-    print(f"[stream MF] 20,000 ratings, prequential RMSE: file {file_rmse:.4f}, Redis stream {stream_rmse:.4f}")
+    stars = np.asarray(data.stars, dtype=np.float64)
+    mean_rmse = float(np.sqrt(np.mean((running_means(stars) - stars) ** 2)))  # the prequential baseline
+    with capsys.disabled():
+        print(f"\n[stream MF] ml-100k online MF, prequential RMSE: file {file_rmse:.4f}, Redis stream "
+              f"{stream_rmse:.4f}; the running mean's {mean_rmse:.4f}")  # fmt: skip
     assert abs(stream_rmse - file_rmse) <= 0.02, (file_rmse, stream_rmse)
+    assert stream_rmse < mean_rmse - 0.03  # it learned from the stream
 
 
 def test_an_endless_redis_job_snapshots_its_model_while_it_trains_and_stops_cleanly_on_sigterm(

@@ -1,8 +1,8 @@
 """Records on their way to a worker's logic, in order, each with its position.
 
-Feeders (a source's pump, Feed RPCs) put chunks from any thread and block while
-`capacity` chunks wait: that is the backpressure that reaches the data
-source. The logic takes records one at a time on the worker's event loop. A
+Feeders (a source's pump, the Feed calls through the FeedSource) put chunks
+from any thread and block while `capacity` chunks wait: that is the
+backpressure that reaches the data source. The logic takes records one at a time on the worker's event loop. A
 record that could not be read keeps its place as an `Unreadable`, so the
 records before it are processed first.
 """

@@ -10,9 +10,9 @@ Threads of a worker process:
   that one thread: no hand-over between threads, no lock on the way. The logic
   lets the streams run after it sends and at least every `YIELD_S`;
 - the thread that called `run`, which only waits for the end;
-- feeders (a source's pump: psworker/sources, or Feed RPCs), which block while the input queue is
-  full: that is the backpressure that reaches the data source. They wake the
-  loop when they add input.
+- feeders (a source's pump, or the Feed calls pushing into the FeedSource:
+  psworker/sources), which block while the input queue is full: that is the
+  backpressure that reaches the data source. They wake the loop when they add input.
 
 Flow control, batching and input: psworker/pulls.py (the pull limit),
 psworker/batching.py (per-shard buffers, one message per flush, Nagle's rule),
@@ -163,7 +163,7 @@ class WorkerRuntime(LogicLoop, ShardLinks, WorkerClock):
         self.client = _Client(self)
         num_shards = len(self.servers)
 
-        # Fed from other threads (a source's pump, Feed RPCs).
+        # Fed from other threads (a source's pump, the Feed calls).
         self.inputs = InputQueue(worker_index, INPUT_CAPACITY_CHUNKS, self._wake_threadsafe)
         self._failure: str | None = None
         self.state = State.RUNNING

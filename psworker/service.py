@@ -1,4 +1,5 @@
-"""The Worker gRPC service: Feed records in, stream Outputs out, report Status."""
+"""The Worker gRPC service: Feed records in (to the worker's FeedSource: psworker/sources/feed.py),
+stream Outputs out, report Status."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ import grpc
 from psclient.errors import JobFailed, WireError
 from psclient.rpc.serving import BoundServer, build_server
 from psclient.wire.proto import worker_pb2, worker_pb2_grpc
-from psclient.wire.records import pack, unpack
+from psclient.wire.records import pack
 from psworker.runtime import State, WorkerRuntime
+from psworker.sources.feed import FeedSource
 
 OUTPUT_CHUNK = 1_024
 # Feed requests read ahead of the input queue, and how often a call waiting for its next
@@ -91,29 +93,29 @@ class OutputBuffer:
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
-    def __init__(self, runtime: WorkerRuntime, outputs: OutputBuffer):
+    def __init__(self, runtime: WorkerRuntime, outputs: OutputBuffer, feed: FeedSource):
         self.runtime = runtime
         self.outputs = outputs
+        self.feed = feed
 
     def Feed(
         self, request_iterator: Iterator[worker_pb2.FeedRequest], context: grpc.ServicerContext
     ) -> worker_pb2.FeedResponse:
+        feed = self.feed
         accepted = 0
         end = False
         try:
             for request in self._requests(request_iterator, context):
-                records = [unpack(data) for data in request.records]
-                self.runtime.feed(records)
-                accepted += len(records)
+                accepted += feed.push(request.records)
                 end = end or request.end_of_input
         except WireError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"record {accepted + 1} of this call: {exc}")
         except JobFailed as exc:
             # OUT_OF_RANGE: a stop on a signal ended the input (feeding past its end), not a failure.
-            stopped = self.runtime.stopped and not self.runtime.error
-            context.abort(grpc.StatusCode.OUT_OF_RANGE if stopped else grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+            code = grpc.StatusCode.OUT_OF_RANGE if feed.stopped else grpc.StatusCode.FAILED_PRECONDITION
+            context.abort(code, str(exc))
         if end:
-            self.runtime.end_input()
+            feed.end()
         return worker_pb2.FeedResponse(accepted=accepted)
 
     def _requests(
@@ -136,9 +138,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             try:
                 item = ahead.get(timeout=FEED_STOP_POLL_S)
             except queue.Empty:
-                refusal = self.runtime.inputs.refusal
-                if self.runtime.stopped and not self.runtime.error and refusal is not None:
-                    context.abort(grpc.StatusCode.OUT_OF_RANGE, refusal)
+                reason = self.feed.stop_reason
+                if reason is not None:
+                    context.abort(grpc.StatusCode.OUT_OF_RANGE, reason)
                 continue
             if item is _NO_MORE:
                 return
@@ -175,7 +177,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             num_workers=runtime.num_workers,
             error=runtime.error or "",
             uptime_seconds=time.monotonic() - runtime.started,
-            next_position=runtime.inputs.records_fed + 1,
+            next_position=self.feed.next_position,
             checkpoint_position=runtime.checkpoint_position,
             **{name: value for name, value in counters.items() if name in _STATUS_FIELDS},
         )
@@ -185,8 +187,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 _STATUS_FIELDS = frozenset(worker_pb2.StatusResponse.DESCRIPTOR.fields_by_name)
 
 
-def build_worker_server(runtime: WorkerRuntime, outputs: OutputBuffer, host: str, port: int) -> BoundServer:
-    servicer = WorkerServicer(runtime, outputs)
+def build_worker_server(
+    runtime: WorkerRuntime, outputs: OutputBuffer, host: str, port: int, feed: FeedSource | None = None
+) -> BoundServer:
+    """The Worker service on `host:port`, its Feed calls pushing into `feed` (by default a new FeedSource)."""
+    servicer = WorkerServicer(runtime, outputs, feed or FeedSource(runtime))
     name = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
     return build_server(
         lambda server: worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server), [name], host, port

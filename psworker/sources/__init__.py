@@ -1,8 +1,8 @@
-"""Where a worker's records come from: a file or stdin (`files.py`), the Feed RPC
-(psworker/service.py), a Redis stream (`redis_streams.py`), a NATS JetStream stream
-(`jetstream.py`), or a source of the user's own (`--input module:attr`). All but Feed,
-which its callers push into, are a `Source` (`base.py`) that a pump (`pump.py`) reads
-into the worker's input queue."""
+"""Where a worker's records come from: a file or stdin (`files.py`), a Redis stream
+(`redis_streams.py`), a NATS JetStream stream (`jetstream.py`), a source of the user's
+own (`--input module:attr`), or without `--input` the Feed RPC (`feed.py`). Each is a
+`Source` (`base.py`). A pump (`pump.py`) reads all but Feed into the worker's input
+queue; Feed's calls push their records into it themselves (`FeedSource`)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from urllib.parse import parse_qs, urlsplit
 from psclient.errors import SpecError
 from psclient.plugins import load_object
 from psworker.sources.base import Chunk, Source, SourceContext, SourceError
+from psworker.sources.feed import FeedSource
 
-__all__ = ["Chunk", "Source", "SourceContext", "SourceError", "is_stream", "open_source", "stream_group"]
+__all__ = ["Chunk", "FeedSource", "Source", "SourceContext", "SourceError", "is_stream", "open_source", "stream_group"]
 
 # module:attr, both dotted names: a user's source (a path that exists is a file first).
 _PLUGIN = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")

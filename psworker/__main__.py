@@ -41,7 +41,7 @@ from psworker.metrics import register as register_metrics
 from psworker.running import run_on_source, serve_feed
 from psworker.runtime import DEFAULT_SHARD_TIMEOUT_S, WorkerRuntime, new_job_id
 from psworker.service import OutputBuffer
-from psworker.sources import Source, SourceContext, SourceError, is_stream, open_source, stream_group
+from psworker.sources import Source, SourceContext, SourceError, is_stream, open_source, stream_job_id
 from psworker.sources.feed import FeedSource
 
 # It becomes part of every push's worker id, which shards keep and report (Info).
@@ -159,13 +159,13 @@ def main(
             logic = with_pull_limit(logic, pull_limit)
     except SpecError as exc:
         fail(str(exc), 2)
-    # Named by the group (durable) they read with, a restarted one reads on as the same consumer.
+    # Named by the group (durable) and the stream they read, a restarted one reads on as the same consumer.
     if (
         input_path is not None
         and is_stream(input_path)
-        and not (job_id or JOB_ID.fullmatch(job_id := stream_group(input_path)))
+        and not (job_id or JOB_ID.fullmatch(job_id := stream_job_id(input_path)))
     ):
-        fail(f"--input {input_path}: give a --job-id (the group or durable name cannot name the workers)", 2)
+        fail(f"--input {input_path}: give a --job-id (GROUP.STREAM cannot name the workers)", 2)
     if checkpoint_dir is not None:
         _check_restartable(checkpoint_dir, input_path, job_id)
     job_id = job_id or new_job_id()

@@ -173,3 +173,46 @@ def test_an_endless_redis_job_snapshots_its_model_while_it_trains_and_stops_clea
         final = models / f"model-{shard}-{newest(shard):06d}.jsonl"
         model = {entry["id"]: entry["value"] for entry in map(json.loads, final.read_text().splitlines())}
         assert model == {k: v for k, v in expected.items() if shard_of(k, 2) == shard}
+
+
+def _xadd(server: StreamServer, stream: str, records: range) -> list[bytes]:
+    with redis.Redis(host="127.0.0.1", port=server.port) as client:
+        return [client.xadd(stream, {"record": json.dumps(record)}) for record in records]
+
+
+def test_two_jobs_sharing_a_group_name_on_two_streams_both_reach_the_model(
+    procs: Processes, tmp_path: Path, redis_server: StreamServer
+) -> None:
+    _xadd(redis_server, "backfill", range(100))  # older entry ids than the other stream's
+    time.sleep(0.05)
+    _xadd(redis_server, "clicks", range(100, 200))
+    servers = _shards(procs, "const:0")
+    for stream in ("clicks", "backfill"):  # the same group name, the same shards, one after the other
+        job = tmp_path / stream
+        job.mkdir()
+        url = f"redis://{redis_server.address}/{stream}?group=train&end=idle:1"
+        outputs = _finish(_workers(procs, "logics:Exactness", servers, job, "--input", url), job)
+        assert len(outputs) == 100, stream
+    with Cluster(servers) as cluster:  # neither job's pushes were taken for the other's
+        assert dict(cluster.snapshot()) == expected_model(range(200))
+
+
+def test_a_pending_entry_deleted_from_the_stream_is_acknowledged_not_taken_for_a_malformed_one(
+    procs: Processes, tmp_path: Path, redis_server: StreamServer
+) -> None:
+    ids = _xadd(redis_server, "records", range(10))
+    with redis.Redis(host="127.0.0.1", port=redis_server.port) as client:
+        # Worker 0 of job j took the first entry and died; then the entry was trimmed away.
+        client.xgroup_create("records", "g", id="0")
+        client.xreadgroup("g", "j-w0", {"records": ">"}, count=1)
+        client.xdel("records", ids[0])
+    servers = _shards(procs, "const:0")
+    url = f"redis://{redis_server.address}/records?group=g&end=idle:1"
+    argv = worker_argv("logics:Exactness", servers, 0, 1, "--input", url, "--job-id", "j",
+                       "--output", str(tmp_path / "out.jsonl"))  # fmt: skip
+    worker, stderr = procs.popen(argv, stdout=subprocess.DEVNULL)
+    assert worker.wait(WAIT_S) == 0, stderr.read_text()
+    with redis.Redis(host="127.0.0.1", port=redis_server.port) as client:
+        assert client.xpending("records", "g")["pending"] == 0
+    with Cluster(servers) as cluster:
+        assert dict(cluster.snapshot()) == expected_model(range(1, 10))

@@ -8,14 +8,24 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from psclient.errors import SpecError
 from psclient.plugins import load_object
 from psworker.sources.base import Chunk, Source, SourceContext, SourceError
 from psworker.sources.feed import FeedSource
 
-__all__ = ["Chunk", "FeedSource", "Source", "SourceContext", "SourceError", "is_stream", "open_source", "stream_group"]
+__all__ = [
+    "Chunk",
+    "FeedSource",
+    "Source",
+    "SourceContext",
+    "SourceError",
+    "is_stream",
+    "open_source",
+    "stream_group",
+    "stream_job_id",
+]
 
 # module:attr, both dotted names: a user's source (a path that exists is a file first).
 _PLUGIN = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
@@ -27,9 +37,17 @@ def is_stream(spec: str) -> bool:
 
 
 def stream_group(spec: str) -> str:
-    """The consumer group (Redis) or durable (NATS) name a stream's `--input` gives."""
+    """The consumer group (Redis) or durable (NATS) name a stream's `--input` gives (the last
+    one given, as the sources read it)."""
     query = parse_qs(urlsplit(spec).query)
-    return (query.get("group") or query.get("durable") or [""])[0]
+    return (query.get("group") or query.get("durable") or [""])[-1]
+
+
+def stream_job_id(spec: str) -> str:
+    """The job id a stream's workers take without --job-id: `GROUP.STREAM`. The stream is in it
+    because the shards know a worker's pushes by its id and the entry's position: two jobs that
+    share a group name on two streams must not look like one worker to them."""
+    return f"{stream_group(spec)}.{unquote(urlsplit(spec).path.lstrip('/'))}"
 
 
 def open_source(spec: str, context: SourceContext) -> Source:

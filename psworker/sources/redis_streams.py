@@ -98,7 +98,9 @@ class RedisStreamSource(Source):
         done = []  # acknowledged at once
         context = self.context
         for entry_id, fields in entries:
-            if fields is None:  # deleted from the stream after it was read: nothing left to do
+            # Deleted (or trimmed) from the stream after it was read: a pending entry comes back
+            # with no fields (None or {} by redis-py's version; XADD always writes one): nothing to do.
+            if not fields:
                 done.append(entry_id)
                 continue
             at = position(entry_id)
